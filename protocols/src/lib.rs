@@ -1,0 +1,72 @@
+//! The husk agent API shared by the shim (client) and the agent (server).
+//!
+//! The API is defined in `protos/agent.proto`; this crate holds the code
+//! generated from it plus the few constants both sides must agree on (vsock
+//! ports, the readiness message). Keeping them here means a change to the
+//! wire contract is one change in one place.
+
+#![allow(missing_debug_implementations)]
+
+/// Protobuf messages of the agent API.
+#[allow(warnings, clippy::all, clippy::undocumented_unsafe_blocks, unused_qualifications)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent/agent.rs"));
+}
+
+/// ttrpc client and server for the agent API (async).
+#[allow(warnings, clippy::all, clippy::undocumented_unsafe_blocks, unused_qualifications)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent/agent_ttrpc.rs"));
+}
+
+/// Version of the agent API; bumped when a message or RPC is added.
+pub const API_VERSION: u32 = 1;
+
+/// Guest vsock port the agent's ttrpc server listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Host vsock port the agent connects to once it is ready to serve. The host
+/// side of a guest-initiated hybrid vsock connection is the Unix socket
+/// `<vsock uds>_<port>` (see vmm-core's vsock device).
+pub const READY_VSOCK_PORT: u32 = 1025;
+
+/// The vsock CID of the host, as seen from the guest.
+pub const HOST_CID: u32 = 2;
+
+/// Prefix of the one line the agent sends on the readiness connection:
+/// `husk-agent ready <agent version> api <API_VERSION>\n`.
+pub const READY_PREFIX: &str = "husk-agent ready ";
+
+/// Builds the readiness line the agent sends.
+pub fn ready_line(agent_version: &str) -> String {
+    format!("{READY_PREFIX}{agent_version} api {API_VERSION}\n")
+}
+
+/// Parses a readiness line; returns the agent version and API version.
+pub fn parse_ready_line(line: &str) -> Option<(&str, u32)> {
+    let rest = line.strip_suffix('\n').unwrap_or(line).strip_prefix(READY_PREFIX)?;
+    let (version, api) = rest.split_once(" api ")?;
+    if version.is_empty() || version.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((version, api.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_round_trips() {
+        let line = ready_line("1.2.3");
+        assert_eq!(parse_ready_line(&line), Some(("1.2.3", API_VERSION)));
+    }
+
+    #[test]
+    fn ready_line_rejects_garbage() {
+        assert_eq!(parse_ready_line(""), None);
+        assert_eq!(parse_ready_line("hello\n"), None);
+        assert_eq!(parse_ready_line("husk-agent ready  api 1\n"), None);
+        assert_eq!(parse_ready_line("husk-agent ready 1 api x\n"), None);
+    }
+}

@@ -1,0 +1,232 @@
+//! The control API: a Unix socket that takes one JSON request per line.
+//!
+//! ```text
+//! {"action":"state"}  ->  {"ok":true,"state":"running","uptime_ms":1234}
+//! {"action":"stop"}   ->  {"ok":true,"state":"stopping"}
+//! ```
+//!
+//! The socket is meant for the shim on the same host (mode 0600). Requests
+//! are small and answered at once; a client that sends nothing within a
+//! short time, or garbage, gets an error line and is disconnected.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::{
+        fd::AsRawFd,
+        unix::{fs::PermissionsExt, net::UnixListener},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+
+/// A request on the API socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Report the VM state.
+    State,
+    /// Stop the VM (vCPUs stop, the VMM exits 0).
+    Stop,
+}
+
+/// The wire form of a request: exactly one field, `action`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest {
+    action: String,
+}
+
+impl Request {
+    /// Parses one request line.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let raw: RawRequest = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
+        match raw.action.as_str() {
+            "state" => Ok(Self::State),
+            "stop" => Ok(Self::Stop),
+            other => Err(format!("unknown action {other:?}")),
+        }
+    }
+}
+
+/// The VM's lifecycle state, as reported by the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// vCPUs are running.
+    Running,
+    /// A stop was requested; the VMM is shutting down.
+    Stopping,
+}
+
+/// A response on the API socket.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Response {
+    /// Whether the request was understood and done.
+    pub ok: bool,
+    /// The state after the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    /// Milliseconds since the VMM started the vCPUs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// What went wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Shared between the API handler and the VMM.
+#[derive(Debug)]
+pub struct Shared {
+    /// Current state.
+    pub state: VmState,
+    /// When the vCPUs started.
+    pub started: Instant,
+    /// Set when a stop was requested through the API.
+    pub stop_requested: bool,
+}
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Binding the socket failed.
+    #[error("binding the API socket {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+}
+
+/// The API socket in the event loop.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+    /// Signalled when a stop was requested, to wake the VMM.
+    on_stop: Box<dyn Fn() + Send>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Answers one request line.
+pub fn answer(line: &str, shared: &mut Shared) -> Response {
+    match Request::parse(line) {
+        Ok(Request::State) => Response {
+            ok: true,
+            state: Some(shared.state),
+            uptime_ms: Some(u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            error: None,
+        },
+        Ok(Request::Stop) => {
+            shared.stop_requested = true;
+            shared.state = VmState::Stopping;
+            Response { ok: true, state: Some(VmState::Stopping), uptime_ms: None, error: None }
+        }
+        Err(e) => Response { ok: false, state: None, uptime_ms: None, error: Some(format!("bad request: {e}")) },
+    }
+}
+
+impl ApiServer {
+    /// Binds `path` (replacing a stale socket file).
+    pub fn new(path: &Path, shared: Arc<Mutex<Shared>>, on_stop: Box<dyn Fn() + Send>) -> Result<Self, ApiError> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        listener.set_nonblocking(true).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        Ok(Self { listener, path: path.to_path_buf(), shared, on_stop })
+    }
+
+    fn serve_one(&self) {
+        let Ok((stream, _)) = self.listener.accept() else { return };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
+        let mut reader = BufReader::new(stream.take_limited());
+        let mut line = String::new();
+        let response = match reader.read_line(&mut line) {
+            Ok(_) => {
+                let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                answer(&line, &mut shared)
+            }
+            Err(e) => Response { ok: false, state: None, uptime_ms: None, error: Some(format!("reading the request: {e}")) },
+        };
+        let stop = response.state == Some(VmState::Stopping) && response.ok;
+        let mut out = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
+        out.push('\n');
+        let mut stream = reader.into_inner().into_inner();
+        let _ = stream.write_all(out.as_bytes());
+        if stop {
+            (self.on_stop)();
+        }
+    }
+}
+
+/// Reads at most 4 KiB of a request.
+trait TakeLimited {
+    fn take_limited(self) -> std::io::Take<Self>
+    where
+        Self: Sized;
+}
+
+impl<T: std::io::Read> TakeLimited for T {
+    fn take_limited(self) -> std::io::Take<Self> {
+        std::io::Read::take(self, 4096)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.listener.as_raw_fd(), EventSet::IN)) {
+            tracing::error!("api: watching the socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.serve_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared { state: VmState::Running, started: Instant::now(), stop_requested: false }
+    }
+
+    #[test]
+    fn answers_state_and_stop() {
+        let mut s = shared();
+        let r = answer("{\"action\":\"state\"}\n", &mut s);
+        assert!(r.ok);
+        assert_eq!(r.state, Some(VmState::Running));
+        let r = answer("{\"action\":\"stop\"}", &mut s);
+        assert_eq!(r.state, Some(VmState::Stopping));
+        assert!(s.stop_requested);
+        assert_eq!(
+            serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s)).expect("json").contains("\"stopping\""),
+            true
+        );
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let mut s = shared();
+        for bad in ["", "hello", "{\"action\":\"reboot\"}", "{\"action\":\"stop\",\"x\":1}", "\u{0}\u{1}"] {
+            let r = answer(bad, &mut s);
+            assert!(!r.ok, "{bad:?}");
+            assert!(r.error.is_some());
+        }
+        assert!(!s.stop_requested);
+    }
+}

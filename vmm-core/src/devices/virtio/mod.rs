@@ -1,0 +1,119 @@
+//! virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]: its identity, features, config
+//! space, and what to do when the driver activates or resets it. The
+//! [`mmio::MmioTransport`] owns the queues and the register file and hands
+//! the queues to the device on activation. Queue notifications arrive on
+//! eventfds (KVM ioeventfds on the QueueNotify register), and interrupts
+//! leave on an irqfd, so neither goes through the vCPU thread.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemory;
+
+/// virtio feature bit: the device conforms to virtio 1.0+.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const INT_VRING: u32 = 0x1;
+/// Interrupt status bit: the configuration changed.
+pub const INT_CONFIG: u32 = 0x2;
+
+/// The interrupt of one device: the status register the driver reads and
+/// acknowledges, and the line (an irqfd) that raises it.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    line: Box<dyn InterruptLine>,
+}
+
+/// Something that raises an interrupt: an irqfd in the VMM, a counter in
+/// tests.
+pub trait InterruptLine: Send + Sync + std::fmt::Debug {
+    /// Raises the interrupt.
+    fn raise(&self) -> std::io::Result<()>;
+}
+
+impl InterruptLine for EventFd {
+    fn raise(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+impl Interrupt {
+    /// An interrupt raised through `line`.
+    pub fn new(line: Box<dyn InterruptLine>) -> Arc<Self> {
+        Arc::new(Self { status: AtomicU32::new(0), line })
+    }
+
+    /// Sets `bits` in the status register and raises the line.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.raise() {
+            tracing::error!("raising a virtio interrupt failed: {e}");
+        }
+    }
+
+    /// The status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledges `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up fewer queues than the device needs.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues the transport passed.
+        got: usize,
+    },
+    /// A device-specific failure.
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (e.g. 19 for vsock).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers.
+    fn features(&self) -> u64;
+    /// The driver accepted `features` (a subset of [`Self::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device config space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device config space at `offset` (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start using `queues`. `queue_evts[i]` is
+    /// signalled when the driver notifies queue `i`.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device: drop all queue state. Returns the
+    /// queue eventfds so they can be reused.
+    fn reset(&mut self) -> Option<Vec<EventFd>>;
+}

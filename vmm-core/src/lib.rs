@@ -1,0 +1,26 @@
+//! husk's virtual machine monitor.
+//!
+//! One `husk-vmm` process runs one microVM: KVM with an in-kernel irqchip,
+//! guest memory in a shared memfd (so vhost-user devices can map it), PVH
+//! direct boot of an uncompressed `vmlinux`, and a few devices: a serial
+//! console (off unless asked for), the i8042 reset line, and virtio-mmio
+//! devices declared on the kernel command line — today virtio-vsock with
+//! Firecracker-style hybrid vsock on Unix sockets.
+//!
+//! Layout: `arch` (pure x86 knowledge), `vstate` (KVM state and vCPU loop),
+//! `devices`, `bus` (exit dispatch), `boot` (loading the guest), `api`
+//! (control socket), `vmm` (the build steps and the event loop). `arch` and
+//! `vstate` never import `devices`.
+
+pub mod api;
+pub mod arch;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod vmm;
+pub mod vstate;
+
+pub use config::{VmConfig, VsockConfig};
+pub use vmm::{ExitReason, Vmm, VmmError};

@@ -1,0 +1,434 @@
+//! Building and running one microVM.
+//!
+//! [`Vmm::build`] goes through the boot recipe in order, each step with its
+//! own error:
+//!
+//! 1. validate the configuration;
+//! 2. open KVM and check its capabilities; pick the CPU profile;
+//! 3. create guest memory (memfd, shared) and the VM with its irqchip;
+//! 4. create the devices: serial console (if asked), the i8042 reset line,
+//!    virtio-vsock on virtio-mmio; wire their interrupts (irqfd) and queue
+//!    notifications (ioeventfd);
+//! 5. load the kernel and initramfs, write the command line, MP table and
+//!    PVH start info;
+//! 6. create and configure the vCPUs.
+//!
+//! [`Vmm::run`] starts the vCPU threads and runs the event loop until the
+//! guest resets or shuts down, a vCPU fails, or a stop is requested (API or
+//! SIGTERM/SIGINT). It then stops every vCPU and returns why the VM ended.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{channel, Receiver, Sender},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vmm_sys_util::{eventfd::EventFd, signal::Killable};
+
+use crate::{
+    api::{ApiServer, Shared, VmState},
+    arch::{
+        cpuid::CpuProfile,
+        layout::{I8042_PORT, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START},
+    },
+    boot,
+    bus::Bus,
+    config::{ConfigError, VmConfig},
+    devices::{
+        legacy::{EventFdTrigger, ResetLine, SerialConsole},
+        virtio::{
+            mmio::MmioTransport,
+            vsock::{muxer::Muxer, Vsock},
+            Interrupt,
+        },
+    },
+    memory::{create_guest_memory, GuestMemory},
+    vstate::{
+        vcpu::{Vcpu, VcpuExit},
+        vm,
+    },
+};
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset itself (husk's guest powers off this way).
+    GuestReset,
+    /// The guest shut down (triple fault).
+    GuestShutdown,
+    /// A stop was requested through the API.
+    ApiStop,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A vCPU failed.
+    VcpuError(String),
+}
+
+impl ExitReason {
+    /// The VMM's exit status for this reason: 0 for an orderly end.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::GuestReset | Self::ApiStop | Self::Signal(_) => 0,
+            Self::GuestShutdown | Self::VcpuError(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::GuestReset => write!(f, "the guest reset the VM"),
+            Self::GuestShutdown => write!(f, "the guest shut down (triple fault)"),
+            Self::ApiStop => write!(f, "stopped through the API"),
+            Self::Signal(s) => write!(f, "stopped by signal {s}"),
+            Self::VcpuError(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error("invalid VM configuration")]
+    Config(#[from] ConfigError),
+    /// KVM setup failed.
+    #[error("setting up KVM")]
+    Vm(#[from] vm::VmError),
+    /// Guest memory could not be created.
+    #[error("creating guest memory")]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Loading the guest failed.
+    #[error("loading the guest")]
+    Boot(#[from] boot::BootError),
+    /// A vCPU could not be set up.
+    #[error("setting up vCPUs")]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// A device could not be set up.
+    #[error("setting up {0}")]
+    Device(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The event loop failed.
+    #[error("event loop")]
+    EventLoop(#[source] event_manager::Error),
+    /// A thread could not be started.
+    #[error("starting a thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn device_err<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> VmmError {
+    move |e| VmmError::Device(what, Box::new(e))
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Watches the eventfds that end the VM: vCPU exits, the i8042 reset line,
+/// an API stop, and SIGTERM/SIGINT (through a signalfd).
+struct Control {
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+    signals: Option<nix::sys::signalfd::SignalFd>,
+    vcpu_events: Receiver<(u8, VcpuExit)>,
+    shared: Arc<Mutex<Shared>>,
+    outcome: Arc<Mutex<Option<ExitReason>>>,
+}
+
+impl Control {
+    fn finish(&self, reason: ExitReason) {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            tracing::info!("VM ending: {reason}");
+            *o = Some(reason);
+        }
+    }
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.exit_evt.as_raw_fd(), self.reset_evt.as_raw_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("watching a control eventfd: {e:?}");
+            }
+        }
+        if let Some(s) = &self.signals {
+            if let Err(e) = ops.add(Events::new_raw(s.as_raw_fd(), EventSet::IN)) {
+                tracing::error!("watching the signalfd: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.finish(ExitReason::GuestReset);
+        } else if fd == self.exit_evt.as_raw_fd() {
+            let _ = self.exit_evt.read();
+            if self.shared.lock().unwrap_or_else(|e| e.into_inner()).stop_requested {
+                self.finish(ExitReason::ApiStop);
+            }
+            while let Ok((index, exit)) = self.vcpu_events.try_recv() {
+                match exit {
+                    VcpuExit::Reset => self.finish(ExitReason::GuestReset),
+                    VcpuExit::Shutdown => self.finish(ExitReason::GuestShutdown),
+                    VcpuExit::Stopped => {}
+                    VcpuExit::Error(e) => {
+                        tracing::error!(vcpu = index, "{e}");
+                        self.finish(ExitReason::VcpuError(e));
+                    }
+                }
+            }
+        } else if let Some(s) = &mut self.signals {
+            if let Ok(Some(info)) = s.read_signal() {
+                self.finish(ExitReason::Signal(info.ssi_signo as i32));
+            }
+        }
+    }
+}
+
+/// A built microVM, ready to run.
+pub struct Vmm {
+    config: VmConfig,
+    _kvm: Kvm,
+    _vm: VmFd,
+    _memfd: File,
+    _mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    stop_flags: Vec<Arc<AtomicBool>>,
+    event_manager: EventManager<Subscriber>,
+    exit_evt: EventFd,
+    vcpu_tx: Sender<(u8, VcpuExit)>,
+    shared: Arc<Mutex<Shared>>,
+    outcome: Arc<Mutex<Option<ExitReason>>>,
+    /// The kernel command line the guest got.
+    pub cmdline: String,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm").field("config", &self.config).field("cmdline", &self.cmdline).finish_non_exhaustive()
+    }
+}
+
+/// The signal that knocks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Blocks SIGTERM/SIGINT in the calling thread (inherited by every thread it
+/// starts) and returns a signalfd that reads them.
+pub fn take_termination_signals() -> Option<nix::sys::signalfd::SignalFd> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    if set.thread_block().is_err() {
+        return None;
+    }
+    nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC).ok()
+}
+
+impl Vmm {
+    /// Builds the VM described by `config` (see the module docs for steps).
+    /// `signals`, if given, ends the VM on SIGTERM/SIGINT.
+    pub fn build(config: VmConfig, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<Self, VmmError> {
+        // 1. Configuration.
+        config.validate()?;
+
+        // 2. KVM.
+        let kvm = vm::open_kvm()?;
+        let profile = CpuProfile::detect();
+        tracing::debug!(?profile, "CPU profile");
+
+        // 3. Memory and the VM.
+        let (mem, memfd) = create_guest_memory(config.mem_mib << 20)?;
+        let vm = vm::create_vm(&kvm, &mem)?;
+
+        // 4. Devices.
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let mut cmdline = vec!["reboot=k".to_string(), "panic=-1".to_string(), "pci=off".to_string(), "quiet".to_string()];
+        let profile_words = profile.cmdline();
+        if !profile_words.is_empty() {
+            cmdline.push(profile_words.to_string());
+        }
+
+        if let Some(path) = &config.serial_log {
+            let out = File::create(path).map_err(device_err("the serial console log"))?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the serial console"))?;
+            vm.register_irqfd(&irq, SERIAL_IRQ).map_err(device_err("the serial console interrupt"))?;
+            let serial = SerialConsole::new(EventFdTrigger(irq), out);
+            pio.insert(Arc::new(Mutex::new(serial)), u64::from(SERIAL_PORT), 8)
+                .map_err(device_err("the serial console"))?;
+            cmdline.push("console=ttyS0".to_string());
+            cmdline.push("8250.nr_uarts=1".to_string());
+        } else {
+            // No UART at all: the kernel does not even probe for one.
+            cmdline.push("8250.nr_uarts=0".to_string());
+        }
+
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the reset line"))?;
+        let reset_line = ResetLine::new(EventFdTrigger(reset_evt.try_clone().map_err(device_err("the reset line"))?));
+        pio.insert(Arc::new(Mutex::new(reset_line)), u64::from(I8042_PORT), 5)
+            .map_err(device_err("the reset line"))?;
+
+        let mut next_mmio = VIRTIO_MMIO_START;
+        let mut next_irq = VIRTIO_IRQ_START;
+        if let Some(vsock_cfg) = &config.vsock {
+            let muxer = Muxer::new(vsock_cfg.guest_cid, &vsock_cfg.uds_path).map_err(device_err("the vsock socket"))?;
+            let vsock = Vsock::new(vsock_cfg.guest_cid, muxer).map_err(device_err("the vsock device"))?;
+            let handler = vsock.handler().map_err(device_err("the vsock device"))?;
+            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the vsock interrupt"))?;
+            vm.register_irqfd(&irq, next_irq).map_err(device_err("the vsock interrupt"))?;
+            let transport = MmioTransport::new(mem.clone(), Box::new(vsock), Interrupt::new(Box::new(irq)))
+                .map_err(device_err("the vsock transport"))?;
+            for (i, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(next_mmio + 0x50), i as u32)
+                    .map_err(device_err("the vsock queue notifications"))?;
+            }
+            mmio.insert(Arc::new(Mutex::new(transport)), next_mmio, VIRTIO_MMIO_SIZE)
+                .map_err(device_err("the vsock transport"))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+            cmdline.push(format!("virtio_mmio.device=4K@{next_mmio:#x}:{next_irq}"));
+            next_mmio += VIRTIO_MMIO_SIZE;
+            next_irq += 1;
+        }
+        let _ = (next_mmio, next_irq);
+
+        // 5. Guest image and boot data.
+        let boot_info = boot::load_kernel(&mem, &config.kernel)?;
+        let initramfs = match &config.initramfs {
+            Some(p) => Some(boot::load_initramfs(&mem, p, boot_info.kernel_end)?),
+            None => None,
+        };
+        if !config.extra_cmdline.trim().is_empty() {
+            cmdline.push(config.extra_cmdline.trim().to_string());
+        }
+        let cmdline = cmdline.join(" ");
+        boot::write_boot_data(&mem, &cmdline, config.vcpus, initramfs)?;
+
+        // 6. vCPUs.
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(mmio);
+        let mut vcpus = Vec::new();
+        let mut stop_flags = Vec::new();
+        for index in 0..config.vcpus {
+            let stop = Arc::new(AtomicBool::new(false));
+            let vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone(), mem.clone(), stop.clone())?;
+            vcpu.configure(&kvm, profile, config.vcpus)?;
+            if index == 0 {
+                vcpu.set_pvh_entry(boot_info.entry)?;
+            }
+            vcpus.push(vcpu);
+            stop_flags.push(stop);
+        }
+
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the exit eventfd"))?;
+        let (vcpu_tx, vcpu_rx) = channel();
+        let shared = Arc::new(Mutex::new(Shared { state: VmState::Running, started: Instant::now(), stop_requested: false }));
+        let outcome = Arc::new(Mutex::new(None));
+        let control = Control {
+            exit_evt: exit_evt.try_clone().map_err(device_err("the exit eventfd"))?,
+            reset_evt,
+            signals,
+            vcpu_events: vcpu_rx,
+            shared: shared.clone(),
+            outcome: outcome.clone(),
+        };
+        event_manager.add_subscriber(Arc::new(Mutex::new(control)));
+        if let Some(path) = &config.api_socket {
+            let wake = exit_evt.try_clone().map_err(device_err("the API socket"))?;
+            let api = ApiServer::new(path, shared.clone(), Box::new(move || {
+                let _ = wake.write(1);
+            }))
+            .map_err(device_err("the API socket"))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(api)));
+        }
+
+        Ok(Self {
+            config,
+            _kvm: kvm,
+            _vm: vm,
+            _memfd: memfd,
+            _mem: mem,
+            vcpus,
+            stop_flags,
+            event_manager,
+            exit_evt,
+            vcpu_tx,
+            shared,
+            outcome,
+            cmdline,
+        })
+    }
+
+    /// Runs the VM to its end; returns why it ended.
+    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+        // The handler does nothing (async-signal-safe); it only exists so the
+        // signal interrupts KVM_RUN instead of killing the process.
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).started = Instant::now();
+        let mut handles: Vec<JoinHandle<()>> = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let tx = self.vcpu_tx.clone();
+            let wake = self.exit_evt.try_clone().map_err(VmmError::Thread)?;
+            let name = format!("vcpu{}", handles.len());
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || vcpu.run(tx, move || {
+                    let _ = wake.write(1);
+                }))
+                .map_err(VmmError::Thread)?;
+            handles.push(handle);
+        }
+
+        let result = loop {
+            if let Some(reason) = self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                break Ok(reason);
+            }
+            if let Err(e) = self.event_manager.run() {
+                break Err(VmmError::EventLoop(e));
+            }
+        };
+
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).state = VmState::Stopping;
+        stop_vcpus(&self.stop_flags, handles);
+        result
+    }
+}
+
+/// Stops every vCPU thread: sets its flag and kicks it out of KVM_RUN until
+/// it has exited.
+fn stop_vcpus(flags: &[Arc<AtomicBool>], handles: Vec<JoinHandle<()>>) {
+    for f in flags {
+        f.store(true, Ordering::Release);
+    }
+    for handle in handles {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handle.is_finished() {
+            // A kick that lands before the thread re-enters KVM_RUN is lost;
+            // repeat it until the thread is gone.
+            let _ = handle.kill(kick_signal());
+            if Instant::now() > deadline {
+                tracing::error!("a vCPU thread did not stop within 5 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if handle.is_finished() {
+            let _ = handle.join();
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! vCPUs: boot state and the run loop, one thread each.
+//!
+//! A vCPU thread is a small state machine: `Running` until the guest resets
+//! or shuts down, a fatal exit happens, or the VMM asks it to stop (a flag
+//! plus a signal that knocks it out of `KVM_RUN`). Whatever ends the loop is
+//! reported once on the VMM's channel as a [`VcpuExit`], and the thread ends.
+//!
+//! Exit decoding is a free function over the two buses, so no device knows
+//! about vCPUs and no port numbers live in this loop.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    mpsc::Sender,
+    Arc,
+};
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::{
+    arch::{
+        cpuid::{apply_policy, CpuProfile},
+        emulate::{self, Regs},
+        regs::{segment_from_gdt, Segment, BOOT_GDT, BOOT_MSRS, GDT_BASE, PVH_CR0, PVH_RBX, PVH_RFLAGS},
+    },
+    bus::Bus,
+    memory::GuestMemory,
+};
+
+/// Why a vCPU stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// The guest reset the machine (its way to power off, see i8042).
+    Reset,
+    /// The guest shut down (triple fault or a KVM shutdown event).
+    Shutdown,
+    /// The VMM asked the vCPU to stop.
+    Stopped,
+    /// A fatal error; the message says what and where.
+    Error(String),
+}
+
+/// Errors configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("vCPU {0}: {1}")]
+    Kvm(u8, &'static str, #[source] kvm_ioctls::Error),
+    /// The CPUID list could not be built.
+    #[error("vCPU {0}: building CPUID")]
+    Cpuid(u8, #[source] vmm_sys_util::fam::Error),
+    /// The MSR list could not be built.
+    #[error("vCPU {0}: building the MSR list")]
+    Msrs(u8, #[source] vmm_sys_util::fam::Error),
+}
+
+/// One vCPU and what its exits reach.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    mem: GuestMemory,
+    stop: Arc<AtomicBool>,
+    /// Instructions stepped over because the host could not emulate them.
+    pub stepped: u64,
+}
+
+fn kvm_seg(s: Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `vm`.
+    pub fn new(vm: &VmFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, mem: GuestMemory, stop: Arc<AtomicBool>) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Kvm(index, "KVM_CREATE_VCPU", e))?;
+        Ok(Self { fd, index, pio, mmio, mem, stop, stepped: 0 })
+    }
+
+    /// Sets CPUID, MSRs, FPU and the local APIC's LINT pins (every vCPU).
+    pub fn configure(&self, kvm: &Kvm, profile: CpuProfile, count: u8) -> Result<(), VcpuError> {
+        let i = self.index;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut entries = supported.as_slice().to_vec();
+        apply_policy(&mut entries, profile, i, count);
+        let cpuid = CpuId::from_entries(&entries).map_err(|e| VcpuError::Cpuid(i, e))?;
+        self.fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::Kvm(i, "KVM_SET_CPUID2", e))?;
+
+        let entries: Vec<kvm_msr_entry> = BOOT_MSRS
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(i, e))?;
+        let set = self.fd.set_msrs(&msrs).map_err(|e| VcpuError::Kvm(i, "KVM_SET_MSRS", e))?;
+        if set != entries.len() {
+            // Some hosts refuse an MSR (e.g. MTRRs); the guest copes, so
+            // note it and go on.
+            tracing::debug!(vcpu = i, set, wanted = entries.len(), "not every boot MSR was accepted");
+        }
+
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        self.fd.set_fpu(&fpu).map_err(|e| VcpuError::Kvm(i, "KVM_SET_FPU", e))?;
+
+        // LINT0: ExtINT (the PIC), LINT1: NMI, as firmware leaves them.
+        let mut lapic = self.fd.get_lapic().map_err(|e| VcpuError::Kvm(i, "KVM_GET_LAPIC", e))?;
+        let lint0 = get_lapic_reg(&lapic.regs, 0x350);
+        let lint1 = get_lapic_reg(&lapic.regs, 0x360);
+        set_lapic_reg(&mut lapic.regs, 0x350, (lint0 & !0x700) | 0x700);
+        set_lapic_reg(&mut lapic.regs, 0x360, (lint1 & !0x700) | 0x400);
+        self.fd.set_lapic(&lapic).map_err(|e| VcpuError::Kvm(i, "KVM_SET_LAPIC", e))?;
+        Ok(())
+    }
+
+    /// Puts the boot vCPU at the PVH entry point.
+    pub fn set_pvh_entry(&self, entry: u64) -> Result<(), VcpuError> {
+        let i = self.index;
+        let regs = kvm_regs { rip: entry, rbx: PVH_RBX, rflags: PVH_RFLAGS, ..Default::default() };
+        self.fd.set_regs(&regs).map_err(|e| VcpuError::Kvm(i, "KVM_SET_REGS", e))?;
+        let mut sregs = self.fd.get_sregs().map_err(|e| VcpuError::Kvm(i, "KVM_GET_SREGS", e))?;
+        let code = kvm_seg(segment_from_gdt(&BOOT_GDT, 1));
+        let data = kvm_seg(segment_from_gdt(&BOOT_GDT, 2));
+        let tss = kvm_seg(segment_from_gdt(&BOOT_GDT, 3));
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = tss;
+        sregs.gdt.base = GDT_BASE;
+        sregs.gdt.limit = u16::try_from(BOOT_GDT.len() * 8 - 1).unwrap_or(u16::MAX);
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cr0 = PVH_CR0;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.fd.set_sregs(&sregs).map_err(|e| VcpuError::Kvm(i, "KVM_SET_SREGS", e))
+    }
+
+    /// Runs the vCPU until it stops; reports why on `events`.
+    pub fn run(mut self, events: Sender<(u8, VcpuExit)>, wake: impl Fn()) {
+        let exit = self.run_loop();
+        if self.stepped > 0 {
+            tracing::debug!(vcpu = self.index, stepped = self.stepped, "instructions stepped over for the host emulator");
+        }
+        let _ = events.send((self.index, exit));
+        wake();
+    }
+
+    fn run_loop(&mut self) -> VcpuExit {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return VcpuExit::Stopped;
+            }
+            match self.fd.run() {
+                Ok(exit) => match handle_exit(exit, &self.pio, &self.mmio) {
+                    ExitAction::Continue => {}
+                    ExitAction::Stop(reason) => return reason,
+                    ExitAction::EmulationFailure => {
+                        if let Err(msg) = self.step_over_failed_instruction() {
+                            return VcpuExit::Error(format!("vCPU {}: {msg}", self.index));
+                        }
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => return VcpuExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index)),
+            }
+        }
+    }
+
+    /// Handles `KVM_EXIT_INTERNAL_ERROR`: if it is an emulation failure on
+    /// an instruction husk can execute itself, execute it and go on.
+    fn step_over_failed_instruction(&mut self) -> Result<(), String> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM
+        // fills the `internal`/`emulation_failure` members of the union.
+        let (suberror, ndata, flags, insn) = unsafe {
+            let ef = run.__bindgen_anon_1.emulation_failure;
+            let insn = ef.__bindgen_anon_1.__bindgen_anon_1;
+            (ef.suberror, ef.ndata, ef.flags, insn)
+        };
+        let mut kregs = self.fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            return Err(format!("KVM internal error, suberror {suberror}, at RIP {:#x}", kregs.rip));
+        }
+        let bytes: Vec<u8> = if ndata >= 3 && flags & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
+            let n = usize::from(insn.insn_size).min(insn.insn_bytes.len());
+            insn.insn_bytes[..n].to_vec()
+        } else {
+            self.read_code_at_rip(kregs.rip)
+        };
+        let mut regs = to_regs(&kregs);
+        let stepped = emulate::step(&bytes, &mut regs).map_err(|e| e.to_string())?;
+        from_regs(&regs, &mut kregs);
+        self.fd.set_regs(&kregs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.stepped += 1;
+        tracing::trace!(vcpu = self.index, ?stepped, rip = kregs.rip, "stepped over an instruction");
+        Ok(())
+    }
+
+    fn read_code_at_rip(&self, rip: u64) -> Vec<u8> {
+        let Ok(t) = self.fd.translate_gva(rip) else { return Vec::new() };
+        if t.valid == 0 {
+            return Vec::new();
+        }
+        let mut buf = [0u8; 15];
+        match self.mem.read_slice(&mut buf, GuestAddress(t.physical_address)) {
+            Ok(()) => buf.to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+fn get_lapic_reg(regs: &[libc::c_char; 1024], offset: usize) -> u32 {
+    let b: [u8; 4] = [regs[offset] as u8, regs[offset + 1] as u8, regs[offset + 2] as u8, regs[offset + 3] as u8];
+    u32::from_le_bytes(b)
+}
+
+fn set_lapic_reg(regs: &mut [libc::c_char; 1024], offset: usize, value: u32) {
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as libc::c_char;
+    }
+}
+
+fn to_regs(k: &kvm_regs) -> Regs {
+    Regs {
+        gpr: [k.rax, k.rcx, k.rdx, k.rbx, k.rsp, k.rbp, k.rsi, k.rdi, k.r8, k.r9, k.r10, k.r11, k.r12, k.r13, k.r14, k.r15],
+        rip: k.rip,
+        rflags: k.rflags,
+    }
+}
+
+fn from_regs(r: &Regs, k: &mut kvm_regs) {
+    let g = r.gpr;
+    (k.rax, k.rcx, k.rdx, k.rbx, k.rsp, k.rbp, k.rsi, k.rdi) = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
+    (k.r8, k.r9, k.r10, k.r11, k.r12, k.r13, k.r14, k.r15) = (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+    k.rip = r.rip;
+    k.rflags = r.rflags;
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Re-enter the guest.
+    Continue,
+    /// Stop the vCPU.
+    Stop(VcpuExit),
+    /// The host's emulator failed on an instruction; try to step over it.
+    EmulationFailure,
+}
+
+/// Decodes one exit and dispatches it to the buses.
+pub fn handle_exit(exit: KvmExit<'_>, pio: &Bus, mmio: &Bus) -> ExitAction {
+    match exit {
+        KvmExit::IoIn(port, data) => {
+            pio.read(u64::from(port), data);
+            ExitAction::Continue
+        }
+        KvmExit::IoOut(port, data) => {
+            pio.write(u64::from(port), data);
+            ExitAction::Continue
+        }
+        KvmExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0);
+            }
+            ExitAction::Continue
+        }
+        KvmExit::MmioWrite(addr, data) => {
+            mmio.write(addr, data);
+            ExitAction::Continue
+        }
+        KvmExit::Hlt | KvmExit::IrqWindowOpen | KvmExit::Intr => ExitAction::Continue,
+        KvmExit::Shutdown => ExitAction::Stop(VcpuExit::Shutdown),
+        KvmExit::SystemEvent(kind, _) => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(VcpuExit::Reset),
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(VcpuExit::Shutdown),
+            other => ExitAction::Stop(VcpuExit::Error(format!("guest system event {other} (crash)"))),
+        },
+        KvmExit::InternalError => ExitAction::EmulationFailure,
+        KvmExit::FailEntry(reason, cpu) => {
+            ExitAction::Stop(VcpuExit::Error(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})")))
+        }
+        other => ExitAction::Stop(VcpuExit::Error(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
