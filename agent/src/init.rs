@@ -33,22 +33,72 @@ struct Mount {
     data: Option<&'static str>,
 }
 
-const fn m(source: &'static str, target: &'static str, fstype: &'static str, flags: MsFlags, data: Option<&'static str>) -> Mount {
-    Mount { source, target, fstype, flags, data }
+const fn m(
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+) -> Mount {
+    Mount {
+        source,
+        target,
+        fstype,
+        flags,
+        data,
+    }
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
 
 /// Mounts in order; later targets live on earlier ones.
 const MOUNTS: &[Mount] = &[
     m("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, None),
     m("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, None),
-    m("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-    m("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), Some("newinstance,ptmxmode=0666,mode=0620,gid=5")),
-    m("shm", "/dev/shm", "tmpfs", NOSUID_NODEV_NOEXEC, Some("mode=1777")),
-    m("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), Some("mode=0755")),
-    m("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), Some("mode=1777")),
-    m("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC, Some("nsdelegate")),
+    m(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    ),
+    m(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    ),
+    m(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        NOSUID_NODEV_NOEXEC,
+        Some("mode=1777"),
+    ),
+    m(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        Some("mode=0755"),
+    ),
+    m(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        Some("mode=1777"),
+    ),
+    m(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        NOSUID_NODEV_NOEXEC,
+        Some("nsdelegate"),
+    ),
 ];
 
 /// Runs before anything else in PID 1: makes sure descriptors 0-2 exist and
@@ -60,7 +110,13 @@ pub fn early_setup() {
         if let Err(e) = fs::create_dir_all(mnt.target) {
             eprintln!("husk-agent: creating {}: {e}", mnt.target);
         }
-        match mount(Some(mnt.source), mnt.target, Some(mnt.fstype), mnt.flags, mnt.data) {
+        match mount(
+            Some(mnt.source),
+            mnt.target,
+            Some(mnt.fstype),
+            mnt.flags,
+            mnt.data,
+        ) {
             Ok(()) | Err(Errno::EBUSY) => {}
             Err(e) => eprintln!("husk-agent: mounting {} on {}: {e}", mnt.fstype, mnt.target),
         }

@@ -63,6 +63,7 @@ fn init_logging(settings: &Settings) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .without_time()
+        .with_ansi(false)
         .with_target(false)
         .init();
 }
@@ -109,7 +110,10 @@ async fn announce_ready(port: u32) -> Result<()> {
     for attempt in 0..5u32 {
         match VsockStream::connect(VsockAddr::new(HOST_CID, port)).await {
             Ok(mut stream) => {
-                stream.write_all(line.as_bytes()).await.context("writing the readiness line")?;
+                stream
+                    .write_all(line.as_bytes())
+                    .await
+                    .context("writing the readiness line")?;
                 AsyncWriteExt::shutdown(&mut stream).await.ok();
                 tracing::info!(port, "readiness announced");
                 return Ok(());

@@ -1,13 +1,23 @@
 //! The agent API service: each RPC validates its input, does its work and
 //! maps failures to ttrpc status codes the shim can act on.
 
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 use husk_protocols::{
-    agent::{HealthRequest, HealthResponse, ShutdownRequest, ShutdownResponse, VersionRequest, VersionResponse},
-    agent_ttrpc, API_VERSION,
+    agent::{
+        stream_check_request::Direction, HealthRequest, HealthResponse, ShutdownRequest,
+        ShutdownResponse, StreamCheckRequest, StreamCheckResponse, VersionRequest, VersionResponse,
+    },
+    agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
-use tokio::sync::mpsc;
-use ttrpc::r#async::TtrpcContext;
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
+use ttrpc::{r#async::TtrpcContext, Code};
 
 use crate::AGENT_VERSION;
 
@@ -24,13 +34,105 @@ impl AgentService {
     }
 }
 
+fn status(code: Code, msg: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
 fn internal(msg: String) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, msg))
+    status(Code::INTERNAL, msg)
+}
+
+/// Largest stream a check may move (1 GiB).
+const MAX_CHECK_BYTES: u64 = 1 << 30;
+/// Default and largest time a stream check may take.
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
+const CHUNK: usize = 64 * 1024;
+
+async fn receive_stream(port: u32) -> Result<(u64, Vec<u8>, Duration), ttrpc::Error> {
+    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port)).map_err(|e| {
+        status(
+            Code::FAILED_PRECONDITION,
+            format!("listening on vsock port {port}: {e}"),
+        )
+    })?;
+    let (mut stream, _) = listener.accept().await.map_err(|e| {
+        status(
+            Code::UNAVAILABLE,
+            format!("accepting on vsock port {port}: {e}"),
+        )
+    })?;
+    drop(listener);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    let mut started = None;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| status(Code::UNAVAILABLE, format!("reading vsock port {port}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        started.get_or_insert_with(Instant::now);
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        if total > MAX_CHECK_BYTES {
+            return Err(status(
+                Code::OUT_OF_RANGE,
+                format!("more than {MAX_CHECK_BYTES} bytes"),
+            ));
+        }
+    }
+    Ok((
+        total,
+        hasher.finalize().to_vec(),
+        started.map_or(Duration::ZERO, |s| s.elapsed()),
+    ))
+}
+
+async fn send_stream(
+    port: u32,
+    bytes: u64,
+    seed: u64,
+) -> Result<(u64, Vec<u8>, Duration), ttrpc::Error> {
+    let mut stream = VsockStream::connect(VsockAddr::new(HOST_CID, port))
+        .await
+        .map_err(|e| {
+            status(
+                Code::UNAVAILABLE,
+                format!("connecting to host vsock port {port}: {e}"),
+            )
+        })?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut state = seed | 1;
+    let mut left = bytes;
+    let started = Instant::now();
+    while left > 0 {
+        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        state = pattern::fill(&mut buf[..n], state);
+        hasher.update(&buf[..n]);
+        stream.write_all(&buf[..n]).await.map_err(|e| {
+            status(
+                Code::UNAVAILABLE,
+                format!("writing host vsock port {port}: {e}"),
+            )
+        })?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write).ok();
+    // Wait for the host to close its end, so every byte was taken.
+    let mut b = [0u8; 1];
+    let _ = stream.read(&mut b).await;
+    Ok((bytes, hasher.finalize().to_vec(), started.elapsed()))
 }
 
 /// Seconds since boot, from `/proc/uptime` ("12.34 5.67").
 fn uptime_seconds() -> Result<f64, String> {
-    let text = std::fs::read_to_string("/proc/uptime").map_err(|e| format!("reading /proc/uptime: {e}"))?;
+    let text = std::fs::read_to_string("/proc/uptime")
+        .map_err(|e| format!("reading /proc/uptime: {e}"))?;
     text.split_whitespace()
         .next()
         .and_then(|s| s.parse().ok())
@@ -39,13 +141,21 @@ fn uptime_seconds() -> Result<f64, String> {
 
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
-    async fn health(&self, _ctx: &TtrpcContext, _req: HealthRequest) -> ttrpc::Result<HealthResponse> {
+    async fn health(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: HealthRequest,
+    ) -> ttrpc::Result<HealthResponse> {
         let mut resp = HealthResponse::new();
         resp.status = husk_protocols::agent::health_response::Status::SERVING.into();
         Ok(resp)
     }
 
-    async fn version(&self, _ctx: &TtrpcContext, _req: VersionRequest) -> ttrpc::Result<VersionResponse> {
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: VersionRequest,
+    ) -> ttrpc::Result<VersionResponse> {
         let uts = nix::sys::utsname::uname().map_err(|e| internal(format!("uname: {e}")))?;
         let mut resp = VersionResponse::new();
         resp.agent_version = AGENT_VERSION.to_string();
@@ -56,7 +166,58 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(resp)
     }
 
-    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<ShutdownResponse> {
+    async fn stream_check(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StreamCheckRequest,
+    ) -> ttrpc::Result<StreamCheckResponse> {
+        let port = req.port;
+        if port == 0 || port == husk_protocols::AGENT_VSOCK_PORT || port == u32::MAX {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("vsock port {port} cannot be used for a stream check"),
+            ));
+        }
+        if req.bytes > MAX_CHECK_BYTES {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("at most {MAX_CHECK_BYTES} bytes per check"),
+            ));
+        }
+        let limit = match req.timeout_ms {
+            0 => DEFAULT_CHECK_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)).min(MAX_CHECK_TIMEOUT),
+        };
+        let direction = req
+            .direction
+            .enum_value()
+            .map_err(|v| status(Code::INVALID_ARGUMENT, format!("unknown direction {v}")))?;
+        let work = async {
+            match direction {
+                Direction::TO_GUEST => receive_stream(port).await,
+                Direction::FROM_GUEST => send_stream(port, req.bytes, req.seed).await,
+            }
+        };
+        let (bytes, sha256, elapsed) =
+            tokio::time::timeout(limit, work).await.map_err(|_| {
+                status(
+                    Code::DEADLINE_EXCEEDED,
+                    format!("stream check on port {port} timed out"),
+                )
+            })??;
+        tracing::debug!(port, bytes, ?elapsed, "stream check done");
+        let mut resp = StreamCheckResponse::new();
+        resp.bytes = bytes;
+        resp.sha256 = sha256;
+        resp.elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        Ok(resp)
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ShutdownRequest,
+    ) -> ttrpc::Result<ShutdownResponse> {
         tracing::info!("Shutdown called");
         // A second Shutdown while one is in progress finds the channel full,
         // which is fine: one is enough.

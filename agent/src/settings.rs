@@ -47,7 +47,9 @@ impl Settings {
     pub fn parse(cmdline: &str) -> Self {
         let mut s = Self::default();
         for word in cmdline.split_ascii_whitespace() {
-            let Some(rest) = word.strip_prefix("husk.") else { continue };
+            let Some(rest) = word.strip_prefix("husk.") else {
+                continue;
+            };
             let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
             let ok = match key {
                 "log" if !value.is_empty() => {
@@ -77,10 +79,15 @@ mod tests {
 
     #[test]
     fn reads_known_words_and_keeps_unknown_ones() {
-        let s = Settings::parse("quiet husk.log=debug husk.agent_port=2000 husk.ready_port=x husk.nope=1");
+        let s = Settings::parse(
+            "quiet husk.log=debug husk.agent_port=2000 husk.ready_port=x husk.nope=1",
+        );
         assert_eq!(s.log_level, "debug");
         assert_eq!(s.agent_port, 2000);
         assert_eq!(s.ready_port, READY_VSOCK_PORT);
-        assert_eq!(s.ignored, vec!["husk.ready_port=x".to_string(), "husk.nope=1".to_string()]);
+        assert_eq!(
+            s.ignored,
+            vec!["husk.ready_port=x".to_string(), "husk.nope=1".to_string()]
+        );
     }
 }

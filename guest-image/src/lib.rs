@@ -76,30 +76,49 @@ pub fn check_agent(agent: &[u8]) -> Result<(), Error> {
     }
     // An interpreter path ("/lib64/ld-linux-x86-64.so.2") means a dynamic
     // executable; look for a PT_INTERP program header.
-    let phoff = u64::from_le_bytes(agent[32..40].try_into().map_err(|_| Error::BadAgent("bad header"))?);
+    let phoff = u64::from_le_bytes(
+        agent[32..40]
+            .try_into()
+            .map_err(|_| Error::BadAgent("bad header"))?,
+    );
     let phentsize = u16::from_le_bytes([agent[54], agent[55]]) as usize;
     let phnum = u16::from_le_bytes([agent[56], agent[57]]) as usize;
     let phoff = usize::try_from(phoff).map_err(|_| Error::BadAgent("bad program header offset"))?;
     for i in 0..phnum {
         let at = phoff
-            .checked_add(i.checked_mul(phentsize).ok_or(Error::BadAgent("bad program headers"))?)
+            .checked_add(
+                i.checked_mul(phentsize)
+                    .ok_or(Error::BadAgent("bad program headers"))?,
+            )
             .ok_or(Error::BadAgent("bad program headers"))?;
         let p_type = agent
             .get(at..at + 4)
             .ok_or(Error::BadAgent("truncated program headers"))?;
         if p_type == 3u32.to_le_bytes() {
-            return Err(Error::BadAgent("dynamically linked (has PT_INTERP); build it with +crt-static"));
+            return Err(Error::BadAgent(
+                "dynamically linked (has PT_INTERP); build it with +crt-static",
+            ));
         }
     }
     Ok(())
 }
 
 fn entry(name: &str, ino: u32, mode: u32) -> Builder {
-    Builder::new(name).ino(ino).mode(mode).uid(0).gid(0).nlink(1).mtime(0)
+    Builder::new(name)
+        .ino(ino)
+        .mode(mode)
+        .uid(0)
+        .gid(0)
+        .nlink(1)
+        .mtime(0)
 }
 
 /// Writes the initramfs with `agent` as `/init` to `out`.
-pub fn write_initramfs<W: Write>(agent: &[u8], compression: Compression, out: W) -> Result<W, Error> {
+pub fn write_initramfs<W: Write>(
+    agent: &[u8],
+    compression: Compression,
+    out: W,
+) -> Result<W, Error> {
     check_agent(agent)?;
     let size = u32::try_from(agent.len()).map_err(|_| Error::TooLarge(agent.len()))?;
     match compression {
@@ -114,7 +133,10 @@ pub fn write_initramfs<W: Write>(agent: &[u8], compression: Compression, out: W)
 fn write_cpio<W: Write>(agent: &[u8], size: u32, mut out: W) -> Result<W, Error> {
     let mut ino = 1;
     for dir in DIRS {
-        out = entry(dir, ino, S_IFDIR | 0o755).nlink(2).write(out, 0).finish()?;
+        out = entry(dir, ino, S_IFDIR | 0o755)
+            .nlink(2)
+            .write(out, 0)
+            .finish()?;
         ino += 1;
     }
     out = entry("dev/console", ino, S_IFCHR | 0o600)
@@ -176,7 +198,12 @@ mod tests {
         assert!(entries.contains(&("init".into(), 0o100755, agent.len())));
         assert!(entries.contains(&("dev/console".into(), S_IFCHR | 0o600, 0)));
         for d in DIRS {
-            assert!(entries.iter().any(|(n, m, _)| n == d && *m == S_IFDIR | 0o755), "{d}");
+            assert!(
+                entries
+                    .iter()
+                    .any(|(n, m, _)| n == d && *m == S_IFDIR | 0o755),
+                "{d}"
+            );
         }
     }
 
@@ -191,13 +218,18 @@ mod tests {
 
     #[test]
     fn rejects_non_elf_and_dynamic_agents() {
-        assert!(matches!(check_agent(b"#!/bin/sh\n"), Err(Error::BadAgent(_))));
+        assert!(matches!(
+            check_agent(b"#!/bin/sh\n"),
+            Err(Error::BadAgent(_))
+        ));
         let mut dynamic = fake_static_elf();
         // One program header of type PT_INTERP at offset 64.
         dynamic[32..40].copy_from_slice(&64u64.to_le_bytes());
         dynamic[54..56].copy_from_slice(&56u16.to_le_bytes());
         dynamic[56..58].copy_from_slice(&1u16.to_le_bytes());
         dynamic[64..68].copy_from_slice(&3u32.to_le_bytes());
-        assert!(matches!(check_agent(&dynamic), Err(Error::BadAgent(m)) if m.contains("PT_INTERP")));
+        assert!(
+            matches!(check_agent(&dynamic), Err(Error::BadAgent(m)) if m.contains("PT_INTERP"))
+        );
     }
 }

@@ -26,7 +26,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let agent = fs::read(&args.agent).with_context(|| format!("reading {}", args.agent.display()))?;
+    let agent =
+        fs::read(&args.agent).with_context(|| format!("reading {}", args.agent.display()))?;
     let tmp = args.output.with_extension("tmp");
     let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let writer = write_initramfs(&agent, args.compression, BufWriter::new(file))
@@ -36,8 +37,14 @@ fn main() -> Result<()> {
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
         .with_context(|| format!("flushing {}", tmp.display()))?;
-    fs::rename(&tmp, &args.output).with_context(|| format!("renaming to {}", args.output.display()))?;
+    fs::rename(&tmp, &args.output)
+        .with_context(|| format!("renaming to {}", args.output.display()))?;
     let size = fs::metadata(&args.output)?.len();
-    eprintln!("husk-guest-image: wrote {} ({} bytes, {:?})", args.output.display(), size, args.compression);
+    eprintln!(
+        "husk-guest-image: wrote {} ({} bytes, {:?})",
+        args.output.display(),
+        size,
+        args.compression
+    );
     Ok(())
 }

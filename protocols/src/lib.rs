@@ -8,19 +8,45 @@
 #![allow(missing_debug_implementations)]
 
 /// Protobuf messages of the agent API.
-#[allow(warnings, clippy::all, clippy::undocumented_unsafe_blocks, unused_qualifications)]
+#[allow(
+    warnings,
+    clippy::all,
+    clippy::undocumented_unsafe_blocks,
+    unused_qualifications
+)]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent/agent.rs"));
 }
 
 /// ttrpc client and server for the agent API (async).
-#[allow(warnings, clippy::all, clippy::undocumented_unsafe_blocks, unused_qualifications)]
+#[allow(
+    warnings,
+    clippy::all,
+    clippy::undocumented_unsafe_blocks,
+    unused_qualifications
+)]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent/agent_ttrpc.rs"));
 }
 
+pub mod hybrid_vsock;
+pub mod pattern;
+
 /// Version of the agent API; bumped when a message or RPC is added.
 pub const API_VERSION: u32 = 1;
+
+/// Connects an agent API client over hybrid vsock (`uds` is the VM's vsock
+/// socket), retrying for up to `within` while the agent starts listening.
+pub async fn connect_agent(
+    uds: &std::path::Path,
+    within: std::time::Duration,
+) -> std::io::Result<agent_ttrpc::AgentClient> {
+    let stream = hybrid_vsock::connect_retry(uds, AGENT_VSOCK_PORT, within).await?;
+    let socket = ttrpc::r#async::transport::Socket::from(stream);
+    Ok(agent_ttrpc::AgentClient::new(ttrpc::r#async::Client::new(
+        socket,
+    )))
+}
 
 /// Guest vsock port the agent's ttrpc server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -44,7 +70,10 @@ pub fn ready_line(agent_version: &str) -> String {
 
 /// Parses a readiness line; returns the agent version and API version.
 pub fn parse_ready_line(line: &str) -> Option<(&str, u32)> {
-    let rest = line.strip_suffix('\n').unwrap_or(line).strip_prefix(READY_PREFIX)?;
+    let rest = line
+        .strip_suffix('\n')
+        .unwrap_or(line)
+        .strip_prefix(READY_PREFIX)?;
     let (version, api) = rest.split_once(" api ")?;
     if version.is_empty() || version.contains(char::is_whitespace) {
         return None;

@@ -1,1 +1,385 @@
-//! placeholder
+//! Helpers shared by husk's end-to-end tests, the demo and the boot
+//! benchmark: finding the built artifacts, running `husk-vmm` as a real
+//! process in a private directory, waiting for the agent's readiness, and
+//! checking that nothing is left behind.
+//!
+//! Nothing here is a test double: the VMM, the guest kernel and the agent
+//! are the real ones.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use husk_protocols::{hybrid_vsock::port_socket_path, parse_ready_line, READY_VSOCK_PORT};
+use tokio::{
+    io::AsyncReadExt,
+    net::UnixListener,
+    process::{Child, Command},
+};
+
+/// Where the built pieces are.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// The `husk-vmm` binary.
+    pub vmm: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The guest initramfs.
+    pub initramfs: PathBuf,
+}
+
+impl Artifacts {
+    /// Finds the artifacts: `HUSK_VMM` or `husk-vmm` next to this
+    /// executable's target directory; the guest image in `HUSK_GUEST_DIR`
+    /// or `/var/lib/husk/guest`. Fails with the command that builds what is
+    /// missing.
+    pub fn locate() -> Result<Self> {
+        let vmm = match std::env::var_os("HUSK_VMM") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe()?;
+                // target/<profile>/deps/<test> or target/<profile>/<bin>
+                let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+                if dir.ends_with("deps") {
+                    dir.pop();
+                }
+                dir.join("husk-vmm")
+            }
+        };
+        let guest = std::env::var_os("HUSK_GUEST_DIR")
+            .map_or_else(|| PathBuf::from("/var/lib/husk/guest"), PathBuf::from);
+        let a = Self {
+            vmm,
+            kernel: guest.join("vmlinux"),
+            initramfs: guest.join("initramfs.cpio"),
+        };
+        for (what, p) in [
+            ("husk-vmm", &a.vmm),
+            ("guest kernel", &a.kernel),
+            ("guest initramfs", &a.initramfs),
+        ] {
+            if !p.exists() {
+                bail!(
+                    "{what} not found at {} (run `make build` first)",
+                    p.display()
+                );
+            }
+        }
+        Ok(a)
+    }
+}
+
+/// Fails loudly when KVM is missing: these tests must never pass by
+/// skipping.
+pub fn require_kvm() {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        ok,
+        "/dev/kvm is missing or not accessible: the end-to-end tests need KVM and do not skip"
+    );
+}
+
+/// A private directory removed on drop.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// A fresh directory under /tmp named after `tag`.
+    pub fn new(tag: &str) -> Result<Self> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "husk-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of the entries left in the directory.
+    pub fn entries(&self) -> Vec<String> {
+        std::fs::read_dir(&self.path)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// How to run a VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Guest memory (MiB).
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Keep the serial console in `serial.log`.
+    pub serial: bool,
+    /// Extra kernel command line.
+    pub cmdline: String,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            mem_mib: 128,
+            vcpus: 1,
+            serial: false,
+            cmdline: String::new(),
+        }
+    }
+}
+
+/// A running `husk-vmm` with a vsock device and an API socket in `dir`.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Child,
+    /// The VM's directory (sockets, logs).
+    pub dir: PathBuf,
+    /// The hybrid vsock socket.
+    pub vsock: PathBuf,
+    /// The control API socket.
+    pub api: PathBuf,
+    /// The serial log, if kept.
+    pub serial: Option<PathBuf>,
+    /// The VMM's stderr.
+    pub log: PathBuf,
+    ready: Option<UnixListener>,
+    ready_path: PathBuf,
+    /// When the process was started.
+    pub started: Instant,
+}
+
+/// What the agent said when it became ready.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// Time from starting husk-vmm to the readiness line.
+    pub elapsed: Duration,
+    /// The agent's version.
+    pub agent_version: String,
+    /// The agent API version.
+    pub api_version: u32,
+}
+
+impl VmProcess {
+    /// Starts a VM. The readiness socket is bound first, so the agent's
+    /// announcement cannot be missed.
+    pub fn spawn(artifacts: &Artifacts, dir: &Path, opts: &VmOptions) -> Result<Self> {
+        let vsock = dir.join("vsock.sock");
+        let api = dir.join("api.sock");
+        let log = dir.join("vmm.log");
+        let ready_path = port_socket_path(&vsock, READY_VSOCK_PORT);
+        let ready = UnixListener::bind(&ready_path)
+            .with_context(|| format!("binding {}", ready_path.display()))?;
+        let serial = opts.serial.then(|| dir.join("serial.log"));
+        let mut cmd = Command::new(&artifacts.vmm);
+        cmd.arg("--kernel")
+            .arg(&artifacts.kernel)
+            .arg("--initramfs")
+            .arg(&artifacts.initramfs)
+            .arg("--mem-mib")
+            .arg(opts.mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(opts.vcpus.to_string())
+            .arg("--vsock-uds")
+            .arg(&vsock)
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--cmdline")
+            .arg(&opts.cmdline);
+        if let Some(s) = &serial {
+            cmd.arg("--serial-log").arg(s);
+        }
+        let log_file = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", artifacts.vmm.display()))?;
+        Ok(Self {
+            child,
+            dir: dir.to_path_buf(),
+            vsock,
+            api,
+            serial,
+            log,
+            ready: Some(ready),
+            ready_path,
+            started,
+        })
+    }
+
+    /// The VMM's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The VMM's log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        let mut s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        if let Some(serial) = &self.serial {
+            let console = std::fs::read_to_string(serial).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(30).collect();
+            s.push_str("\n--- serial console (last lines) ---\n");
+            for l in tail.iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Waits for the agent's readiness line.
+    pub async fn wait_ready(&mut self, within: Duration) -> Result<Ready> {
+        let listener = self.ready.take().context("readiness already consumed")?;
+        let accept = async {
+            let (mut stream, _) = listener.accept().await?;
+            let mut line = String::new();
+            stream.read_to_string(&mut line).await?;
+            anyhow::Ok(line)
+        };
+        let exited = async {
+            loop {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let line = tokio::select! {
+            r = tokio::time::timeout(within, accept) => r.map_err(|_| anyhow::anyhow!("no readiness within {within:?}"))??,
+            status = exited => bail!("husk-vmm exited ({status}) before the agent was ready"),
+        };
+        let elapsed = self.started.elapsed();
+        let _ = std::fs::remove_file(&self.ready_path);
+        let (version, api) =
+            parse_ready_line(&line).with_context(|| format!("bad readiness line {line:?}"))?;
+        Ok(Ready {
+            elapsed,
+            agent_version: version.to_string(),
+            api_version: api,
+        })
+    }
+
+    /// Waits for the VMM to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("husk-vmm still running after {within:?}"))?
+            .context("waiting for husk-vmm")
+    }
+
+    /// Peak resident memory of the VMM process (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Sends one request to the control API; returns the response line.
+    pub async fn api(&self, request: &str) -> Result<String> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut s = tokio::net::UnixStream::connect(&self.api).await?;
+        s.write_all(request.as_bytes()).await?;
+        s.write_all(b"\n").await?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).await?;
+        Ok(line)
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.ready_path);
+    }
+}
+
+/// Processes whose command line mentions `needle` (to check nothing of a
+/// test is left running).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Median of `v` (sorted in place); 0 when empty.
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+
+    #[test]
+    fn test_dir_is_removed() {
+        let d = TestDir::new("unit").expect("dir");
+        let p = d.path().to_path_buf();
+        std::fs::write(p.join("x"), b"1").expect("write");
+        assert_eq!(d.entries(), vec!["x".to_string()]);
+        drop(d);
+        assert!(!p.exists());
+    }
+}

@@ -107,7 +107,9 @@ pub struct ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,31 +119,57 @@ pub fn answer(line: &str, shared: &mut Shared) -> Response {
         Ok(Request::State) => Response {
             ok: true,
             state: Some(shared.state),
-            uptime_ms: Some(u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            uptime_ms: Some(
+                u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ),
             error: None,
         },
         Ok(Request::Stop) => {
             shared.stop_requested = true;
             shared.state = VmState::Stopping;
-            Response { ok: true, state: Some(VmState::Stopping), uptime_ms: None, error: None }
+            Response {
+                ok: true,
+                state: Some(VmState::Stopping),
+                uptime_ms: None,
+                error: None,
+            }
         }
-        Err(e) => Response { ok: false, state: None, uptime_ms: None, error: Some(format!("bad request: {e}")) },
+        Err(e) => Response {
+            ok: false,
+            state: None,
+            uptime_ms: None,
+            error: Some(format!("bad request: {e}")),
+        },
     }
 }
 
 impl ApiServer {
     /// Binds `path` (replacing a stale socket file).
-    pub fn new(path: &Path, shared: Arc<Mutex<Shared>>, on_stop: Box<dyn Fn() + Send>) -> Result<Self, ApiError> {
+    pub fn new(
+        path: &Path,
+        shared: Arc<Mutex<Shared>>,
+        on_stop: Box<dyn Fn() + Send>,
+    ) -> Result<Self, ApiError> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        let listener =
+            UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-        listener.set_nonblocking(true).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-        Ok(Self { listener, path: path.to_path_buf(), shared, on_stop })
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+            shared,
+            on_stop,
+        })
     }
 
     fn serve_one(&self) {
-        let Ok((stream, _)) = self.listener.accept() else { return };
+        let Ok((stream, _)) = self.listener.accept() else {
+            return;
+        };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
         let _ = stream.set_write_timeout(Some(Duration::from_millis(500)));
@@ -152,10 +180,16 @@ impl ApiServer {
                 let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
                 answer(&line, &mut shared)
             }
-            Err(e) => Response { ok: false, state: None, uptime_ms: None, error: Some(format!("reading the request: {e}")) },
+            Err(e) => Response {
+                ok: false,
+                state: None,
+                uptime_ms: None,
+                error: Some(format!("reading the request: {e}")),
+            },
         };
         let stop = response.state == Some(VmState::Stopping) && response.ok;
-        let mut out = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
+        let mut out =
+            serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".to_string());
         out.push('\n');
         let mut stream = reader.into_inner().into_inner();
         let _ = stream.write_all(out.as_bytes());
@@ -201,7 +235,11 @@ mod tests {
     use super::*;
 
     fn shared() -> Shared {
-        Shared { state: VmState::Running, started: Instant::now(), stop_requested: false }
+        Shared {
+            state: VmState::Running,
+            started: Instant::now(),
+            stop_requested: false,
+        }
     }
 
     #[test]
@@ -214,7 +252,9 @@ mod tests {
         assert_eq!(r.state, Some(VmState::Stopping));
         assert!(s.stop_requested);
         assert_eq!(
-            serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s)).expect("json").contains("\"stopping\""),
+            serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s))
+                .expect("json")
+                .contains("\"stopping\""),
             true
         );
     }
@@ -222,7 +262,13 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         let mut s = shared();
-        for bad in ["", "hello", "{\"action\":\"reboot\"}", "{\"action\":\"stop\",\"x\":1}", "\u{0}\u{1}"] {
+        for bad in [
+            "",
+            "hello",
+            "{\"action\":\"reboot\"}",
+            "{\"action\":\"stop\",\"x\":1}",
+            "\u{0}\u{1}",
+        ] {
             let r = answer(bad, &mut s);
             assert!(!r.ok, "{bad:?}");
             assert!(r.error.is_some());

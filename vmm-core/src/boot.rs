@@ -21,8 +21,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegio
 use crate::{
     arch::{
         layout::{
-            BOOT_GDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, LEGACY_HOLE_START, MEMMAP_START,
-            MODLIST_START, PVH_INFO_START,
+            BOOT_GDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START,
+            LEGACY_HOLE_START, MEMMAP_START, MODLIST_START, PVH_INFO_START,
         },
         mptable,
         regs::BOOT_GDT,
@@ -106,11 +106,18 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<BootInfo, BootError
         PvhBootCapability::PvhEntryPresent(addr) => addr.raw_value(),
         _ => return Err(BootError::NoPvh(name)),
     };
-    Ok(BootInfo { entry, kernel_end: result.kernel_end })
+    Ok(BootInfo {
+        entry,
+        kernel_end: result.kernel_end,
+    })
 }
 
 /// Loads the initramfs at the top of low RAM; returns (address, size).
-pub fn load_initramfs(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
+pub fn load_initramfs(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
     let name = path.display().to_string();
     let mut data = Vec::new();
     File::open(path)
@@ -128,41 +135,73 @@ pub fn load_initramfs(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result
         Some(a) if a >= kernel_end.max(HIMEM_START) => a,
         _ => return Err(BootError::InitramfsTooBig(name, size)),
     };
-    mem.write_slice(&data, GuestAddress(addr)).map_err(|e| BootError::Write("the initramfs", e))?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|e| BootError::Write("the initramfs", e))?;
     Ok((addr, size))
 }
 
 /// Writes the command line, GDT, MP table and PVH start info.
-pub fn write_boot_data(mem: &GuestMemory, cmdline: &str, vcpus: u8, initramfs: Option<(u64, u64)>) -> Result<(), BootError> {
+pub fn write_boot_data(
+    mem: &GuestMemory,
+    cmdline: &str,
+    vcpus: u8,
+    initramfs: Option<(u64, u64)>,
+) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX_SIZE {
-        return Err(BootError::Cmdline(format!("{} bytes is longer than {}", cmdline.len(), CMDLINE_MAX_SIZE - 1)));
+        return Err(BootError::Cmdline(format!(
+            "{} bytes is longer than {}",
+            cmdline.len(),
+            CMDLINE_MAX_SIZE - 1
+        )));
     }
     if cmdline.bytes().any(|b| b == 0) {
         return Err(BootError::Cmdline("contains a NUL byte".into()));
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_START)).map_err(|e| BootError::Write("the command line", e))?;
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
+        .map_err(|e| BootError::Write("the command line", e))?;
 
     let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START)).map_err(|e| BootError::Write("the boot GDT", e))?;
+    mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START))
+        .map_err(|e| BootError::Write("the boot GDT", e))?;
 
     let (mp_addr, mp) = mptable::build(vcpus)?;
-    mem.write_slice(&mp, GuestAddress(mp_addr)).map_err(|e| BootError::Write("the MP table", e))?;
+    mem.write_slice(&mp, GuestAddress(mp_addr))
+        .map_err(|e| BootError::Write("the MP table", e))?;
 
     let mut memmap = vec![
-        hvm_memmap_table_entry { addr: 0, size: EBDA_START, type_: E820_RAM, reserved: 0 },
-        hvm_memmap_table_entry { addr: EBDA_START, size: LEGACY_HOLE_START - EBDA_START, type_: E820_RESERVED, reserved: 0 },
+        hvm_memmap_table_entry {
+            addr: 0,
+            size: EBDA_START,
+            type_: E820_RAM,
+            reserved: 0,
+        },
+        hvm_memmap_table_entry {
+            addr: EBDA_START,
+            size: LEGACY_HOLE_START - EBDA_START,
+            type_: E820_RESERVED,
+            reserved: 0,
+        },
     ];
     for region in mem.iter() {
         let start = region.start_addr().raw_value().max(HIMEM_START);
         let end = region.start_addr().raw_value() + region.len();
         if end > start {
-            memmap.push(hvm_memmap_table_entry { addr: start, size: end - start, type_: E820_RAM, reserved: 0 });
+            memmap.push(hvm_memmap_table_entry {
+                addr: start,
+                size: end - start,
+                type_: E820_RAM,
+                reserved: 0,
+            });
         }
     }
     let modules: Vec<hvm_modlist_entry> = initramfs
-        .map(|(paddr, size)| hvm_modlist_entry { paddr, size, ..Default::default() })
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
         .into_iter()
         .collect();
     let start_info = hvm_start_info {
@@ -242,17 +281,24 @@ mod tests {
         assert_eq!(size, 10_000);
         assert_eq!(addr % PAGE_SIZE, 0);
         assert!(addr + size <= 64 << 20);
-        assert!(matches!(load_initramfs(&mem, &p, 64 << 20), Err(BootError::InitramfsTooBig(..))));
+        assert!(matches!(
+            load_initramfs(&mem, &p, 64 << 20),
+            Err(BootError::InitramfsTooBig(..))
+        ));
         let _ = std::fs::remove_file(&p);
         let bad = temp_file("badinitrd", b"garbage garbage");
-        assert!(matches!(load_initramfs(&mem, &bad, 0), Err(BootError::BadInitramfs(..))));
+        assert!(matches!(
+            load_initramfs(&mem, &bad, 0),
+            Err(BootError::BadInitramfs(..))
+        ));
         let _ = std::fs::remove_file(bad);
     }
 
     #[test]
     fn boot_data_is_written() {
         let (mem, _) = create_guest_memory(64 << 20).expect("mem");
-        write_boot_data(&mem, "console=ttyS0 quiet", 2, Some((0x300_0000, 4096))).expect("boot data");
+        write_boot_data(&mem, "console=ttyS0 quiet", 2, Some((0x300_0000, 4096)))
+            .expect("boot data");
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("read");
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.nr_modules, 1);
@@ -260,7 +306,8 @@ mod tests {
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(MODLIST_START)).expect("read");
         assert_eq!((m.paddr, m.size), (0x300_0000, 4096));
         let mut cmd = [0u8; 20];
-        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).expect("read");
+        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START))
+            .expect("read");
         assert_eq!(&cmd[..19], b"console=ttyS0 quiet");
         assert_eq!(cmd[19], 0);
         assert!(write_boot_data(&mem, &"x".repeat(5000), 1, None).is_err());

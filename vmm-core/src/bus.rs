@@ -44,7 +44,9 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.devices.iter().map(|(b, (l, _))| (b, l))).finish()
+        f.debug_list()
+            .entries(self.devices.iter().map(|(b, (l, _))| (b, l)))
+            .finish()
     }
 }
 
@@ -55,11 +57,18 @@ impl Bus {
     }
 
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(&mut self, device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), BusError> {
+    pub fn insert(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((&b, &(l, _))) = self.devices.range(..end).next_back() {
             if b + l > base {
                 return Err(BusError::Overlap { base, len });
@@ -80,7 +89,9 @@ impl Bus {
             Some((offset, dev)) => {
                 // A device that panicked while locked has poisoned its lock;
                 // its state is still the last consistent one, keep using it.
-                dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(offset, data);
                 true
             }
             None => {
@@ -94,7 +105,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -140,9 +153,24 @@ mod tests {
         let mut bus = Bus::new();
         let dev: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev.clone(), 0x100, 0x10).expect("insert");
-        assert_eq!(bus.insert(dev.clone(), 0x10f, 1), Err(BusError::Overlap { base: 0x10f, len: 1 }));
-        assert_eq!(bus.insert(dev.clone(), 0xf8, 0x10), Err(BusError::Overlap { base: 0xf8, len: 0x10 }));
-        assert_eq!(bus.insert(dev.clone(), 0x200, 0), Err(BusError::Empty(0x200)));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x10f, 1),
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
+        );
+        assert_eq!(
+            bus.insert(dev.clone(), 0xf8, 0x10),
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
+        );
+        assert_eq!(
+            bus.insert(dev.clone(), 0x200, 0),
+            Err(BusError::Empty(0x200))
+        );
         assert!(bus.insert(dev, 0x110, 0x10).is_ok());
     }
 }

@@ -11,7 +11,8 @@ pub const DEFAULT_GUEST_DIR: &str = "/var/lib/husk/guest";
 
 /// The guest image directory in effect (`HUSK_GUEST_DIR` or the default).
 pub fn guest_dir() -> PathBuf {
-    std::env::var_os("HUSK_GUEST_DIR").map_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR), PathBuf::from)
+    std::env::var_os("HUSK_GUEST_DIR")
+        .map_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR), PathBuf::from)
 }
 
 /// Smallest guest memory that boots the husk kernel with its initramfs.
@@ -81,6 +82,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The control API socket, if any.
     pub api_socket: Option<PathBuf>,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
 }
 
 impl VmConfig {
@@ -96,6 +99,7 @@ impl VmConfig {
             serial_log: None,
             vsock: None,
             api_socket: None,
+            kvm_device: PathBuf::from("/dev/kvm"),
         }
     }
 
@@ -133,7 +137,10 @@ fn check_exists(what: &'static str, path: &Path) -> Result<(), ConfigError> {
     if path.exists() {
         Ok(())
     } else {
-        Err(ConfigError::Missing { what, path: path.to_path_buf() })
+        Err(ConfigError::Missing {
+            what,
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -165,19 +172,55 @@ mod tests {
 
     #[test]
     fn rejects_bad_values() {
-        assert_eq!(VmConfig { vcpus: 0, ..valid() }.validate(), Err(ConfigError::Vcpus(0)));
-        assert_eq!(VmConfig { vcpus: 17, ..valid() }.validate(), Err(ConfigError::Vcpus(17)));
-        assert_eq!(VmConfig { mem_mib: 8, ..valid() }.validate(), Err(ConfigError::Memory(8)));
-        let missing = VmConfig { kernel: "/nonexistent/vmlinux".into(), ..valid() };
-        assert!(matches!(missing.validate(), Err(ConfigError::Missing { what: "kernel", .. })));
+        assert_eq!(
+            VmConfig {
+                vcpus: 0,
+                ..valid()
+            }
+            .validate(),
+            Err(ConfigError::Vcpus(0))
+        );
+        assert_eq!(
+            VmConfig {
+                vcpus: 17,
+                ..valid()
+            }
+            .validate(),
+            Err(ConfigError::Vcpus(17))
+        );
+        assert_eq!(
+            VmConfig {
+                mem_mib: 8,
+                ..valid()
+            }
+            .validate(),
+            Err(ConfigError::Memory(8))
+        );
+        let missing = VmConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..valid()
+        };
+        assert!(matches!(
+            missing.validate(),
+            Err(ConfigError::Missing { what: "kernel", .. })
+        ));
         let cid = VmConfig {
-            vsock: Some(VsockConfig { guest_cid: 2, uds_path: "/tmp/v.sock".into() }),
+            vsock: Some(VsockConfig {
+                guest_cid: 2,
+                uds_path: "/tmp/v.sock".into(),
+            }),
             ..valid()
         };
         assert_eq!(cid.validate(), Err(ConfigError::Cid(2)));
-        let long = VmConfig { api_socket: Some(PathBuf::from("/".repeat(120))), ..valid() };
+        let long = VmConfig {
+            api_socket: Some(PathBuf::from("/".repeat(120))),
+            ..valid()
+        };
         assert!(matches!(long.validate(), Err(ConfigError::SocketPath(_))));
-        let cmd = VmConfig { extra_cmdline: "quiet virtio_mmio.device=1@2:3".into(), ..valid() };
+        let cmd = VmConfig {
+            extra_cmdline: "quiet virtio_mmio.device=1@2:3".into(),
+            ..valid()
+        };
         assert!(matches!(cmd.validate(), Err(ConfigError::Cmdline(_))));
     }
 }

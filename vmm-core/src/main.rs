@@ -40,6 +40,9 @@ struct Args {
     /// Control API socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// The KVM device node.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -55,7 +58,9 @@ fn print_error_chain(e: &anyhow::Error) {
 fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     // Before any thread exists, so every thread inherits the blocked mask.
@@ -83,8 +88,12 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         initramfs,
         extra_cmdline: args.cmdline,
         serial_log: args.serial_log,
-        vsock: args.vsock_uds.map(|uds_path| VsockConfig { guest_cid: args.vsock_cid, uds_path }),
+        vsock: args.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds_path,
+        }),
         api_socket: args.api_socket,
+        kvm_device: args.kvm_device,
     };
     let vmm = Vmm::build(config, signals)?;
     tracing::info!(cmdline = %vmm.cmdline, "starting the VM");

@@ -53,21 +53,25 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// Creates `size` bytes of guest memory backed by one memfd mapped shared.
 /// Returns the memory and the memfd (kept for hole punching and vhost-user).
 pub fn create_guest_memory(size: u64) -> Result<(GuestMemory, File), MemoryError> {
-    let name = CString::new("husk-guest-ram").map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
+    let name =
+        CString::new("husk-guest-ram").map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
     // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
     // SAFETY: memfd_create returned a new descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|e| MemoryError::Truncate(size, e))?;
+    file.set_len(size)
+        .map_err(|e| MemoryError::Truncate(size, e))?;
 
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (start, len) in ram_ranges(size) {
         let file_offset = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
-        let len_usize = usize::try_from(len).map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
+        let len_usize =
+            usize::try_from(len).map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
         let mmap = MmapRegion::from_file(file_offset, len_usize).map_err(MemoryError::Mmap)?;
         regions.push(GuestRegionMmap::new(mmap, start).ok_or(MemoryError::Region(start.0))?);
         offset += len;
@@ -99,7 +103,8 @@ mod tests {
     fn memory_is_shared_with_the_memfd() {
         use std::os::unix::fs::FileExt;
         let (mem, file) = create_guest_memory(2 << 20).expect("memory");
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).expect("write");
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .expect("write");
         let mut buf = [0u8; 4];
         file.read_exact_at(&mut buf, 0x1000).expect("read");
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);

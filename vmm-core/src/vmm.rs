@@ -37,7 +37,10 @@ use crate::{
     api::{ApiServer, Shared, VmState},
     arch::{
         cpuid::CpuProfile,
-        layout::{I8042_PORT, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START},
+        layout::{
+            I8042_PORT, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE,
+            VIRTIO_MMIO_START,
+        },
     },
     boot,
     bus::Bus,
@@ -114,7 +117,10 @@ pub enum VmmError {
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
     /// A device could not be set up.
     #[error("setting up {0}")]
-    Device(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    Device(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
     /// The event loop failed.
     #[error("event loop")]
     EventLoop(#[source] event_manager::Error),
@@ -123,7 +129,9 @@ pub enum VmmError {
     Thread(#[source] std::io::Error),
 }
 
-fn device_err<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> VmmError {
+fn device_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> VmmError {
     move |e| VmmError::Device(what, Box::new(e))
 }
 
@@ -171,7 +179,12 @@ impl MutEventSubscriber for Control {
             self.finish(ExitReason::GuestReset);
         } else if fd == self.exit_evt.as_raw_fd() {
             let _ = self.exit_evt.read();
-            if self.shared.lock().unwrap_or_else(|e| e.into_inner()).stop_requested {
+            if self
+                .shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stop_requested
+            {
                 self.finish(ExitReason::ApiStop);
             }
             while let Ok((index, exit)) = self.vcpu_events.try_recv() {
@@ -213,7 +226,10 @@ pub struct Vmm {
 
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vmm").field("config", &self.config).field("cmdline", &self.cmdline).finish_non_exhaustive()
+        f.debug_struct("Vmm")
+            .field("config", &self.config)
+            .field("cmdline", &self.cmdline)
+            .finish_non_exhaustive()
     }
 }
 
@@ -234,18 +250,25 @@ pub fn take_termination_signals() -> Option<nix::sys::signalfd::SignalFd> {
     if set.thread_block().is_err() {
         return None;
     }
-    nix::sys::signalfd::SignalFd::with_flags(&set, nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC).ok()
+    nix::sys::signalfd::SignalFd::with_flags(
+        &set,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )
+    .ok()
 }
 
 impl Vmm {
     /// Builds the VM described by `config` (see the module docs for steps).
     /// `signals`, if given, ends the VM on SIGTERM/SIGINT.
-    pub fn build(config: VmConfig, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<Self, VmmError> {
+    pub fn build(
+        config: VmConfig,
+        signals: Option<nix::sys::signalfd::SignalFd>,
+    ) -> Result<Self, VmmError> {
         // 1. Configuration.
         config.validate()?;
 
         // 2. KVM.
-        let kvm = vm::open_kvm()?;
+        let kvm = vm::open_kvm(&config.kvm_device)?;
         let profile = CpuProfile::detect();
         tracing::debug!(?profile, "CPU profile");
 
@@ -257,7 +280,11 @@ impl Vmm {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
-        let mut cmdline = vec!["reboot=k".to_string(), "panic=-1".to_string(), "pci=off".to_string(), "quiet".to_string()];
+        let mut cmdline = vec![
+            "reboot=k".to_string(),
+            "panic=-1".to_string(),
+            "quiet".to_string(),
+        ];
         let profile_words = profile.cmdline();
         if !profile_words.is_empty() {
             cmdline.push(profile_words.to_string());
@@ -266,7 +293,8 @@ impl Vmm {
         if let Some(path) = &config.serial_log {
             let out = File::create(path).map_err(device_err("the serial console log"))?;
             let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the serial console"))?;
-            vm.register_irqfd(&irq, SERIAL_IRQ).map_err(device_err("the serial console interrupt"))?;
+            vm.register_irqfd(&irq, SERIAL_IRQ)
+                .map_err(device_err("the serial console interrupt"))?;
             let serial = SerialConsole::new(EventFdTrigger(irq), out);
             pio.insert(Arc::new(Mutex::new(serial)), u64::from(SERIAL_PORT), 8)
                 .map_err(device_err("the serial console"))?;
@@ -278,20 +306,29 @@ impl Vmm {
         }
 
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the reset line"))?;
-        let reset_line = ResetLine::new(EventFdTrigger(reset_evt.try_clone().map_err(device_err("the reset line"))?));
+        let reset_line = ResetLine::new(EventFdTrigger(
+            reset_evt
+                .try_clone()
+                .map_err(device_err("the reset line"))?,
+        ));
         pio.insert(Arc::new(Mutex::new(reset_line)), u64::from(I8042_PORT), 5)
             .map_err(device_err("the reset line"))?;
 
         let mut next_mmio = VIRTIO_MMIO_START;
         let mut next_irq = VIRTIO_IRQ_START;
         if let Some(vsock_cfg) = &config.vsock {
-            let muxer = Muxer::new(vsock_cfg.guest_cid, &vsock_cfg.uds_path).map_err(device_err("the vsock socket"))?;
-            let vsock = Vsock::new(vsock_cfg.guest_cid, muxer).map_err(device_err("the vsock device"))?;
+            let muxer = Muxer::new(vsock_cfg.guest_cid, &vsock_cfg.uds_path)
+                .map_err(device_err("the vsock socket"))?;
+            let vsock =
+                Vsock::new(vsock_cfg.guest_cid, muxer).map_err(device_err("the vsock device"))?;
             let handler = vsock.handler().map_err(device_err("the vsock device"))?;
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the vsock interrupt"))?;
-            vm.register_irqfd(&irq, next_irq).map_err(device_err("the vsock interrupt"))?;
-            let transport = MmioTransport::new(mem.clone(), Box::new(vsock), Interrupt::new(Box::new(irq)))
-                .map_err(device_err("the vsock transport"))?;
+            let irq =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the vsock interrupt"))?;
+            vm.register_irqfd(&irq, next_irq)
+                .map_err(device_err("the vsock interrupt"))?;
+            let transport =
+                MmioTransport::new(mem.clone(), Box::new(vsock), Interrupt::new(Box::new(irq)))
+                    .map_err(device_err("the vsock transport"))?;
             for (i, evt) in transport.queue_evts().iter().enumerate() {
                 vm.register_ioevent(evt, &IoEventAddress::Mmio(next_mmio + 0x50), i as u32)
                     .map_err(device_err("the vsock queue notifications"))?;
@@ -324,7 +361,14 @@ impl Vmm {
         let mut stop_flags = Vec::new();
         for index in 0..config.vcpus {
             let stop = Arc::new(AtomicBool::new(false));
-            let vcpu = Vcpu::new(&vm, index, pio.clone(), mmio.clone(), mem.clone(), stop.clone())?;
+            let vcpu = Vcpu::new(
+                &vm,
+                index,
+                pio.clone(),
+                mmio.clone(),
+                mem.clone(),
+                stop.clone(),
+            )?;
             vcpu.configure(&kvm, profile, config.vcpus)?;
             if index == 0 {
                 vcpu.set_pvh_entry(boot_info.entry)?;
@@ -335,10 +379,16 @@ impl Vmm {
 
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the exit eventfd"))?;
         let (vcpu_tx, vcpu_rx) = channel();
-        let shared = Arc::new(Mutex::new(Shared { state: VmState::Running, started: Instant::now(), stop_requested: false }));
+        let shared = Arc::new(Mutex::new(Shared {
+            state: VmState::Running,
+            started: Instant::now(),
+            stop_requested: false,
+        }));
         let outcome = Arc::new(Mutex::new(None));
         let control = Control {
-            exit_evt: exit_evt.try_clone().map_err(device_err("the exit eventfd"))?,
+            exit_evt: exit_evt
+                .try_clone()
+                .map_err(device_err("the exit eventfd"))?,
             reset_evt,
             signals,
             vcpu_events: vcpu_rx,
@@ -348,9 +398,13 @@ impl Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(control)));
         if let Some(path) = &config.api_socket {
             let wake = exit_evt.try_clone().map_err(device_err("the API socket"))?;
-            let api = ApiServer::new(path, shared.clone(), Box::new(move || {
-                let _ = wake.write(1);
-            }))
+            let api = ApiServer::new(
+                path,
+                shared.clone(),
+                Box::new(move || {
+                    let _ = wake.write(1);
+                }),
+            )
             .map_err(device_err("the API socket"))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(api)));
         }
@@ -379,7 +433,10 @@ impl Vmm {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
 
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).started = Instant::now();
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .started = Instant::now();
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let tx = self.vcpu_tx.clone();
@@ -387,15 +444,22 @@ impl Vmm {
             let name = format!("vcpu{}", handles.len());
             let handle = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || vcpu.run(tx, move || {
-                    let _ = wake.write(1);
-                }))
+                .spawn(move || {
+                    vcpu.run(tx, move || {
+                        let _ = wake.write(1);
+                    })
+                })
                 .map_err(VmmError::Thread)?;
             handles.push(handle);
         }
 
         let result = loop {
-            if let Some(reason) = self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            if let Some(reason) = self
+                .outcome
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
                 break Ok(reason);
             }
             if let Err(e) = self.event_manager.run() {

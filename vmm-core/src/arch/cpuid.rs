@@ -91,7 +91,18 @@ const L7_EBX_AVX512CD: u32 = bit(28);
 const L7_EBX_AVX512BW: u32 = bit(30);
 const L7_EBX_AVX512VL: u32 = bit(31);
 // Leaf 7.0 ECX: AVX-512 and AVX-encoded extensions, protection keys, LA57.
-const L7_ECX_HIDDEN: u32 = bit(1) | bit(3) | bit(4) | bit(5) | bit(6) | bit(8) | bit(9) | bit(10) | bit(11) | bit(12) | bit(14) | bit(16);
+const L7_ECX_HIDDEN: u32 = bit(1)
+    | bit(3)
+    | bit(4)
+    | bit(5)
+    | bit(6)
+    | bit(8)
+    | bit(9)
+    | bit(10)
+    | bit(11)
+    | bit(12)
+    | bit(14)
+    | bit(16);
 // Leaf 7.0 EDX: FSRM, AVX-512 4VNNIW/4FMAPS, AMX, AVX512-FP16, ARCH_CAPABILITIES.
 const L7_EDX_FSRM: u32 = bit(4);
 const L7_EDX_HIDDEN: u32 = bit(2) | bit(3) | bit(22) | bit(23) | bit(24) | bit(25);
@@ -102,12 +113,19 @@ const KVM_FEATURE_CLOCKSOURCE: u32 = bit(0);
 const KVM_FEATURE_NOP_IO_DELAY: u32 = bit(1);
 const KVM_FEATURE_CLOCKSOURCE2: u32 = bit(3);
 const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = bit(24);
-const KVM_FEATURES_KEPT: u32 =
-    KVM_FEATURE_CLOCKSOURCE | KVM_FEATURE_NOP_IO_DELAY | KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
+const KVM_FEATURES_KEPT: u32 = KVM_FEATURE_CLOCKSOURCE
+    | KVM_FEATURE_NOP_IO_DELAY
+    | KVM_FEATURE_CLOCKSOURCE2
+    | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
 
 /// Applies husk's CPUID policy to `entries` (as KVM reported them) for vCPU
 /// `cpu_index` of `cpu_count`.
-pub fn apply_policy(entries: &mut Vec<kvm_cpuid_entry2>, profile: CpuProfile, cpu_index: u8, cpu_count: u8) {
+pub fn apply_policy(
+    entries: &mut Vec<kvm_cpuid_entry2>,
+    profile: CpuProfile,
+    cpu_index: u8,
+    cpu_count: u8,
+) {
     let apic_id = u32::from(cpu_index);
     for e in entries.iter_mut() {
         match e.function {
@@ -189,8 +207,23 @@ pub fn apply_policy(entries: &mut Vec<kvm_cpuid_entry2>, profile: CpuProfile, cp
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
     }
 
     fn host_like() -> Vec<kvm_cpuid_entry2> {
@@ -205,7 +238,10 @@ mod tests {
     }
 
     fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *entries.iter().find(|e| e.function == function && e.index == index).expect("entry")
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .expect("entry")
     }
 
     #[test]
@@ -213,12 +249,25 @@ mod tests {
         let mut e = host_like();
         apply_policy(&mut e, CpuProfile::Emulated, 0, 1);
         let l1 = find(&e, 1, 0);
-        for hidden in [L1_ECX_POPCNT, L1_ECX_CX16, L1_ECX_XSAVE, L1_ECX_AVX, L1_ECX_RDRAND] {
+        for hidden in [
+            L1_ECX_POPCNT,
+            L1_ECX_CX16,
+            L1_ECX_XSAVE,
+            L1_ECX_AVX,
+            L1_ECX_RDRAND,
+        ] {
             assert_eq!(l1.ecx & hidden, 0);
         }
         assert_ne!(l1.ecx & L1_ECX_HYPERVISOR, 0);
         let l7 = find(&e, 7, 0);
-        for hidden in [L7_EBX_SMAP, L7_EBX_SMEP, L7_EBX_FSGSBASE, L7_EBX_ERMS, L7_EBX_RDSEED, L7_EBX_AVX2] {
+        for hidden in [
+            L7_EBX_SMAP,
+            L7_EBX_SMEP,
+            L7_EBX_FSGSBASE,
+            L7_EBX_ERMS,
+            L7_EBX_RDSEED,
+            L7_EBX_AVX2,
+        ] {
             assert_eq!(l7.ebx & hidden, 0);
         }
         assert_eq!(l7.edx & (L7_EDX_FSRM | L7_EDX_ARCH_CAPABILITIES), 0);

@@ -54,7 +54,11 @@ pub struct Unsupported {
 
 impl fmt::Display for Unsupported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the host cannot emulate the guest instruction at RIP {:#x} (bytes:", self.rip)?;
+        write!(
+            f,
+            "the host cannot emulate the guest instruction at RIP {:#x} (bytes:",
+            self.rip
+        )?;
         for b in &self.bytes {
             write!(f, " {b:02x}")?;
         }
@@ -68,7 +72,10 @@ impl fmt::Display for Unsupported {
 /// Executes the instruction in `bytes` (at `regs.rip`) on `regs`, or says
 /// why it cannot. On success RIP points past the instruction.
 pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
-    let unsupported = || Unsupported { bytes: bytes.to_vec(), rip: regs.rip };
+    let unsupported = || Unsupported {
+        bytes: bytes.to_vec(),
+        rip: regs.rip,
+    };
     let mut i = 0;
     let mut opsize16 = false;
     let mut rep = false;
@@ -117,7 +124,11 @@ pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
             } else {
                 (u64::from((src as u32).count_ones()), src as u32 == 0)
             };
-            regs.gpr[reg] = if opsize16 { (regs.gpr[reg] & !0xffff) | count } else { count };
+            regs.gpr[reg] = if opsize16 {
+                (regs.gpr[reg] & !0xffff) | count
+            } else {
+                count
+            };
             regs.rflags &= !(RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF);
             if zero {
                 regs.rflags |= RFLAGS_ZF;
@@ -136,7 +147,11 @@ mod tests {
     use super::*;
 
     fn regs() -> Regs {
-        Regs { rip: 0x1000, rflags: 0x2, ..Default::default() }
+        Regs {
+            rip: 0x1000,
+            rflags: 0x2,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -160,14 +175,20 @@ mod tests {
     fn popcnt_64_and_32_bit() {
         let mut r = regs();
         r.gpr[1] = 0xffff_0000_0000_000f; // rcx
-        // popcnt rax, rcx: f3 48 0f b8 c1
-        assert_eq!(step(&[0xf3, 0x48, 0x0f, 0xb8, 0xc1], &mut r), Ok(Stepped::Popcnt));
+                                          // popcnt rax, rcx: f3 48 0f b8 c1
+        assert_eq!(
+            step(&[0xf3, 0x48, 0x0f, 0xb8, 0xc1], &mut r),
+            Ok(Stepped::Popcnt)
+        );
         assert_eq!(r.gpr[0], 20);
         assert_eq!(r.rip, 0x1005);
         // popcnt r9d, r10d: f3 45 0f b8 ca
         r.gpr[10] = 0xffff_ffff_0000_0001;
         r.gpr[9] = u64::MAX;
-        assert_eq!(step(&[0xf3, 0x45, 0x0f, 0xb8, 0xca], &mut r), Ok(Stepped::Popcnt));
+        assert_eq!(
+            step(&[0xf3, 0x45, 0x0f, 0xb8, 0xca], &mut r),
+            Ok(Stepped::Popcnt)
+        );
         assert_eq!(r.gpr[9], 1);
         // popcnt of zero sets ZF.
         r.gpr[2] = 0;
@@ -181,7 +202,10 @@ mod tests {
         let mut r = regs();
         let err = step(&[0x48, 0x0f, 0xae, 0x2f], &mut r).expect_err("xrstor");
         assert_eq!(r.rip, 0x1000);
-        assert_eq!(err.to_string(), "the host cannot emulate the guest instruction at RIP 0x1000 (bytes: 48 0f ae 2f)");
+        assert_eq!(
+            err.to_string(),
+            "the host cannot emulate the guest instruction at RIP 0x1000 (bytes: 48 0f ae 2f)"
+        );
         // popcnt with a memory operand is not handled.
         assert!(step(&[0xf3, 0x0f, 0xb8, 0x07], &mut r).is_err());
         assert!(step(&[], &mut r).is_err());

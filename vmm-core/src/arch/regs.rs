@@ -57,7 +57,11 @@ pub fn segment_from_gdt(gdt: &[u64], index: u8) -> Segment {
     let raw_limit = (((e >> 32) & 0x000f_0000) | (e & 0xffff)) as u32;
     Segment {
         base: ((e >> 16) & 0x00ff_ffff) | ((e >> 32) & 0xff00_0000),
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: u16::from(index) * 8,
         type_: ((e >> 40) & 0xf) as u8,
         present: ((e >> 47) & 1) as u8,
@@ -82,17 +86,17 @@ pub const GDT_BASE: u64 = BOOT_GDT_START;
 /// Model-specific registers set at boot (index, value). Only what the kernel
 /// expects from firmware: fast strings on, MTRRs enabled write-back.
 pub const BOOT_MSRS: &[(u32, u64)] = &[
-    (0x174, 0),                 // IA32_SYSENTER_CS
-    (0x175, 0),                 // IA32_SYSENTER_ESP
-    (0x176, 0),                 // IA32_SYSENTER_EIP
-    (0xc000_0081, 0),           // STAR
-    (0xc000_0082, 0),           // LSTAR
-    (0xc000_0083, 0),           // CSTAR
-    (0xc000_0084, 0),           // SYSCALL_MASK
-    (0xc000_0102, 0),           // KERNEL_GS_BASE
-    (0x10, 0),                  // TSC
-    (0x1a0, 1),                 // IA32_MISC_ENABLE: fast strings
-    (0x2ff, (1 << 11) | 6),     // MTRRdefType: enabled, write-back
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x10, 0),              // TSC
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+    (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
 ];
 
 #[cfg(test)]
@@ -105,7 +109,10 @@ mod tests {
         assert_eq!(cs.selector, 0x08);
         assert_eq!(cs.base, 0);
         assert_eq!(cs.limit, 0xffff_ffff);
-        assert_eq!((cs.type_, cs.present, cs.s, cs.db, cs.l, cs.g), (0xb, 1, 1, 1, 0, 1));
+        assert_eq!(
+            (cs.type_, cs.present, cs.s, cs.db, cs.l, cs.g),
+            (0xb, 1, 1, 1, 0, 1)
+        );
     }
 
     #[test]
@@ -113,6 +120,9 @@ mod tests {
         let ds = segment_from_gdt(&BOOT_GDT, 2);
         assert_eq!((ds.selector, ds.type_, ds.limit), (0x10, 0x3, 0xffff_ffff));
         let tss = segment_from_gdt(&BOOT_GDT, 3);
-        assert_eq!((tss.selector, tss.type_, tss.s, tss.limit, tss.g), (0x18, 0xb, 0, 0x67, 0));
+        assert_eq!(
+            (tss.selector, tss.type_, tss.s, tss.limit, tss.g),
+            (0x18, 0xb, 0, 0x67, 0)
+        );
     }
 }

@@ -14,7 +14,9 @@ use std::sync::{
     Arc,
 };
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -22,7 +24,9 @@ use crate::{
     arch::{
         cpuid::{apply_policy, CpuProfile},
         emulate::{self, Regs},
-        regs::{segment_from_gdt, Segment, BOOT_GDT, BOOT_MSRS, GDT_BASE, PVH_CR0, PVH_RBX, PVH_RFLAGS},
+        regs::{
+            segment_from_gdt, Segment, BOOT_GDT, BOOT_MSRS, GDT_BASE, PVH_CR0, PVH_RBX, PVH_RFLAGS,
+        },
     },
     bus::Bus,
     memory::GuestMemory,
@@ -88,9 +92,26 @@ fn kvm_seg(s: Segment) -> kvm_segment {
 
 impl Vcpu {
     /// Creates vCPU `index` of `vm`.
-    pub fn new(vm: &VmFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, mem: GuestMemory, stop: Arc<AtomicBool>) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(|e| VcpuError::Kvm(index, "KVM_CREATE_VCPU", e))?;
-        Ok(Self { fd, index, pio, mmio, mem, stop, stepped: 0 })
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mem: GuestMemory,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Kvm(index, "KVM_CREATE_VCPU", e))?;
+        Ok(Self {
+            fd,
+            index,
+            pio,
+            mmio,
+            mem,
+            stop,
+            stepped: 0,
+        })
     }
 
     /// Sets CPUID, MSRs, FPU and the local APIC's LINT pins (every vCPU).
@@ -102,39 +123,74 @@ impl Vcpu {
         let mut entries = supported.as_slice().to_vec();
         apply_policy(&mut entries, profile, i, count);
         let cpuid = CpuId::from_entries(&entries).map_err(|e| VcpuError::Cpuid(i, e))?;
-        self.fd.set_cpuid2(&cpuid).map_err(|e| VcpuError::Kvm(i, "KVM_SET_CPUID2", e))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_SET_CPUID2", e))?;
 
         let entries: Vec<kvm_msr_entry> = BOOT_MSRS
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect();
         let msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(i, e))?;
-        let set = self.fd.set_msrs(&msrs).map_err(|e| VcpuError::Kvm(i, "KVM_SET_MSRS", e))?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_SET_MSRS", e))?;
         if set != entries.len() {
             // Some hosts refuse an MSR (e.g. MTRRs); the guest copes, so
             // note it and go on.
-            tracing::debug!(vcpu = i, set, wanted = entries.len(), "not every boot MSR was accepted");
+            tracing::debug!(
+                vcpu = i,
+                set,
+                wanted = entries.len(),
+                "not every boot MSR was accepted"
+            );
         }
 
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        self.fd.set_fpu(&fpu).map_err(|e| VcpuError::Kvm(i, "KVM_SET_FPU", e))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&fpu)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_SET_FPU", e))?;
 
         // LINT0: ExtINT (the PIC), LINT1: NMI, as firmware leaves them.
-        let mut lapic = self.fd.get_lapic().map_err(|e| VcpuError::Kvm(i, "KVM_GET_LAPIC", e))?;
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(|e| VcpuError::Kvm(i, "KVM_GET_LAPIC", e))?;
         let lint0 = get_lapic_reg(&lapic.regs, 0x350);
         let lint1 = get_lapic_reg(&lapic.regs, 0x360);
         set_lapic_reg(&mut lapic.regs, 0x350, (lint0 & !0x700) | 0x700);
         set_lapic_reg(&mut lapic.regs, 0x360, (lint1 & !0x700) | 0x400);
-        self.fd.set_lapic(&lapic).map_err(|e| VcpuError::Kvm(i, "KVM_SET_LAPIC", e))?;
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_SET_LAPIC", e))?;
         Ok(())
     }
 
     /// Puts the boot vCPU at the PVH entry point.
     pub fn set_pvh_entry(&self, entry: u64) -> Result<(), VcpuError> {
         let i = self.index;
-        let regs = kvm_regs { rip: entry, rbx: PVH_RBX, rflags: PVH_RFLAGS, ..Default::default() };
-        self.fd.set_regs(&regs).map_err(|e| VcpuError::Kvm(i, "KVM_SET_REGS", e))?;
-        let mut sregs = self.fd.get_sregs().map_err(|e| VcpuError::Kvm(i, "KVM_GET_SREGS", e))?;
+        let regs = kvm_regs {
+            rip: entry,
+            rbx: PVH_RBX,
+            rflags: PVH_RFLAGS,
+            ..Default::default()
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_SET_REGS", e))?;
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| VcpuError::Kvm(i, "KVM_GET_SREGS", e))?;
         let code = kvm_seg(segment_from_gdt(&BOOT_GDT, 1));
         let data = kvm_seg(segment_from_gdt(&BOOT_GDT, 2));
         let tss = kvm_seg(segment_from_gdt(&BOOT_GDT, 3));
@@ -152,14 +208,20 @@ impl Vcpu {
         sregs.cr0 = PVH_CR0;
         sregs.cr4 = 0;
         sregs.efer = 0;
-        self.fd.set_sregs(&sregs).map_err(|e| VcpuError::Kvm(i, "KVM_SET_SREGS", e))
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| VcpuError::Kvm(i, "KVM_SET_SREGS", e))
     }
 
     /// Runs the vCPU until it stops; reports why on `events`.
     pub fn run(mut self, events: Sender<(u8, VcpuExit)>, wake: impl Fn()) {
         let exit = self.run_loop();
         if self.stepped > 0 {
-            tracing::debug!(vcpu = self.index, stepped = self.stepped, "instructions stepped over for the host emulator");
+            tracing::debug!(
+                vcpu = self.index,
+                stepped = self.stepped,
+                "instructions stepped over for the host emulator"
+            );
         }
         let _ = events.send((self.index, exit));
         wake();
@@ -181,7 +243,9 @@ impl Vcpu {
                     }
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => return VcpuExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index)),
+                Err(e) => {
+                    return VcpuExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))
+                }
             }
         }
     }
@@ -197,11 +261,20 @@ impl Vcpu {
             let insn = ef.__bindgen_anon_1.__bindgen_anon_1;
             (ef.suberror, ef.ndata, ef.flags, insn)
         };
-        let mut kregs = self.fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let mut kregs = self
+            .fd
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-            return Err(format!("KVM internal error, suberror {suberror}, at RIP {:#x}", kregs.rip));
+            return Err(format!(
+                "KVM internal error, suberror {suberror}, at RIP {:#x}",
+                kregs.rip
+            ));
         }
-        let bytes: Vec<u8> = if ndata >= 3 && flags & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
+        let bytes: Vec<u8> = if ndata >= 3
+            && flags & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                != 0
+        {
             let n = usize::from(insn.insn_size).min(insn.insn_bytes.len());
             insn.insn_bytes[..n].to_vec()
         } else {
@@ -210,19 +283,31 @@ impl Vcpu {
         let mut regs = to_regs(&kregs);
         let stepped = emulate::step(&bytes, &mut regs).map_err(|e| e.to_string())?;
         from_regs(&regs, &mut kregs);
-        self.fd.set_regs(&kregs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.fd
+            .set_regs(&kregs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         self.stepped += 1;
-        tracing::trace!(vcpu = self.index, ?stepped, rip = kregs.rip, "stepped over an instruction");
+        tracing::trace!(
+            vcpu = self.index,
+            ?stepped,
+            rip = kregs.rip,
+            "stepped over an instruction"
+        );
         Ok(())
     }
 
     fn read_code_at_rip(&self, rip: u64) -> Vec<u8> {
-        let Ok(t) = self.fd.translate_gva(rip) else { return Vec::new() };
+        let Ok(t) = self.fd.translate_gva(rip) else {
+            return Vec::new();
+        };
         if t.valid == 0 {
             return Vec::new();
         }
         let mut buf = [0u8; 15];
-        match self.mem.read_slice(&mut buf, GuestAddress(t.physical_address)) {
+        match self
+            .mem
+            .read_slice(&mut buf, GuestAddress(t.physical_address))
+        {
             Ok(()) => buf.to_vec(),
             Err(_) => Vec::new(),
         }
@@ -230,7 +315,12 @@ impl Vcpu {
 }
 
 fn get_lapic_reg(regs: &[libc::c_char; 1024], offset: usize) -> u32 {
-    let b: [u8; 4] = [regs[offset] as u8, regs[offset + 1] as u8, regs[offset + 2] as u8, regs[offset + 3] as u8];
+    let b: [u8; 4] = [
+        regs[offset] as u8,
+        regs[offset + 1] as u8,
+        regs[offset + 2] as u8,
+        regs[offset + 3] as u8,
+    ];
     u32::from_le_bytes(b)
 }
 
@@ -242,7 +332,10 @@ fn set_lapic_reg(regs: &mut [libc::c_char; 1024], offset: usize, value: u32) {
 
 fn to_regs(k: &kvm_regs) -> Regs {
     Regs {
-        gpr: [k.rax, k.rcx, k.rdx, k.rbx, k.rsp, k.rbp, k.rsi, k.rdi, k.r8, k.r9, k.r10, k.r11, k.r12, k.r13, k.r14, k.r15],
+        gpr: [
+            k.rax, k.rcx, k.rdx, k.rbx, k.rsp, k.rbp, k.rsi, k.rdi, k.r8, k.r9, k.r10, k.r11,
+            k.r12, k.r13, k.r14, k.r15,
+        ],
         rip: k.rip,
         rflags: k.rflags,
     }
@@ -250,8 +343,10 @@ fn to_regs(k: &kvm_regs) -> Regs {
 
 fn from_regs(r: &Regs, k: &mut kvm_regs) {
     let g = r.gpr;
-    (k.rax, k.rcx, k.rdx, k.rbx, k.rsp, k.rbp, k.rsi, k.rdi) = (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
-    (k.r8, k.r9, k.r10, k.r11, k.r12, k.r13, k.r14, k.r15) = (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+    (k.rax, k.rcx, k.rdx, k.rbx, k.rsp, k.rbp, k.rsi, k.rdi) =
+        (g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]);
+    (k.r8, k.r9, k.r10, k.r11, k.r12, k.r13, k.r14, k.r15) =
+        (g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
     k.rip = r.rip;
     k.rflags = r.rflags;
 }
@@ -293,12 +388,14 @@ pub fn handle_exit(exit: KvmExit<'_>, pio: &Bus, mmio: &Bus) -> ExitAction {
         KvmExit::SystemEvent(kind, _) => match kind {
             kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(VcpuExit::Reset),
             kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(VcpuExit::Shutdown),
-            other => ExitAction::Stop(VcpuExit::Error(format!("guest system event {other} (crash)"))),
+            other => ExitAction::Stop(VcpuExit::Error(format!(
+                "guest system event {other} (crash)"
+            ))),
         },
         KvmExit::InternalError => ExitAction::EmulationFailure,
-        KvmExit::FailEntry(reason, cpu) => {
-            ExitAction::Stop(VcpuExit::Error(format!("KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})")))
-        }
+        KvmExit::FailEntry(reason, cpu) => ExitAction::Stop(VcpuExit::Error(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+        ))),
         other => ExitAction::Stop(VcpuExit::Error(format!("unexpected vCPU exit {other:?}"))),
     }
 }

@@ -19,7 +19,9 @@ pub struct ResetLine {
 impl ResetLine {
     /// A controller that signals `reset` when the guest resets the machine.
     pub fn new(reset: EventFdTrigger) -> Self {
-        Self { dev: I8042Device::new(reset) }
+        Self {
+            dev: I8042Device::new(reset),
+        }
     }
 }
 

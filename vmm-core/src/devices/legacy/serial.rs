@@ -25,7 +25,9 @@ impl<W: Write + Send> std::fmt::Debug for SerialConsole<W> {
 impl<W: Write + Send> SerialConsole<W> {
     /// A console raising `interrupt` and writing guest output to `out`.
     pub fn new(interrupt: EventFdTrigger, out: W) -> Self {
-        Self { serial: Serial::new(interrupt, out) }
+        Self {
+            serial: Serial::new(interrupt, out),
+        }
     }
 }
 

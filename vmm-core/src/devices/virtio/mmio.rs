@@ -72,7 +72,11 @@ pub enum MmioError {
 
 impl MmioTransport {
     /// Wraps `device`; `interrupt` is its interrupt line.
-    pub fn new(mem: GuestMemory, device: Box<dyn VirtioDevice>, interrupt: Arc<Interrupt>) -> Result<Self, MmioError> {
+    pub fn new(
+        mem: GuestMemory,
+        device: Box<dyn VirtioDevice>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, MmioError> {
         let mut queues = Vec::new();
         let mut queue_evts = Vec::new();
         for &size in device.queue_max_sizes() {
@@ -210,7 +214,11 @@ impl MmioTransport {
         let old = self.status;
         // Bits may only be added, never removed, except by a reset.
         if v & old != old {
-            tracing::warn!(old, new = v, "virtio-mmio: driver cleared status bits without a reset");
+            tracing::warn!(
+                old,
+                new = v,
+                "virtio-mmio: driver cleared status bits without a reset"
+            );
             self.status |= status::FAILED;
             return;
         }
@@ -242,7 +250,10 @@ impl MmioTransport {
         }
         for (i, q) in self.queues.iter().enumerate() {
             if !q.is_valid(&self.mem) {
-                tracing::warn!(queue = i, "virtio-mmio: queue is not valid for guest memory");
+                tracing::warn!(
+                    queue = i,
+                    "virtio-mmio: queue is not valid for guest memory"
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 self.interrupt.signal(INT_CONFIG);
                 return;
@@ -250,13 +261,18 @@ impl MmioTransport {
         }
         // The device gets its own copies of the queues; the transport keeps
         // the originals for register reads until the next reset.
-        let queues: Result<Vec<Queue>, _> = self.queues.iter().map(|q| Queue::try_from(q.state())).collect();
+        let queues: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
         let Ok(queues) = queues else {
             tracing::warn!("virtio-mmio: queue state is not valid");
             self.status |= status::DEVICE_NEEDS_RESET;
             return;
         };
-        let evts: Result<Vec<EventFd>, _> = self.queue_evts.iter().map(EventFd::try_clone).collect();
+        let evts: Result<Vec<EventFd>, _> =
+            self.queue_evts.iter().map(EventFd::try_clone).collect();
         let evts = match evts {
             Ok(e) => e,
             Err(e) => {
@@ -265,10 +281,16 @@ impl MmioTransport {
                 return;
             }
         };
-        match self.device.activate(self.mem.clone(), self.interrupt.clone(), queues, evts) {
+        match self
+            .device
+            .activate(self.mem.clone(), self.interrupt.clone(), queues, evts)
+        {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::error!("virtio-mmio: activating device type {}: {e}", self.device.device_type());
+                tracing::error!(
+                    "virtio-mmio: activating device type {}: {e}",
+                    self.device.device_type()
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 self.interrupt.signal(INT_CONFIG);
             }
@@ -300,7 +322,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(offset, len = data.len(), "virtio-mmio: unaligned register read");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: unaligned register read"
+            );
             data.fill(0);
             return;
         }
@@ -313,7 +339,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(offset, len = data.len(), "virtio-mmio: unaligned register write");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: unaligned register write"
+            );
             return;
         };
         if offset % 4 != 0 {
@@ -370,7 +400,13 @@ mod tests {
             }
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, _m: GuestMemory, _i: Arc<Interrupt>, q: Vec<Queue>, e: Vec<EventFd>) -> Result<(), ActivateError> {
+        fn activate(
+            &mut self,
+            _m: GuestMemory,
+            _i: Arc<Interrupt>,
+            q: Vec<Queue>,
+            e: Vec<EventFd>,
+        ) -> Result<(), ActivateError> {
             assert_eq!((q.len(), e.len()), (2, 2));
             self.activated.fetch_add(1, Ordering::SeqCst);
             Ok(())
@@ -392,10 +428,17 @@ mod tests {
 
     fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
-        let dev = Dummy { config: [1, 2, 3, 4, 5, 6, 7, 8], ..Default::default() };
+        let dev = Dummy {
+            config: [1, 2, 3, 4, 5, 6, 7, 8],
+            ..Default::default()
+        };
         let (a, r) = (dev.activated.clone(), dev.resets.clone());
         let irq = Interrupt::new(Box::new(Arc::new(Counter::default())));
-        (MmioTransport::new(mem, Box::new(dev), irq).expect("transport"), a, r)
+        (
+            MmioTransport::new(mem, Box::new(dev), irq).expect("transport"),
+            a,
+            r,
+        )
     }
 
     fn setup_queues(t: &mut MmioTransport) {
@@ -433,10 +476,18 @@ mod tests {
         wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
         wr(&mut t, 0x024, 1);
         wr(&mut t, 0x020, 1);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_ne!(rd(&mut t, 0x070) & status::FEATURES_OK, 0);
         setup_queues(&mut t);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert_eq!(activated.load(Ordering::SeqCst), 1);
         assert!(t.is_activated());
         // Queue registers are frozen after DRIVER_OK.
@@ -455,20 +506,32 @@ mod tests {
         wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
         wr(&mut t, 0x024, 0);
         wr(&mut t, 0x020, 0x2);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(rd(&mut t, 0x070) & status::FEATURES_OK, 0);
     }
 
     #[test]
     fn refuses_invalid_queues_and_bad_transitions() {
         let (mut t, activated, _) = transport();
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         // Queue 0 points outside guest memory.
         wr(&mut t, 0x030, 0);
         wr(&mut t, 0x038, 16);
         wr(&mut t, 0x080, 0xffff_0000);
         wr(&mut t, 0x044, 1);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         assert_eq!(activated.load(Ordering::SeqCst), 0);
         assert_ne!(rd(&mut t, 0x070) & status::DEVICE_NEEDS_RESET, 0);
         // Clearing bits without a reset fails the device.
@@ -476,7 +539,11 @@ mod tests {
         assert_ne!(rd(&mut t, 0x070) & status::FAILED, 0);
         // DRIVER_OK without FEATURES_OK after a reset.
         wr(&mut t, 0x070, 0);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
         assert_ne!(rd(&mut t, 0x070) & status::FAILED, 0);
     }
 

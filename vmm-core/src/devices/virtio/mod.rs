@@ -52,7 +52,10 @@ impl InterruptLine for EventFd {
 impl Interrupt {
     /// An interrupt raised through `line`.
     pub fn new(line: Box<dyn InterruptLine>) -> Arc<Self> {
-        Arc::new(Self { status: AtomicU32::new(0), line })
+        Arc::new(Self {
+            status: AtomicU32::new(0),
+            line,
+        })
     }
 
     /// Sets `bits` in the status register and raises the line.

@@ -60,14 +60,22 @@ impl Vsock {
         Ok(Self {
             cid,
             acked_features: 0,
-            inner: Arc::new(Mutex::new(Inner { muxer, active: None, reset_pending: false, bad_packets: 0 })),
+            inner: Arc::new(Mutex::new(Inner {
+                muxer,
+                active: None,
+                reset_pending: false,
+                bad_packets: 0,
+            })),
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
 
     /// The handler to register with the VMM's event loop.
     pub fn handler(&self) -> std::io::Result<super::VsockHandler> {
-        Ok(super::VsockHandler::new(self.inner.clone(), self.activate_evt.try_clone()?))
+        Ok(super::VsockHandler::new(
+            self.inner.clone(),
+            self.activate_evt.try_clone()?,
+        ))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -96,7 +104,10 @@ impl VirtioDevice for Vsock {
         // struct virtio_vsock_config { le64 guest_cid; }
         let cfg = self.cid.to_le_bytes();
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start.checked_add(data.len()).and_then(|end| cfg.get(start..end)) {
+        match start
+            .checked_add(data.len())
+            .and_then(|end| cfg.get(start..end))
+        {
             Some(src) => data.copy_from_slice(src),
             None => data.fill(0),
         }
@@ -114,9 +125,17 @@ impl VirtioDevice for Vsock {
         evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         if queues.len() != 3 || evts.len() != 3 {
-            return Err(ActivateError::QueueCount { expected: 3, got: queues.len() });
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: queues.len(),
+            });
         }
-        self.lock().active = Some(Active { mem, interrupt, queues, evts });
+        self.lock().active = Some(Active {
+            mem,
+            interrupt,
+            queues,
+            evts,
+        });
         self.activate_evt
             .write(1)
             .map_err(|e| ActivateError::Device(format!("signalling activation: {e}")))
@@ -155,7 +174,9 @@ impl RxSink for ChainSink<'_, '_> {
 impl Inner {
     /// Moves guest packets from the TX queue to the muxer.
     pub fn process_tx(&mut self, poller: &mut dyn Poller) {
-        let Some(active) = self.active.as_mut() else { return };
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
         let mem = active.mem.clone();
         let mut used = false;
         let mut payload = Vec::new();
@@ -166,9 +187,11 @@ impl Inner {
                 .map_err(|e| format!("bad descriptor chain: {e}"))
                 .and_then(|mut r| {
                     let mut raw = [0u8; HDR_SIZE];
-                    std::io::Read::read_exact(&mut r, &mut raw).map_err(|_| "chain shorter than a header".to_string())?;
+                    std::io::Read::read_exact(&mut r, &mut raw)
+                        .map_err(|_| "chain shorter than a header".to_string())?;
                     let hdr = Header::from_bytes(&raw);
-                    hdr.check(self.muxer.guest_cid(), HOST_CID).map_err(|e| e.to_string())?;
+                    hdr.check(self.muxer.guest_cid(), HOST_CID)
+                        .map_err(|e| e.to_string())?;
                     payload.resize(hdr.len as usize, 0);
                     std::io::Read::read_exact(&mut r, &mut payload)
                         .map_err(|_| format!("payload shorter than its length {}", hdr.len))?;
@@ -179,7 +202,10 @@ impl Inner {
                 Err(why) => {
                     self.bad_packets += 1;
                     if self.bad_packets <= 10 || self.bad_packets % 1000 == 0 {
-                        tracing::warn!(count = self.bad_packets, "vsock: dropping a malformed guest packet: {why}");
+                        tracing::warn!(
+                            count = self.bad_packets,
+                            "vsock: dropping a malformed guest packet: {why}"
+                        );
                     }
                 }
             }
@@ -194,11 +220,15 @@ impl Inner {
 
     /// Moves packets from the muxer into the guest's RX buffers.
     pub fn process_rx(&mut self, poller: &mut dyn Poller) {
-        let Some(active) = self.active.as_mut() else { return };
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
         let mem = active.mem.clone();
         let mut used = false;
         while self.muxer.has_rx() {
-            let Some(chain) = active.queues[RXQ].pop_descriptor_chain(&mem) else { break };
+            let Some(chain) = active.queues[RXQ].pop_descriptor_chain(&mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut writer = match Writer::new(&mem, chain) {
                 Ok(w) => w,
@@ -209,7 +239,10 @@ impl Inner {
                     continue;
                 }
             };
-            let mut sink = ChainSink { writer: &mut writer, written: 0 };
+            let mut sink = ChainSink {
+                writer: &mut writer,
+                written: 0,
+            };
             if !self.muxer.fill_rx(&mut sink, poller) {
                 active.queues[RXQ].go_to_previous_position();
                 break;

@@ -47,24 +47,36 @@ fn event_set(i: Interest) -> EventSet {
 
 impl Poller for OpsPoller<'_, '_> {
     fn add(&mut self, fd: RawFd, interest: Interest) {
-        if let Err(e) = self.ops.add(Events::with_data_raw(fd, TOKEN_STREAM, event_set(interest))) {
+        if let Err(e) = self
+            .ops
+            .add(Events::with_data_raw(fd, TOKEN_STREAM, event_set(interest)))
+        {
             tracing::error!("vsock: watching fd {fd}: {e:?}");
         }
     }
     fn modify(&mut self, fd: RawFd, interest: Interest) {
-        if let Err(e) = self.ops.modify(Events::with_data_raw(fd, TOKEN_STREAM, event_set(interest))) {
+        if let Err(e) =
+            self.ops
+                .modify(Events::with_data_raw(fd, TOKEN_STREAM, event_set(interest)))
+        {
             tracing::error!("vsock: changing fd {fd}: {e:?}");
         }
     }
     fn remove(&mut self, fd: RawFd) {
         // The interest set is ignored on removal.
-        let _ = self.ops.remove(Events::with_data_raw(fd, TOKEN_STREAM, EventSet::IN));
+        let _ = self
+            .ops
+            .remove(Events::with_data_raw(fd, TOKEN_STREAM, EventSet::IN));
     }
 }
 
 impl VsockHandler {
     pub(super) fn new(inner: Arc<Mutex<Inner>>, activate_evt: EventFd) -> Self {
-        Self { inner, activate_evt, registered_queues: Vec::new() }
+        Self {
+            inner,
+            activate_evt,
+            registered_queues: Vec::new(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -105,11 +117,19 @@ impl VsockHandler {
 
 impl MutEventSubscriber for VsockHandler {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, TOKEN_ACTIVATE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            TOKEN_ACTIVATE,
+            EventSet::IN,
+        )) {
             tracing::error!("vsock: watching the activation eventfd: {e:?}");
         }
         let listener = self.lock().muxer.listener_fd();
-        if let Err(e) = ops.add(Events::with_data_raw(listener, TOKEN_LISTENER, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data_raw(
+            listener,
+            TOKEN_LISTENER,
+            EventSet::IN,
+        )) {
             tracing::error!("vsock: watching the listening socket: {e:?}");
         }
     }

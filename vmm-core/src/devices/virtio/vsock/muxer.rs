@@ -58,8 +58,14 @@ pub struct Interest {
 }
 
 impl Interest {
-    const NONE: Self = Self { read: false, write: false };
-    const READ: Self = Self { read: true, write: false };
+    const NONE: Self = Self {
+        read: false,
+        write: false,
+    };
+    const READ: Self = Self {
+        read: true,
+        write: false,
+    };
     fn is_none(self) -> bool {
         !self.read && !self.write
     }
@@ -262,7 +268,13 @@ fn bind_listener(path: &Path) -> Result<UnixListener, MuxerError> {
 fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -273,7 +285,10 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
@@ -366,7 +381,10 @@ impl Muxer {
         if self.ctrl.len() >= MAX_CTRL_QUEUE {
             // The guest is not taking packets; dropping a control packet only
             // delays a reset or credit update the guest is not reading anyway.
-            tracing::warn!("vsock: control queue full, dropping a packet for port {}", hdr.dst_port);
+            tracing::warn!(
+                "vsock: control queue full, dropping a packet for port {}",
+                hdr.dst_port
+            );
             return;
         }
         self.ctrl.push_back(hdr);
@@ -387,7 +405,9 @@ impl Muxer {
     }
 
     fn update_interest(&mut self, key: Key, poller: &mut dyn Poller) {
-        let Some(c) = self.conns.get_mut(&key) else { return };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         let want = c.wanted_interest();
         if want == c.interest {
             return;
@@ -422,7 +442,11 @@ impl Muxer {
     fn alloc_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = if port == u32::MAX { FIRST_LOCAL_PORT } else { port + 1 };
+            self.next_local_port = if port == u32::MAX {
+                FIRST_LOCAL_PORT
+            } else {
+                port + 1
+            };
             if !self.conns.keys().any(|k| k.local_port == port) {
                 return port;
             }
@@ -444,7 +468,13 @@ impl Muxer {
                     }
                     let fd = stream.as_raw_fd();
                     poller.add(fd, Interest::READ);
-                    self.pending.insert(fd, Pending { stream, buf: Vec::new() });
+                    self.pending.insert(
+                        fd,
+                        Pending {
+                            stream,
+                            buf: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -472,7 +502,9 @@ impl Muxer {
             return;
         }
         if ev.write {
-            let Some(c) = self.conns.get_mut(&key) else { return };
+            let Some(c) = self.conns.get_mut(&key) else {
+                return;
+            };
             let flushed = c.flush();
             let due = c.credit_update_due();
             if let Err(e) = flushed {
@@ -495,7 +527,10 @@ impl Muxer {
                     self.enqueue(key);
                 } else if ev.hangup && !ev.read {
                     // Nothing will ever come: the host closed the stream.
-                    if c.state == State::Connecting || c.host_eof || c.peer_shutdown & SHUTDOWN_RCV != 0 {
+                    if c.state == State::Connecting
+                        || c.host_eof
+                        || c.peer_shutdown & SHUTDOWN_RCV != 0
+                    {
                         self.abort(key, poller);
                         return;
                     }
@@ -506,7 +541,9 @@ impl Muxer {
     }
 
     fn handle_pending(&mut self, fd: RawFd, ev: Readiness, poller: &mut dyn Poller) {
-        let Some(p) = self.pending.get_mut(&fd) else { return };
+        let Some(p) = self.pending.get_mut(&fd) else {
+            return;
+        };
         let mut buf = [0u8; MAX_CONNECT_LINE];
         let room = MAX_CONNECT_LINE - p.buf.len();
         let outcome = match p.stream.read(&mut buf[..room]) {
@@ -518,10 +555,14 @@ impl Muxer {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && !ev.error => return,
             Err(_) => Err("read error"),
         };
-        let Some(p) = self.pending.get(&fd) else { return };
+        let Some(p) = self.pending.get(&fd) else {
+            return;
+        };
         let newline = p.buf.iter().position(|&b| b == b'\n');
         let result = outcome.and_then(|()| match newline {
-            Some(i) => parse_connect(&p.buf[..i]).map(|port| (port, i)).ok_or("malformed CONNECT line"),
+            Some(i) => parse_connect(&p.buf[..i])
+                .map(|port| (port, i))
+                .ok_or("malformed CONNECT line"),
             None if p.buf.len() >= MAX_CONNECT_LINE => Err("CONNECT line too long"),
             None => Err(""),
         });
@@ -534,12 +575,17 @@ impl Muxer {
             }
             Ok((port, nl)) => {
                 poller.remove(fd);
-                let Some(p) = self.pending.remove(&fd) else { return };
+                let Some(p) = self.pending.remove(&fd) else {
+                    return;
+                };
                 if self.conns.len() >= MAX_CONNECTIONS {
                     tracing::warn!("vsock: too many connections; refusing CONNECT {port}");
                     return;
                 }
-                let key = Key { local_port: self.alloc_local_port(), peer_port: port };
+                let key = Key {
+                    local_port: self.alloc_local_port(),
+                    peer_port: port,
+                };
                 let mut c = Connection::new(p.stream, State::Connecting);
                 c.rx_prefix = p.buf[nl + 1..].to_vec();
                 self.by_fd.insert(fd, key);
@@ -553,7 +599,9 @@ impl Muxer {
     /// Closes a connection whose both directions are done. Returns whether
     /// it was removed.
     fn finish_if_done(&mut self, key: Key, poller: &mut dyn Poller) -> bool {
-        let Some(c) = self.conns.get_mut(&key) else { return true };
+        let Some(c) = self.conns.get_mut(&key) else {
+            return true;
+        };
         if !c.tx_buf.is_empty() {
             return false;
         }
@@ -572,7 +620,10 @@ impl Muxer {
 
     /// Handles a packet the guest sent (header already checked).
     pub fn handle_guest_packet(&mut self, hdr: &Header, payload: &[u8], poller: &mut dyn Poller) {
-        let key = Key { local_port: hdr.dst_port, peer_port: hdr.src_port };
+        let key = Key {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
         if hdr.op == op::REQUEST {
             self.guest_connect(key, hdr, poller);
             return;
@@ -613,7 +664,10 @@ impl Muxer {
                     return;
                 }
                 if c.tx_buf.len() + payload.len() > BUF_ALLOC as usize {
-                    tracing::warn!("vsock: guest port {} sent beyond its credit; resetting", key.peer_port);
+                    tracing::warn!(
+                        "vsock: guest port {} sent beyond its credit; resetting",
+                        key.peer_port
+                    );
                     self.abort(key, poller);
                     return;
                 }
@@ -696,7 +750,10 @@ impl Muxer {
             return false;
         }
         if let Some(mut hdr) = self.ctrl.pop_front() {
-            if let Some(c) = self.conns.get_mut(&Key { local_port: hdr.src_port, peer_port: hdr.dst_port }) {
+            if let Some(c) = self.conns.get_mut(&Key {
+                local_port: hdr.src_port,
+                peer_port: hdr.dst_port,
+            }) {
                 hdr.fwd_cnt = c.fwd_cnt.0;
                 c.sent_fwd_cnt = c.fwd_cnt;
             }
@@ -706,7 +763,9 @@ impl Muxer {
             return true;
         }
         while let Some(key) = self.rx_ready.pop_front() {
-            let Some(c) = self.conns.get_mut(&key) else { continue };
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
             c.queued = false;
             if c.readable && c.can_send_data() {
                 let max = (c.peer_credit() as usize)
@@ -724,7 +783,8 @@ impl Muxer {
                     Ok(0) => {
                         c.readable = false;
                         c.host_eof = true;
-                        let hdr = make_hdr(self.guest_cid, key, op::SHUTDOWN, SHUTDOWN_SEND, c.fwd_cnt);
+                        let hdr =
+                            make_hdr(self.guest_cid, key, op::SHUTDOWN, SHUTDOWN_SEND, c.fwd_cnt);
                         c.sent_fwd_cnt = c.fwd_cnt;
                         c.needs_credit_update = false;
                         let _ = sink.write_packet(&hdr, &[]);
@@ -737,7 +797,10 @@ impl Muxer {
                         c.rx_cnt += Wrapping(n as u32);
                         c.sent_fwd_cnt = c.fwd_cnt;
                         c.needs_credit_update = false;
-                        let hdr = Header { len: n as u32, ..make_hdr(self.guest_cid, key, op::RW, 0, c.fwd_cnt) };
+                        let hdr = Header {
+                            len: n as u32,
+                            ..make_hdr(self.guest_cid, key, op::RW, 0, c.fwd_cnt)
+                        };
                         if let Err(e) = sink.write_packet(&hdr, &self.scratch[..n]) {
                             tracing::warn!("vsock: writing a packet to the guest: {e}");
                         }
@@ -745,7 +808,10 @@ impl Muxer {
                         self.enqueue(key);
                         return true;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
                         c.readable = false;
                         self.update_interest(key, poller);
                     }
@@ -758,7 +824,9 @@ impl Muxer {
                     }
                 }
             }
-            let Some(c) = self.conns.get_mut(&key) else { continue };
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
             if c.needs_credit_update {
                 c.needs_credit_update = false;
                 c.sent_fwd_cnt = c.fwd_cnt;

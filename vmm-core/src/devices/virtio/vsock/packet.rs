@@ -88,7 +88,18 @@ pub enum PacketError {
 impl Header {
     /// Decodes a header (little-endian).
     pub fn from_bytes(b: &[u8; HDR_SIZE]) -> Self {
-        let u64_at = |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let u64_at = |i: usize| {
+            u64::from_le_bytes([
+                b[i],
+                b[i + 1],
+                b[i + 2],
+                b[i + 3],
+                b[i + 4],
+                b[i + 5],
+                b[i + 6],
+                b[i + 7],
+            ])
+        };
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         Self {
@@ -137,7 +148,12 @@ impl Header {
         }
         match self.op {
             op::RW => Ok(()),
-            op::REQUEST | op::RESPONSE | op::RST | op::SHUTDOWN | op::CREDIT_UPDATE | op::CREDIT_REQUEST => {
+            op::REQUEST
+            | op::RESPONSE
+            | op::RST
+            | op::SHUTDOWN
+            | op::CREDIT_UPDATE
+            | op::CREDIT_REQUEST => {
                 if self.len == 0 {
                     Ok(())
                 } else {
@@ -181,12 +197,59 @@ mod tests {
     #[test]
     fn checks_guest_headers() {
         assert_eq!(hdr().check(3, 2), Ok(()));
-        assert_eq!(Header { src_cid: 4, ..hdr() }.check(3, 2), Err(PacketError::SrcCid(4)));
-        assert_eq!(Header { dst_cid: 7, ..hdr() }.check(3, 2), Err(PacketError::DstCid(7)));
-        assert_eq!(Header { type_: 2, ..hdr() }.check(3, 2), Err(PacketError::Type(2)));
-        assert_eq!(Header { len: MAX_PAYLOAD + 1, ..hdr() }.check(3, 2), Err(PacketError::TooLong(MAX_PAYLOAD + 1)));
-        assert_eq!(Header { op: op::REQUEST, ..hdr() }.check(3, 2), Err(PacketError::UnexpectedPayload(op::REQUEST)));
-        assert_eq!(Header { op: 99, len: 0, ..hdr() }.check(3, 2), Err(PacketError::Op(99)));
-        assert_eq!(Header { op: op::REQUEST, len: 0, ..hdr() }.check(3, 2), Ok(()));
+        assert_eq!(
+            Header {
+                src_cid: 4,
+                ..hdr()
+            }
+            .check(3, 2),
+            Err(PacketError::SrcCid(4))
+        );
+        assert_eq!(
+            Header {
+                dst_cid: 7,
+                ..hdr()
+            }
+            .check(3, 2),
+            Err(PacketError::DstCid(7))
+        );
+        assert_eq!(
+            Header { type_: 2, ..hdr() }.check(3, 2),
+            Err(PacketError::Type(2))
+        );
+        assert_eq!(
+            Header {
+                len: MAX_PAYLOAD + 1,
+                ..hdr()
+            }
+            .check(3, 2),
+            Err(PacketError::TooLong(MAX_PAYLOAD + 1))
+        );
+        assert_eq!(
+            Header {
+                op: op::REQUEST,
+                ..hdr()
+            }
+            .check(3, 2),
+            Err(PacketError::UnexpectedPayload(op::REQUEST))
+        );
+        assert_eq!(
+            Header {
+                op: 99,
+                len: 0,
+                ..hdr()
+            }
+            .check(3, 2),
+            Err(PacketError::Op(99))
+        );
+        assert_eq!(
+            Header {
+                op: op::REQUEST,
+                len: 0,
+                ..hdr()
+            }
+            .check(3, 2),
+            Ok(())
+        );
     }
 }

@@ -19,10 +19,16 @@ struct TestPoller {
 
 impl Poller for TestPoller {
     fn add(&mut self, fd: RawFd, interest: Interest) {
-        assert!(self.watched.insert(fd, interest).is_none(), "fd {fd} added twice");
+        assert!(
+            self.watched.insert(fd, interest).is_none(),
+            "fd {fd} added twice"
+        );
     }
     fn modify(&mut self, fd: RawFd, interest: Interest) {
-        assert!(self.watched.insert(fd, interest).is_some(), "fd {fd} modified before add");
+        assert!(
+            self.watched.insert(fd, interest).is_some(),
+            "fd {fd} modified before add"
+        );
     }
     fn remove(&mut self, fd: RawFd) {
         self.watched.remove(&fd);
@@ -69,7 +75,12 @@ fn harness() -> Harness {
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("v.sock");
     let mux = Muxer::new(GUEST_CID, &path).expect("muxer");
-    Harness { _dir: TempDir(dir), path, mux, poller: TestPoller::default() }
+    Harness {
+        _dir: TempDir(dir),
+        path,
+        mux,
+        poller: TestPoller::default(),
+    }
 }
 
 fn guest_hdr(src_port: u32, dst_port: u32, op: u16) -> Header {
@@ -89,7 +100,10 @@ fn guest_hdr(src_port: u32, dst_port: u32, op: u16) -> Header {
 
 impl Harness {
     fn drain(&mut self) -> Vec<(Header, Vec<u8>)> {
-        let mut sink = Sink { cap: 4096 + HDR_SIZE, packets: Vec::new() };
+        let mut sink = Sink {
+            cap: 4096 + HDR_SIZE,
+            packets: Vec::new(),
+        };
         while self.mux.fill_rx(&mut sink, &mut self.poller) {}
         sink.packets
     }
@@ -98,36 +112,52 @@ impl Harness {
         // Deliver readiness for every watched descriptor, as epoll would
         // after a short wait.
         std::thread::sleep(Duration::from_millis(5));
-        let fds: Vec<(RawFd, Interest)> = self.poller.watched.iter().map(|(f, i)| (*f, *i)).collect();
+        let fds: Vec<(RawFd, Interest)> =
+            self.poller.watched.iter().map(|(f, i)| (*f, *i)).collect();
         for (fd, interest) in fds {
             if fd == self.mux.listener_fd() {
                 self.mux.accept(&mut self.poller);
             } else {
-                let ev = Readiness { read: interest.read, write: interest.write, ..Default::default() };
+                let ev = Readiness {
+                    read: interest.read,
+                    write: interest.write,
+                    ..Default::default()
+                };
                 self.mux.handle_fd(fd, ev, &mut self.poller);
             }
         }
     }
 
     fn send(&mut self, hdr: Header, payload: &[u8]) {
-        let hdr = Header { len: payload.len() as u32, ..hdr };
-        hdr.check(GUEST_CID, HOST_CID).expect("test packet is valid");
-        self.mux.handle_guest_packet(&hdr, payload, &mut self.poller);
+        let hdr = Header {
+            len: payload.len() as u32,
+            ..hdr
+        };
+        hdr.check(GUEST_CID, HOST_CID)
+            .expect("test packet is valid");
+        self.mux
+            .handle_guest_packet(&hdr, payload, &mut self.poller);
     }
 
     /// Connects from the host to guest `port`; returns the stream and the
     /// REQUEST the guest received.
     fn host_connect(&mut self, port: u32) -> (UnixStream, Header) {
         let mut s = UnixStream::connect(&self.path).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
         write!(s, "CONNECT {port}\n").expect("write");
-        self.poller.watched.insert(self.mux.listener_fd(), Interest::READ);
+        self.poller
+            .watched
+            .insert(self.mux.listener_fd(), Interest::READ);
         self.pump();
         self.pump();
         let pkts = self.drain();
         assert_eq!(pkts.len(), 1, "{pkts:?}");
         let req = pkts[0].0;
-        assert_eq!((req.op, req.dst_port, req.dst_cid, req.src_cid), (op::REQUEST, port, GUEST_CID, HOST_CID));
+        assert_eq!(
+            (req.op, req.dst_port, req.dst_cid, req.src_cid),
+            (op::REQUEST, port, GUEST_CID, HOST_CID)
+        );
         (s, req)
     }
 }
@@ -183,10 +213,12 @@ fn garbage_handshakes_are_dropped() {
     let mut h = harness();
     h.poller.watched.insert(h.mux.listener_fd(), Interest::READ);
     let mut bad = UnixStream::connect(&h.path).expect("connect");
-    bad.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    bad.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     bad.write_all(b"HELLO THERE\n").expect("write");
     let mut long = UnixStream::connect(&h.path).expect("connect");
-    long.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    long.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     long.write_all(&[b'A'; 64]).expect("write");
     h.pump();
     h.pump();
@@ -225,9 +257,13 @@ fn guest_initiated_connection_reaches_the_port_socket() {
     h.send(guest_hdr(5000, 1025, op::REQUEST), &[]);
     let pkts = h.drain();
     assert_eq!(pkts.len(), 1);
-    assert_eq!((pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port), (op::RESPONSE, 1025, 5000));
+    assert_eq!(
+        (pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port),
+        (op::RESPONSE, 1025, 5000)
+    );
     let (mut host, _) = listener.accept().expect("accept");
-    host.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    host.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     h.send(guest_hdr(5000, 1025, op::RW), b"ready\n");
     assert_eq!(read_line(&mut host), "ready\n");
 }
@@ -255,7 +291,10 @@ fn packets_for_unknown_connections_are_reset_but_resets_are_not() {
 fn host_data_respects_guest_credit() {
     let mut h = harness();
     let (mut s, req) = h.host_connect(1024);
-    let small = Header { buf_alloc: 10, ..guest_hdr(1024, req.src_port, op::RESPONSE) };
+    let small = Header {
+        buf_alloc: 10,
+        ..guest_hdr(1024, req.src_port, op::RESPONSE)
+    };
     h.send(small, &[]);
     read_line(&mut s);
     s.write_all(&[7u8; 100]).expect("write");
@@ -266,7 +305,14 @@ fn host_data_respects_guest_credit() {
     h.pump();
     assert!(h.drain().is_empty());
     // The guest consumed the 10 bytes and says so.
-    h.send(Header { buf_alloc: 10, fwd_cnt: 10, ..guest_hdr(1024, req.src_port, op::CREDIT_UPDATE) }, &[]);
+    h.send(
+        Header {
+            buf_alloc: 10,
+            fwd_cnt: 10,
+            ..guest_hdr(1024, req.src_port, op::CREDIT_UPDATE)
+        },
+        &[],
+    );
     h.pump();
     let sent: usize = h.drain().iter().map(|p| p.1.len()).sum();
     assert_eq!(sent, 10);
@@ -308,7 +354,10 @@ fn credit_updates_flow_when_the_host_drains() {
     s.read_exact(&mut got).expect("read");
     h.pump();
     let pkts = h.drain();
-    let update = pkts.iter().find(|p| p.0.op == op::CREDIT_UPDATE).expect("a credit update");
+    let update = pkts
+        .iter()
+        .find(|p| p.0.op == op::CREDIT_UPDATE)
+        .expect("a credit update");
     assert_eq!(update.0.fwd_cnt as usize, 3 * chunk.len());
 }
 
@@ -327,7 +376,13 @@ fn half_close_both_ways_then_reset() {
     assert_eq!(ops, vec![op::RW, op::SHUTDOWN]);
     assert_eq!(pkts[1].0.flags, SHUTDOWN_SEND);
     h.send(guest_hdr(1024, req.src_port, op::RW), b"answer");
-    h.send(Header { flags: SHUTDOWN_SEND | SHUTDOWN_RCV, ..guest_hdr(1024, req.src_port, op::SHUTDOWN) }, &[]);
+    h.send(
+        Header {
+            flags: SHUTDOWN_SEND | SHUTDOWN_RCV,
+            ..guest_hdr(1024, req.src_port, op::SHUTDOWN)
+        },
+        &[],
+    );
     let mut got = String::new();
     s.read_to_string(&mut got).expect("read to EOF");
     assert_eq!(got, "answer");
@@ -347,7 +402,13 @@ fn host_hangup_resets_the_guest() {
     let ops: Vec<u16> = h.drain().iter().map(|p| p.0.op).collect();
     // EOF first (SHUTDOWN), then the guest's own reset or ours closes it.
     assert_eq!(ops.first(), Some(&op::SHUTDOWN));
-    h.send(Header { flags: SHUTDOWN_SEND | SHUTDOWN_RCV, ..guest_hdr(1024, req.src_port, op::SHUTDOWN) }, &[]);
+    h.send(
+        Header {
+            flags: SHUTDOWN_SEND | SHUTDOWN_RCV,
+            ..guest_hdr(1024, req.src_port, op::SHUTDOWN)
+        },
+        &[],
+    );
     assert_eq!(h.mux.connection_count(), (0, 0));
 }
 

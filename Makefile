@@ -1,0 +1,74 @@
+# husk — build, test, demo, benchmarks.
+#
+#   make demo   builds everything (guest kernel and image included) and boots
+#               a husk microVM whose agent reports its version
+#   make test   runs the whole test suite (unit + end-to-end on real KVM)
+#
+# The guest kernel is cached in $(HUSK_CACHE_DIR) (default /var/cache/husk),
+# keyed by its config and source version; the guest image is installed into
+# $(HUSK_GUEST_DIR) (default /var/lib/husk/guest), where husk-vmm looks.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+PROFILE ?= release
+HUSK_GUEST_DIR ?= /var/lib/husk/guest
+HUSK_CACHE_DIR ?= /var/cache/husk
+export HUSK_GUEST_DIR HUSK_CACHE_DIR
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/agent/husk-agent
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,--profile $(PROFILE))
+BIN_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
+BENCH_RUNS ?= 3
+
+# Debian packages the build, the tests and the benchmarks need.
+APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
+	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler
+
+.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot clean
+
+all: build
+
+## Install missing Debian packages (needs root; does nothing when all are there).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
+
+kernel: deps
+	./guest-image/build-kernel.sh
+
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile agent -p husk-agent --target $(AGENT_TARGET)
+
+initramfs: agent vmm
+	$(BIN_DIR)/husk-guest-image --agent $(AGENT_BIN) --output $(HUSK_GUEST_DIR)/initramfs.cpio
+
+guest-image: kernel initramfs
+
+vmm:
+	$(CARGO) build --locked $(CARGO_PROFILE_FLAG) --workspace --bins
+
+build: deps vmm guest-image
+
+unit-test:
+	$(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) --workspace --lib --bins
+
+test: build
+	$(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+demo: build
+	$(BIN_DIR)/husk-demo
+
+bench-boot: build
+	$(BIN_DIR)/husk-bench-boot --runs $(BENCH_RUNS)
+
+clean:
+	$(CARGO) clean

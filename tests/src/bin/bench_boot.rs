@@ -1,0 +1,277 @@
+//! `husk-bench-boot`: boots the same guest kernel and initramfs in husk-vmm
+//! and in QEMU (`-M microvm`), alternately, and compares time to the agent's
+//! first console line ("husk-agent ... starting"), plus husk's time to vsock
+//! readiness and the peak RSS of each VMM process.
+//!
+//! Both VMMs get the same memory size and the same kernel command line
+//! (husk's own, minus its virtio-mmio device list, which QEMU makes itself).
+//! The last line of output is one JSON object.
+
+use std::{
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use husk_e2e::{median, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_protocols::{agent::ShutdownRequest, connect_agent};
+use husk_vmm_core::arch::cpuid::CpuProfile;
+use serde::Serialize;
+
+const MARKER: &str = "husk-agent ";
+
+#[derive(Debug, Parser)]
+#[command(about = "Boot husk-vmm and QEMU side by side and compare")]
+struct Args {
+    /// Boots of each VMM.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Guest memory in MiB (both VMMs).
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Give up on one boot after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Sample {
+    marker_s: f64,
+    ready_s: Option<f64>,
+    peak_rss_kib: u64,
+}
+
+/// Polls a console log for the marker.
+async fn wait_marker(
+    log: &Path,
+    started: Instant,
+    within: Duration,
+    mut alive: impl FnMut() -> bool,
+) -> Result<f64> {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(log) {
+            if text.contains(MARKER) {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+        }
+        if !alive() {
+            bail!(
+                "the VMM exited before the marker; console:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if started.elapsed() > within {
+            bail!("no marker within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn boot_husk(a: &Artifacts, mem_mib: u64, within: Duration) -> Result<Sample> {
+    let dir = TestDir::new("bench-husk")?;
+    let mut vm = VmProcess::spawn(
+        a,
+        dir.path(),
+        &VmOptions {
+            mem_mib,
+            serial: true,
+            ..Default::default()
+        },
+    )?;
+    let serial = vm.serial.clone().context("serial log")?;
+    let started = vm.started;
+    let pid = vm.pid().context("pid")?;
+    let marker_s = wait_marker(&serial, started, within, || {
+        Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await?;
+    let ready = vm.wait_ready(within).await?;
+    let peak_rss_kib = peak_rss(pid);
+    let client = connect_agent(&vm.vsock, Duration::from_secs(30)).await?;
+    client
+        .shutdown(
+            ttrpc::context::with_timeout(30_000_000_000),
+            &ShutdownRequest::new(),
+        )
+        .await?;
+    let status = vm.wait_exit(Duration::from_secs(60)).await?;
+    if !status.success() {
+        bail!("husk-vmm exited with {status}");
+    }
+    Ok(Sample {
+        marker_s,
+        ready_s: Some(ready.elapsed.as_secs_f64()),
+        peak_rss_kib,
+    })
+}
+
+async fn boot_qemu(
+    a: &Artifacts,
+    qemu: &str,
+    mem_mib: u64,
+    cmdline: &str,
+    within: Duration,
+) -> Result<Sample> {
+    let dir = TestDir::new("bench-qemu")?;
+    let serial = dir.path().join("serial.log");
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(qemu)
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
+        .args([
+            "-m",
+            &mem_mib.to_string(),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(&a.kernel)
+        .arg("-initrd")
+        .arg(&a.initramfs)
+        .args(["-append", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {qemu}"))?;
+    let pid = child.id().context("pid")?;
+    let marker_s = wait_marker(&serial, started, within, || {
+        Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .await?;
+    let peak_rss_kib = peak_rss(pid);
+    child.kill().await.ok();
+    Ok(Sample {
+        marker_s,
+        ready_s: None,
+        peak_rss_kib,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    bench: &'static str,
+    runs: usize,
+    mem_mib: u64,
+    cmdline: String,
+    husk_marker_median_s: f64,
+    qemu_marker_median_s: f64,
+    ratio_husk_over_qemu: f64,
+    husk_ready_median_s: f64,
+    husk_peak_rss_median_kib: f64,
+    qemu_peak_rss_median_kib: f64,
+    rss_ratio_husk_over_qemu: f64,
+    husk: Vec<Sample>,
+    qemu: Vec<Sample>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    require_kvm();
+    let a = Artifacts::locate()?;
+    let within = Duration::from_secs(args.timeout_s);
+    let profile = CpuProfile::detect().cmdline();
+    let cmdline = format!("reboot=k panic=-1 quiet {profile} console=ttyS0 8250.nr_uarts=1")
+        .replace("  ", " ");
+    println!(
+        "boot benchmark: {} runs each, {} MiB, marker {MARKER:?}",
+        args.runs, args.mem_mib
+    );
+    println!("kernel command line (both): {cmdline}");
+    let (mut husk, mut qemu) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        let h = boot_husk(&a, args.mem_mib, within)
+            .await
+            .context("husk boot")?;
+        println!(
+            "run {}: husk  marker {:7.2} s  ready {:7.2} s  peak RSS {:7} KiB",
+            i + 1,
+            h.marker_s,
+            h.ready_s.unwrap_or(0.0),
+            h.peak_rss_kib
+        );
+        husk.push(h);
+        let q = boot_qemu(&a, &args.qemu, args.mem_mib, &cmdline, within)
+            .await
+            .context("QEMU boot")?;
+        println!(
+            "run {}: qemu  marker {:7.2} s                   peak RSS {:7} KiB",
+            i + 1,
+            q.marker_s,
+            q.peak_rss_kib
+        );
+        qemu.push(q);
+    }
+    let hm = median(&mut husk.iter().map(|s| s.marker_s).collect::<Vec<_>>());
+    let qm = median(&mut qemu.iter().map(|s| s.marker_s).collect::<Vec<_>>());
+    let hr = median(&mut husk.iter().filter_map(|s| s.ready_s).collect::<Vec<_>>());
+    let hrss = median(
+        &mut husk
+            .iter()
+            .map(|s| s.peak_rss_kib as f64)
+            .collect::<Vec<_>>(),
+    );
+    let qrss = median(
+        &mut qemu
+            .iter()
+            .map(|s| s.peak_rss_kib as f64)
+            .collect::<Vec<_>>(),
+    );
+    let report = Report {
+        bench: "boot",
+        runs: args.runs,
+        mem_mib: args.mem_mib,
+        cmdline,
+        husk_marker_median_s: hm,
+        qemu_marker_median_s: qm,
+        ratio_husk_over_qemu: if qm > 0.0 { hm / qm } else { 0.0 },
+        husk_ready_median_s: hr,
+        husk_peak_rss_median_kib: hrss,
+        qemu_peak_rss_median_kib: qrss,
+        rss_ratio_husk_over_qemu: if qrss > 0.0 { hrss / qrss } else { 0.0 },
+        husk,
+        qemu,
+    };
+    println!(
+        "median time to the agent's first line: husk {hm:.2} s, qemu {qm:.2} s, husk/qemu {:.3}",
+        report.ratio_husk_over_qemu
+    );
+    println!("median husk time to vsock readiness: {hr:.2} s");
+    println!(
+        "median peak RSS: husk {hrss:.0} KiB, qemu {qrss:.0} KiB, husk/qemu {:.3}",
+        report.rss_ratio_husk_over_qemu
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
