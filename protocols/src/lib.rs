@@ -11,8 +11,9 @@
 #[allow(
     warnings,
     clippy::all,
-    clippy::undocumented_unsafe_blocks,
-    unused_qualifications
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::undocumented_unsafe_blocks
 )]
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/agent/agent.rs"));
@@ -22,8 +23,9 @@ pub mod agent {
 #[allow(
     warnings,
     clippy::all,
-    clippy::undocumented_unsafe_blocks,
-    unused_qualifications
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::undocumented_unsafe_blocks
 )]
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent/agent_ttrpc.rs"));

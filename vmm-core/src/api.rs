@@ -251,12 +251,8 @@ mod tests {
         let r = answer("{\"action\":\"stop\"}", &mut s);
         assert_eq!(r.state, Some(VmState::Stopping));
         assert!(s.stop_requested);
-        assert_eq!(
-            serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s))
-                .expect("json")
-                .contains("\"stopping\""),
-            true
-        );
+        let json = serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s)).expect("json");
+        assert!(json.contains("\"stopping\""), "{json}");
     }
 
     #[test]

@@ -209,8 +209,8 @@ pub fn write_boot_data(
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: MEMMAP_START,
-        memmap_entries: memmap.len() as u32,
-        nr_modules: modules.len() as u32,
+        memmap_entries: u32::try_from(memmap.len()).unwrap_or(u32::MAX),
+        nr_modules: u32::try_from(modules.len()).unwrap_or(u32::MAX),
         modlist_paddr: if modules.is_empty() { 0 } else { MODLIST_START },
         ..Default::default()
     };

@@ -330,8 +330,12 @@ impl Vmm {
                 MmioTransport::new(mem.clone(), Box::new(vsock), Interrupt::new(Box::new(irq)))
                     .map_err(device_err("the vsock transport"))?;
             for (i, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(evt, &IoEventAddress::Mmio(next_mmio + 0x50), i as u32)
-                    .map_err(device_err("the vsock queue notifications"))?;
+                vm.register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(next_mmio + 0x50),
+                    u32::try_from(i).unwrap_or(u32::MAX),
+                )
+                .map_err(device_err("the vsock queue notifications"))?;
             }
             mmio.insert(Arc::new(Mutex::new(transport)), next_mmio, VIRTIO_MMIO_SIZE)
                 .map_err(device_err("the vsock transport"))?;

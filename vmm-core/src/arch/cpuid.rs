@@ -228,7 +228,7 @@ mod tests {
 
     fn host_like() -> Vec<kvm_cpuid_entry2> {
         vec![
-            entry(0x1, 0, 0, 0x0008_0800, u32::MAX, u32::MAX & !L1_EDX_HTT),
+            entry(0x1, 0, 0, 0x0008_0800, u32::MAX, !L1_EDX_HTT),
             entry(0x7, 0, 0, u32::MAX, u32::MAX, u32::MAX),
             entry(0xd, 0, 7, 0, 0, 0),
             entry(0xd, 1, 1, 0, 0, 0),

@@ -69,6 +69,8 @@ impl fmt::Display for Unsupported {
     }
 }
 
+// Operand-size truncation is what the instruction does.
+#[allow(clippy::cast_possible_truncation)]
 /// Executes the instruction in `bytes` (at `regs.rip`) on `regs`, or says
 /// why it cannot. On success RIP points past the instruction.
 pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {

@@ -41,6 +41,8 @@ fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
 }
 
+// Every length here is bounded by the 1 KiB check; addresses are below 4 GiB.
+#[allow(clippy::cast_possible_truncation)]
 /// Builds the MP floating pointer and configuration table for `cpus` vCPUs.
 /// Returns the guest address to write it to and its bytes.
 pub fn build(cpus: u8) -> Result<(u64, Vec<u8>), MptableError> {

@@ -51,6 +51,8 @@ pub struct Segment {
 }
 
 /// Decodes GDT entry `index` of `gdt` into a segment with its selector.
+// Bit fields of the descriptor are extracted with masks before narrowing.
+#[allow(clippy::cast_possible_truncation)]
 pub fn segment_from_gdt(gdt: &[u64], index: u8) -> Segment {
     let e = gdt[usize::from(index)];
     let g = ((e >> 55) & 1) as u8;

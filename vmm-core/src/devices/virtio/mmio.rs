@@ -141,6 +141,8 @@ impl MmioTransport {
         }
     }
 
+    // The 64-bit feature word is read in two 32-bit halves.
+    #[allow(clippy::cast_possible_truncation)]
     fn read_reg(&mut self, offset: u64) -> u32 {
         match offset {
             0x000 => MMIO_MAGIC,
@@ -394,8 +396,11 @@ mod tests {
             self.acked = f;
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            let o = offset as usize;
-            if let Some(src) = self.config.get(o..o + data.len()) {
+            let o = usize::try_from(offset).unwrap_or(usize::MAX);
+            if let Some(src) = o
+                .checked_add(data.len())
+                .and_then(|end| self.config.get(o..end))
+            {
                 data.copy_from_slice(src);
             }
         }

@@ -19,6 +19,10 @@
 //! loop); [`Poller`] is how the muxer tells that loop which descriptors it
 //! wants to hear about.
 
+// Byte counters (fwd_cnt, rx_cnt, ...) are 32-bit and wrap by design (virtio
+// 1.2, 5.10.6.3); lengths cast into them are bounded by MAX_PAYLOAD/BUF_ALLOC.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::{
     collections::{HashMap, VecDeque},
     io::{self, Read, Write},

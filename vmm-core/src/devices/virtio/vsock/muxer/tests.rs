@@ -145,7 +145,7 @@ impl Harness {
         let mut s = UnixStream::connect(&self.path).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
-        write!(s, "CONNECT {port}\n").expect("write");
+        writeln!(s, "CONNECT {port}").expect("write");
         self.poller
             .watched
             .insert(self.mux.listener_fd(), Interest::READ);
