@@ -269,3 +269,278 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use std::{
+        os::unix::net::UnixListener,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::{
+        desc::split::Descriptor as SplitDescriptor, desc::RawDescriptor, mock::MockSplitQueue,
+    };
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::{
+        vsock::{
+            muxer::{Interest, Poller},
+            packet::{op, TYPE_STREAM},
+        },
+        InterruptLine,
+    };
+
+    const CID: u64 = 3;
+
+    #[derive(Debug, Default)]
+    struct Counter(AtomicUsize);
+    impl InterruptLine for Arc<Counter> {
+        fn raise(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct NullPoller;
+    impl Poller for NullPoller {
+        fn add(&mut self, _fd: std::os::fd::RawFd, _i: Interest) {}
+        fn modify(&mut self, _fd: std::os::fd::RawFd, _i: Interest) {}
+        fn remove(&mut self, _fd: std::os::fd::RawFd) {}
+    }
+
+    struct Fixture {
+        dir: std::path::PathBuf,
+        mem: GuestMemory,
+        irqs: Arc<Counter>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture(tag: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("husk-vsock-dev-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).expect("mem");
+        Fixture {
+            dir,
+            mem,
+            irqs: Arc::new(Counter::default()),
+        }
+    }
+
+    /// Queues at fixed places: rx at 0x0, tx at 0x1_0000, evq at 0x2_0000.
+    fn inner(
+        f: &Fixture,
+        rxq: &MockSplitQueue<GuestMemory>,
+        txq: &MockSplitQueue<GuestMemory>,
+    ) -> Inner {
+        let evq = MockSplitQueue::create(&f.mem, GuestAddress(0x2_0000), 16);
+        let muxer = Muxer::new(CID, &f.dir.join("v.sock")).expect("muxer");
+        let evts = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("evt"))
+            .collect();
+        Inner {
+            muxer,
+            active: Some(Active {
+                mem: f.mem.clone(),
+                interrupt: Interrupt::new(Box::new(f.irqs.clone())),
+                queues: vec![
+                    rxq.create_queue().expect("rxq"),
+                    txq.create_queue().expect("txq"),
+                    evq.create_queue().expect("evq"),
+                ],
+                evts,
+            }),
+            reset_pending: false,
+            bad_packets: 0,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, 0))
+    }
+
+    fn guest_hdr(op_: u16, dst_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: CID,
+            dst_cid: 2,
+            src_port: 7000,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op: op_,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    #[test]
+    fn request_on_tx_gets_a_response_on_rx() {
+        let f = fixture("req");
+        let listener = UnixListener::bind(f.dir.join("v.sock_1025")).expect("bind");
+        let rxq = MockSplitQueue::create(&f.mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&f.mem, GuestAddress(0x1_0000), 16);
+        f.mem
+            .write_slice(
+                &guest_hdr(op::REQUEST, 1025, 0).to_bytes(),
+                GuestAddress(0x10_0000),
+            )
+            .expect("write");
+        txq.add_desc_chains(&[desc(0x10_0000, HDR_SIZE as u32, 0)], 0)
+            .expect("tx chain");
+        rxq.add_desc_chains(&[desc(0x20_0000, 4096, VRING_DESC_F_WRITE)], 0)
+            .expect("rx chain");
+        let mut inner = inner(&f, &rxq, &txq);
+
+        inner.process_tx(&mut NullPoller);
+        assert_eq!(txq.used().idx().load(), 1, "TX buffer returned");
+        inner.process_rx(&mut NullPoller);
+        assert_eq!(rxq.used().idx().load(), 1, "RX buffer used");
+        let used = rxq.used().ring().ref_at(0).expect("used elem").load();
+        assert_eq!(used.len(), HDR_SIZE as u32);
+        let mut raw = [0u8; HDR_SIZE];
+        f.mem
+            .read_slice(&mut raw, GuestAddress(0x20_0000))
+            .expect("read");
+        let resp = Header::from_bytes(&raw);
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port, resp.dst_cid),
+            (op::RESPONSE, 1025, 7000, CID)
+        );
+        assert!(
+            listener.accept().is_ok(),
+            "the host socket got the connection"
+        );
+        assert!(
+            f.irqs.0.load(Ordering::SeqCst) >= 2,
+            "the guest was notified"
+        );
+    }
+
+    #[test]
+    fn data_split_across_descriptors_reaches_the_host() {
+        let f = fixture("split");
+        let listener = UnixListener::bind(f.dir.join("v.sock_1025")).expect("bind");
+        let rxq = MockSplitQueue::create(&f.mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&f.mem, GuestAddress(0x1_0000), 16);
+        let mut inner = inner(&f, &rxq, &txq);
+        let h = guest_hdr(op::REQUEST, 1025, 0);
+        inner.muxer.handle_guest_packet(&h, &[], &mut NullPoller);
+        let (mut host, _) = listener.accept().expect("accept");
+        // Header in one descriptor, payload split over two.
+        f.mem
+            .write_slice(
+                &guest_hdr(op::RW, 1025, 10).to_bytes(),
+                GuestAddress(0x10_0000),
+            )
+            .expect("write");
+        f.mem
+            .write_slice(b"hello", GuestAddress(0x11_0000))
+            .expect("write");
+        f.mem
+            .write_slice(b"world", GuestAddress(0x12_0000))
+            .expect("write");
+        let chain = [
+            desc(0x10_0000, HDR_SIZE as u32, 1),
+            desc(0x11_0000, 5, 1),
+            desc(0x12_0000, 5, 0),
+        ];
+        let chain: Vec<RawDescriptor> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let s = SplitDescriptor::from(*d);
+                RawDescriptor::from(SplitDescriptor::new(
+                    s.addr().0,
+                    s.len(),
+                    s.flags(),
+                    i as u16 + 1,
+                ))
+            })
+            .collect();
+        txq.add_desc_chains(&chain, 0).expect("tx chain");
+        inner.process_tx(&mut NullPoller);
+        let mut got = [0u8; 10];
+        std::io::Read::read_exact(&mut host, &mut got).expect("read");
+        assert_eq!(&got, b"helloworld");
+        assert_eq!(inner.bad_packets, 0);
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_dropped_and_returned() {
+        let f = fixture("bad");
+        let rxq = MockSplitQueue::create(&f.mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&f.mem, GuestAddress(0x1_0000), 16);
+        // 1: shorter than a header. 2: payload shorter than its length.
+        // 3: wrong source CID. 4: RX-only (write) descriptor on TX.
+        f.mem
+            .write_slice(
+                &guest_hdr(op::RW, 1025, 100).to_bytes(),
+                GuestAddress(0x10_0000),
+            )
+            .expect("write");
+        let wrong_cid = Header {
+            src_cid: 99,
+            ..guest_hdr(op::REQUEST, 1025, 0)
+        };
+        f.mem
+            .write_slice(&wrong_cid.to_bytes(), GuestAddress(0x11_0000))
+            .expect("write");
+        let chains = [
+            desc(0x10_0000, 10, 0),
+            desc(0x10_0000, HDR_SIZE as u32 + 50, 0),
+            desc(0x11_0000, HDR_SIZE as u32, 0),
+            desc(0x12_0000, HDR_SIZE as u32, VRING_DESC_F_WRITE),
+        ];
+        txq.add_desc_chains(&chains, 0).expect("tx chains");
+        let mut inner = inner(&f, &rxq, &txq);
+        inner.process_tx(&mut NullPoller);
+        assert_eq!(txq.used().idx().load(), 4, "every buffer is given back");
+        assert_eq!(inner.bad_packets, 4);
+        assert!(!inner.muxer.has_rx(), "nothing is answered for garbage");
+    }
+
+    #[test]
+    fn rx_without_packets_leaves_buffers_alone() {
+        let f = fixture("idle");
+        let rxq = MockSplitQueue::create(&f.mem, GuestAddress(0), 16);
+        let txq = MockSplitQueue::create(&f.mem, GuestAddress(0x1_0000), 16);
+        rxq.add_desc_chains(&[desc(0x20_0000, 4096, VRING_DESC_F_WRITE)], 0)
+            .expect("rx chain");
+        let mut inner = inner(&f, &rxq, &txq);
+        inner.process_rx(&mut NullPoller);
+        assert_eq!(rxq.used().idx().load(), 0);
+        assert_eq!(f.irqs.0.load(Ordering::SeqCst), 0);
+        // A reply for an unknown connection then uses that same buffer.
+        inner
+            .muxer
+            .handle_guest_packet(&guest_hdr(op::RW, 1, 0), &[], &mut NullPoller);
+        inner.process_rx(&mut NullPoller);
+        assert_eq!(rxq.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn config_space_holds_the_cid() {
+        let f = fixture("cfg");
+        let muxer = Muxer::new(0x1234_5678, &f.dir.join("v.sock")).expect("muxer");
+        let dev = Vsock::new(0x1234_5678, muxer).expect("vsock");
+        let mut b = [0u8; 8];
+        dev.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 0x1234_5678);
+        let mut hi = [0u8; 4];
+        dev.read_config(4, &mut hi);
+        assert_eq!(hi, [0, 0, 0, 0]);
+        let mut past = [0xaau8; 4];
+        dev.read_config(6, &mut past);
+        assert_eq!(past, [0, 0, 0, 0], "reads past the config space read zeros");
+    }
+}
