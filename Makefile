@@ -25,7 +25,10 @@ BENCH_RUNS ?= 3
 APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
 	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler
 
-.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot clean
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := vsock_packets mmio_transport ready_line
+
+.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot fuzz-smoke clean
 
 all: build
 
@@ -69,6 +72,13 @@ demo: build
 
 bench-boot: build
 	$(BIN_DIR)/husk-bench-boot --runs $(BENCH_RUNS)
+
+## Run every fuzz target briefly (cargo-fuzz, nightly toolchain).
+fuzz-smoke:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | tail -n 3; \
+	done
 
 clean:
 	$(CARGO) clean
