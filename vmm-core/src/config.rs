@@ -84,6 +84,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// Confine every VMM thread with its seccomp filter (see `seccomp`).
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -100,6 +102,7 @@ impl VmConfig {
             vsock: None,
             api_socket: None,
             kvm_device: PathBuf::from("/dev/kvm"),
+            seccomp: true,
         }
     }
 

@@ -43,6 +43,9 @@ struct Args {
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Run without seccomp filters (debugging only, e.g. under strace).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -94,6 +97,7 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         }),
         api_socket: args.api_socket,
         kvm_device: args.kvm_device,
+        seccomp: !args.no_seccomp,
     };
     let vmm = Vmm::build(config, signals)?;
     tracing::info!(cmdline = %vmm.cmdline, "starting the VM");

@@ -54,6 +54,7 @@ use crate::{
         },
     },
     memory::{create_guest_memory, GuestMemory},
+    seccomp::{self, ThreadKind},
     vstate::{
         vcpu::{Vcpu, VcpuExit},
         vm,
@@ -127,6 +128,9 @@ pub enum VmmError {
     /// A thread could not be started.
     #[error("starting a thread")]
     Thread(#[source] std::io::Error),
+    /// Seccomp filters could not be set up.
+    #[error("confining the VMM")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 fn device_err<E: std::error::Error + Send + Sync + 'static>(
@@ -441,20 +445,44 @@ impl Vmm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .started = Instant::now();
+        let filters = if self.config.seccomp {
+            seccomp::install_sigsys_handler()?;
+            Some((
+                seccomp::filter(ThreadKind::Vmm)?,
+                Arc::new(seccomp::filter(ThreadKind::Vcpu)?),
+            ))
+        } else {
+            tracing::warn!("seccomp filters are off: the VMM is not confined");
+            None
+        };
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         for vcpu in std::mem::take(&mut self.vcpus) {
             let tx = self.vcpu_tx.clone();
             let wake = self.exit_evt.try_clone().map_err(VmmError::Thread)?;
             let name = format!("vcpu{}", handles.len());
+            let vcpu_filter = filters.as_ref().map(|(_, v)| v.clone());
             let handle = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
-                    vcpu.run(tx, move || {
+                    let confine = move || match vcpu_filter {
+                        Some(f) => seccomp::apply(ThreadKind::Vcpu, &f).map_err(|e| format!("{e}")),
+                        None => Ok(()),
+                    };
+                    let wake = move || {
                         let _ = wake.write(1);
-                    })
+                    };
+                    vcpu.run(tx, wake, confine)
                 })
                 .map_err(VmmError::Thread)?;
             handles.push(handle);
+        }
+        if let Some((vmm_filter, _)) = &filters {
+            // From here on the main thread only runs the event loop and the
+            // teardown; the vCPU threads confine themselves.
+            if let Err(e) = seccomp::apply(ThreadKind::Vmm, vmm_filter) {
+                stop_vcpus(&self.stop_flags, handles);
+                return Err(e.into());
+            }
         }
 
         let result = loop {

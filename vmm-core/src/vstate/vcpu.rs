@@ -213,9 +213,18 @@ impl Vcpu {
             .map_err(|e| VcpuError::Kvm(i, "KVM_SET_SREGS", e))
     }
 
-    /// Runs the vCPU until it stops; reports why on `events`.
-    pub fn run(mut self, events: Sender<(u8, VcpuExit)>, wake: impl Fn()) {
-        let exit = self.run_loop();
+    /// Runs the vCPU until it stops; reports why on `events`. `confine`
+    /// runs first, on this thread (it installs the seccomp filter).
+    pub fn run(
+        mut self,
+        events: Sender<(u8, VcpuExit)>,
+        wake: impl Fn(),
+        confine: impl FnOnce() -> Result<(), String>,
+    ) {
+        let exit = match confine() {
+            Ok(()) => self.run_loop(),
+            Err(e) => VcpuExit::Error(format!("vCPU {}: {e}", self.index)),
+        };
         if self.stepped > 0 {
             tracing::debug!(
                 vcpu = self.index,

@@ -1,0 +1,271 @@
+//! Per-thread seccomp filters for husk-vmm.
+//!
+//! The VMM is the part of husk a guest attacks first, so each of its threads
+//! may only make the system calls its job needs, and a vCPU thread may only
+//! issue the four KVM ioctls of its run loop. Filters are installed by the
+//! thread itself once set-up is done (opening files, binding sockets and
+//! creating KVM objects happen before), and a call outside the list ends the
+//! whole VMM with a message naming the system call ([`SECCOMP_EXIT_CODE`]).
+//!
+//! The lists are written against glibc's x86_64 syscall use by the Rust
+//! standard library, `tracing` and the rust-vmm crates in this VMM.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Exit status of a VMM that made a forbidden system call.
+pub const SECCOMP_EXIT_CODE: i32 = 159;
+
+/// The kinds of thread in husk-vmm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread: device emulation event loop, control API, teardown.
+    Vmm,
+    /// A vCPU thread: KVM_RUN and MMIO/PIO exits.
+    Vcpu,
+}
+
+/// Errors building or installing a filter.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter could not be built.
+    #[error("building the {0:?} seccomp filter")]
+    Build(ThreadKind, #[source] seccompiler::BackendError),
+    /// The filter could not be compiled to BPF.
+    #[error("compiling the {0:?} seccomp filter")]
+    Compile(ThreadKind, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("installing the {0:?} seccomp filter")]
+    Install(ThreadKind, #[source] seccompiler::Error),
+    /// The SIGSYS handler could not be installed.
+    #[error("installing the SIGSYS handler")]
+    Handler(#[source] std::io::Error),
+}
+
+const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | (0xae << 8) | nr
+}
+/// `KVM_RUN`.
+pub const KVM_RUN: u64 = ioc(0, 0x80, 0);
+/// `KVM_GET_REGS` (struct kvm_regs is 144 bytes).
+pub const KVM_GET_REGS: u64 = ioc(2, 0x81, 144);
+/// `KVM_SET_REGS`.
+pub const KVM_SET_REGS: u64 = ioc(1, 0x82, 144);
+/// `KVM_TRANSLATE` (struct kvm_translation is 24 bytes).
+pub const KVM_TRANSLATE: u64 = ioc(3, 0x85, 24);
+const FIONBIO: u64 = 0x5421;
+
+/// System calls every thread needs: memory, locks, signals, time, exit,
+/// writing logs.
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The main thread's event loop: eventfds, sockets (vsock muxer, API),
+/// removing its socket files at exit.
+const VMM_ONLY: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_close,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_fcntl,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_poll,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> =
+        COMMON.iter().map(|&s| (s, Vec::new())).collect();
+    // Argument 1 (the request of ioctl, the command of fcntl) equals `v`.
+    let ioctl_eq = |v: u64| -> Result<SeccompRule, seccompiler::BackendError> {
+        SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            v,
+        )?])
+    };
+    match kind {
+        ThreadKind::Vmm => {
+            map.extend(VMM_ONLY.iter().map(|&s| (s, Vec::new())));
+            map.insert(libc::SYS_ioctl, vec![ioctl_eq(FIONBIO)?]);
+        }
+        ThreadKind::Vcpu => {
+            let allowed = [KVM_RUN, KVM_GET_REGS, KVM_SET_REGS, KVM_TRANSLATE];
+            map.insert(
+                libc::SYS_ioctl,
+                allowed
+                    .iter()
+                    .map(|&v| ioctl_eq(v))
+                    .collect::<Result<_, _>>()?,
+            );
+            // A driver activating or resetting a device does so from a vCPU
+            // (an MMIO write): the transport duplicates and closes the
+            // queue eventfds it hands over (F_GETFD: the standard library's
+            // check that a descriptor is open before closing it).
+            let fcntl_cmds = [libc::F_DUPFD_CLOEXEC, libc::F_GETFD];
+            map.insert(
+                libc::SYS_fcntl,
+                fcntl_cmds
+                    .iter()
+                    .map(|&c| ioctl_eq(c as u64))
+                    .collect::<Result<_, _>>()?,
+            );
+            map.insert(libc::SYS_close, Vec::new());
+        }
+    }
+    Ok(map)
+}
+
+/// Builds the BPF program of `kind`.
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let rules = rules(kind).map_err(|e| SeccompError::Build(kind, e))?;
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SeccompError::Build(kind, e))?;
+    f.try_into().map_err(|e| SeccompError::Compile(kind, e))
+}
+
+/// Installs `program` on the calling thread.
+pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS; `si_syscall` is
+    // the i32 at byte offset 24 of the x86_64 layout (after signo, errno,
+    // code, padding and the faulting call address).
+    let nr = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
+    let mut msg = *b"husk-vmm: blocked a forbidden system call: 0000\n";
+    let digits = &mut msg[43..47];
+    let mut n = nr.clamp(0, 9999);
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is live.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(SECCOMP_EXIT_CODE);
+    }
+}
+
+/// Makes a forbidden system call end the process with a message.
+pub fn install_sigsys_handler() -> Result<(), SeccompError> {
+    vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
+        .map_err(|e| SeccompError::Handler(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_kvm() {
+        assert_eq!(KVM_RUN, 0xae80);
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_SET_REGS, 0x4090_ae82);
+        assert_eq!(KVM_TRANSLATE, 0xc018_ae85);
+    }
+
+    #[test]
+    fn filters_build() {
+        assert!(!filter(ThreadKind::Vmm).expect("vmm").is_empty());
+        assert!(!filter(ThreadKind::Vcpu).expect("vcpu").is_empty());
+    }
+
+    /// In a forked child: install the vCPU filter, then make a call it does
+    /// not allow; the child must die through the SIGSYS handler.
+    #[test]
+    fn forbidden_call_ends_the_process() {
+        let prog = filter(ThreadKind::Vcpu).expect("filter");
+        install_sigsys_handler().expect("handler");
+        // SAFETY: the child only makes async-signal-safe calls before _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            if apply(ThreadKind::Vcpu, &prog).is_err() {
+                // SAFETY: async-signal-safe exit in the child.
+                unsafe { libc::_exit(1) };
+            }
+            // getppid is not on the vCPU list.
+            // SAFETY: plain syscall; the filter stops it.
+            unsafe { libc::getppid() };
+            // SAFETY: async-signal-safe exit in the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_CODE);
+    }
+
+    /// An allowed ioctl with a disallowed request is stopped too.
+    #[test]
+    fn vcpu_ioctls_are_limited_to_the_run_loop() {
+        let prog = filter(ThreadKind::Vcpu).expect("filter");
+        install_sigsys_handler().expect("handler");
+        // SAFETY: see above.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            if apply(ThreadKind::Vcpu, &prog).is_err() {
+                // SAFETY: async-signal-safe exit in the child.
+                unsafe { libc::_exit(1) };
+            }
+            // FIONBIO on stdin: allowed syscall, forbidden request.
+            let mut one: libc::c_int = 1;
+            // SAFETY: valid pointer to an int.
+            unsafe { libc::ioctl(0, 0x5421, &mut one) };
+            // SAFETY: async-signal-safe exit in the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_CODE);
+    }
+}
