@@ -19,12 +19,18 @@ cache=${HUSK_CACHE_DIR:-/var/cache/husk}
 guest_dir=${HUSK_GUEST_DIR:-/var/lib/husk/guest}
 src_pkg=${HUSK_LINUX_SOURCE_PKG:-linux-source-6.1}
 jobs=${HUSK_KERNEL_JOBS:-$(nproc)}
+# Reproducible builds: the same inputs give the same vmlinux on any machine
+# (templates and caches are keyed by the image's contents).
+export KBUILD_BUILD_USER=husk KBUILD_BUILD_HOST=husk KBUILD_BUILD_VERSION=1
 
 log() { printf 'guest-image: %s\n' "$*" >&2; }
 die() { printf 'guest-image: error: %s\n' "$*" >&2; exit 1; }
 
 src_version=$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null) ||
   die "$src_pkg is not installed (apt-get install $src_pkg)"
+# The build timestamp is the source package's, not the build's.
+KBUILD_BUILD_TIMESTAMP=$(date -u -d "@$(stat -c %Y "$(dpkg-query -L "$src_pkg" | grep -E '\.tar\.xz$' | head -n1)")" '+%Y-%m-%d')
+export KBUILD_BUILD_TIMESTAMP
 tarball=$(dpkg-query -L "$src_pkg" | grep -E '/linux-source-[0-9.]+\.tar\.xz$' | head -n1)
 [ -f "$tarball" ] || die "no source tarball found in package $src_pkg"
 
