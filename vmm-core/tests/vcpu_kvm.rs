@@ -1,0 +1,114 @@
+//! The vCPU run loop on real KVM, with tiny guests instead of a kernel:
+//! PIO exits reach the bus, instructions the host cannot emulate are stepped
+//! over (on PVM hosts) or run natively (on hardware), and an instruction
+//! nobody handles stops the vCPU with an error naming its bytes and RIP.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    mpsc::channel,
+    Arc, Mutex,
+};
+
+use husk_vmm_core::{
+    arch::cpuid::CpuProfile,
+    bus::{Bus, BusDevice},
+    memory::create_guest_memory,
+    vstate::{
+        vcpu::{Vcpu, VcpuExit},
+        vm::{create_vm, open_kvm},
+    },
+};
+use vm_memory::{Bytes, GuestAddress};
+
+const CODE_AT: u64 = 0x1000;
+const DONE_PORT: u64 = 0xf4;
+
+/// Records the byte written to the "done" port and stops the vCPU.
+struct Done {
+    stop: Arc<AtomicBool>,
+    value: Arc<Mutex<Option<u8>>>,
+}
+
+impl BusDevice for Done {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        *self.value.lock().expect("lock") = data.first().copied();
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: these tests need KVM and do not skip"
+    );
+}
+
+/// Runs `code` in 32-bit protected mode (the PVH entry state) until it
+/// writes to the done port or the vCPU stops. Returns the exit and the byte.
+fn run_code(code: &[u8]) -> (VcpuExit, Option<u8>) {
+    require_kvm();
+    let kvm = open_kvm(std::path::Path::new("/dev/kvm")).expect("kvm");
+    let (mem, _memfd) = create_guest_memory(2 << 20).expect("memory");
+    mem.write_slice(code, GuestAddress(CODE_AT)).expect("code");
+    let vm = create_vm(&kvm, &mem).expect("vm");
+    let stop = Arc::new(AtomicBool::new(false));
+    let value = Arc::new(Mutex::new(None));
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(Mutex::new(Done {
+            stop: stop.clone(),
+            value: value.clone(),
+        })),
+        DONE_PORT,
+        1,
+    )
+    .expect("bus");
+    let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(Bus::new()), mem, stop).expect("vcpu");
+    vcpu.configure(&kvm, CpuProfile::detect(), 1)
+        .expect("configure");
+    vcpu.set_pvh_entry(CODE_AT).expect("entry");
+    let (tx, rx) = channel();
+    let handle = std::thread::spawn(move || vcpu.run(tx, || {}, || Ok(())));
+    let (_, exit) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the vCPU stops");
+    handle.join().expect("join");
+    let v = *value.lock().expect("lock");
+    (exit, v)
+}
+
+#[test]
+fn steps_over_fwait_and_popcnt_and_reaches_the_bus() {
+    let code = [
+        0x9b, // fwait
+        0xb9, 0x0f, 0x0f, 0x00, 0x00, // mov ecx, 0x0f0f
+        0xf3, 0x0f, 0xb8, 0xc1, // popcnt eax, ecx
+        0xe6, 0xf4, // out 0xf4, al
+        0xf4, // hlt
+    ];
+    let (exit, value) = run_code(&code);
+    assert_eq!(exit, VcpuExit::Stopped);
+    assert_eq!(value, Some(8), "popcnt(0x0f0f) reached the bus");
+}
+
+#[test]
+fn an_instruction_nobody_can_run_stops_the_vcpu_clearly() {
+    // xrstor [edi] with XSAVE off: the PVM emulator cannot run it; hardware
+    // raises #UD, which without an IDT ends in a triple fault.
+    let code = [0x31, 0xff, 0x0f, 0xae, 0x2f, 0xe6, 0xf4, 0xf4];
+    let (exit, value) = run_code(&code);
+    assert_eq!(value, None, "execution must not continue past it");
+    match CpuProfile::detect() {
+        CpuProfile::Emulated => match exit {
+            VcpuExit::Error(msg) => {
+                assert!(msg.contains("0f ae 2f"), "names the bytes: {msg}");
+                assert!(msg.contains("RIP 0x1002"), "names the RIP: {msg}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        },
+        CpuProfile::Host => assert_eq!(exit, VcpuExit::Shutdown),
+    }
+}
