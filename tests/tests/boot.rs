@@ -216,9 +216,23 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
         .await
         .expect("Health after a cut stream");
 
-    // The control API reports the VM.
+    // The control API reports the VM, and pauses and resumes its vCPUs:
+    // a paused guest does not answer, a resumed one does.
     let state = vm.api("{\"action\":\"state\"}").await.expect("api");
     assert!(state.contains("\"running\""), "{state}");
+    let paused = vm.api("{\"action\":\"pause\"}").await.expect("api");
+    assert!(paused.contains("\"paused\""), "{paused}");
+    let short = ttrpc::context::with_timeout(1_500_000_000);
+    assert!(
+        client.health(short, &HealthRequest::new()).await.is_err(),
+        "a paused guest cannot answer"
+    );
+    let resumed = vm.api("{\"action\":\"resume\"}").await.expect("api");
+    assert!(resumed.contains("\"running\""), "{resumed}");
+    client
+        .health(ctx(), &HealthRequest::new())
+        .await
+        .expect("Health after resume");
 
     // Orderly shutdown: the VMM exits 0 and leaves nothing behind.
     client

@@ -21,6 +21,11 @@ use std::{
 };
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use crate::vstate::control::{RunState, VcpuControl, Wanted};
+
+/// How long a pause or resume may take.
+const VCPU_WAIT: Duration = Duration::from_secs(5);
 use serde::{Deserialize, Serialize};
 
 /// A request on the API socket.
@@ -30,6 +35,10 @@ pub enum Request {
     State,
     /// Stop the VM (vCPUs stop, the VMM exits 0).
     Stop,
+    /// Park every vCPU (guest state is kept; devices keep running).
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
 }
 
 /// The wire form of a request: exactly one field, `action`.
@@ -46,6 +55,8 @@ impl Request {
         match raw.action.as_str() {
             "state" => Ok(Self::State),
             "stop" => Ok(Self::Stop),
+            "pause" => Ok(Self::Pause),
+            "resume" => Ok(Self::Resume),
             other => Err(format!("unknown action {other:?}")),
         }
     }
@@ -57,6 +68,8 @@ impl Request {
 pub enum VmState {
     /// vCPUs are running.
     Running,
+    /// vCPUs are parked.
+    Paused,
     /// A stop was requested; the VMM is shutting down.
     Stopping,
 }
@@ -101,6 +114,7 @@ pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
     shared: Arc<Mutex<Shared>>,
+    vcpus: Arc<[Arc<VcpuControl>]>,
     /// Signalled when a stop was requested, to wake the VMM.
     on_stop: Box<dyn Fn() + Send>,
 }
@@ -114,8 +128,51 @@ impl std::fmt::Debug for ApiServer {
 }
 
 /// Answers one request line.
-pub fn answer(line: &str, shared: &mut Shared) -> Response {
+pub fn answer(line: &str, shared: &mut Shared, vcpus: &[Arc<VcpuControl>]) -> Response {
+    let fail = |e: String| Response {
+        ok: false,
+        state: None,
+        uptime_ms: None,
+        error: Some(e),
+    };
+    let done = |state| Response {
+        ok: true,
+        state: Some(state),
+        uptime_ms: None,
+        error: None,
+    };
     match Request::parse(line) {
+        Ok(Request::Pause | Request::Resume) if shared.state == VmState::Stopping => {
+            fail("the VM is stopping".to_string())
+        }
+        Ok(Request::Pause) => {
+            for v in vcpus {
+                v.request(Wanted::Pause);
+            }
+            if vcpus
+                .iter()
+                .all(|v| v.wait_for(RunState::Paused, VCPU_WAIT))
+            {
+                shared.state = VmState::Paused;
+                done(VmState::Paused)
+            } else {
+                fail("not every vCPU paused within 5 s".to_string())
+            }
+        }
+        Ok(Request::Resume) => {
+            for v in vcpus {
+                v.request(Wanted::Run);
+            }
+            if vcpus
+                .iter()
+                .all(|v| v.wait_for(RunState::Running, VCPU_WAIT))
+            {
+                shared.state = VmState::Running;
+                done(VmState::Running)
+            } else {
+                fail("not every vCPU resumed within 5 s".to_string())
+            }
+        }
         Ok(Request::State) => Response {
             ok: true,
             state: Some(shared.state),
@@ -148,6 +205,7 @@ impl ApiServer {
     pub fn new(
         path: &Path,
         shared: Arc<Mutex<Shared>>,
+        vcpus: Arc<[Arc<VcpuControl>]>,
         on_stop: Box<dyn Fn() + Send>,
     ) -> Result<Self, ApiError> {
         let _ = std::fs::remove_file(path);
@@ -162,6 +220,7 @@ impl ApiServer {
             listener,
             path: path.to_path_buf(),
             shared,
+            vcpus,
             on_stop,
         })
     }
@@ -178,7 +237,7 @@ impl ApiServer {
         let response = match reader.read_line(&mut line) {
             Ok(_) => {
                 let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-                answer(&line, &mut shared)
+                answer(&line, &mut shared, &self.vcpus)
             }
             Err(e) => Response {
                 ok: false,
@@ -245,14 +304,30 @@ mod tests {
     #[test]
     fn answers_state_and_stop() {
         let mut s = shared();
-        let r = answer("{\"action\":\"state\"}\n", &mut s);
+        let r = answer("{\"action\":\"state\"}\n", &mut s, &[]);
         assert!(r.ok);
         assert_eq!(r.state, Some(VmState::Running));
-        let r = answer("{\"action\":\"stop\"}", &mut s);
+        let r = answer("{\"action\":\"stop\"}", &mut s, &[]);
         assert_eq!(r.state, Some(VmState::Stopping));
         assert!(s.stop_requested);
-        let json = serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s)).expect("json");
+        let json =
+            serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s, &[])).expect("json");
         assert!(json.contains("\"stopping\""), "{json}");
+    }
+
+    #[test]
+    fn pause_and_resume_without_vcpus_and_not_while_stopping() {
+        let mut s = shared();
+        assert_eq!(
+            answer("{\"action\":\"pause\"}", &mut s, &[]).state,
+            Some(VmState::Paused)
+        );
+        assert_eq!(
+            answer("{\"action\":\"resume\"}", &mut s, &[]).state,
+            Some(VmState::Running)
+        );
+        answer("{\"action\":\"stop\"}", &mut s, &[]);
+        assert!(!answer("{\"action\":\"pause\"}", &mut s, &[]).ok);
     }
 
     #[test]
@@ -265,7 +340,7 @@ mod tests {
             "{\"action\":\"stop\",\"x\":1}",
             "\u{0}\u{1}",
         ] {
-            let r = answer(bad, &mut s);
+            let r = answer(bad, &mut s, &[]);
             assert!(!r.ok, "{bad:?}");
             assert!(r.error.is_some());
         }

@@ -21,7 +21,6 @@ use std::{
     fs::File,
     os::fd::AsRawFd,
     sync::{
-        atomic::{AtomicBool, Ordering},
         mpsc::{channel, Receiver, Sender},
         Arc, Mutex,
     },
@@ -31,7 +30,7 @@ use std::{
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vmm_sys_util::{eventfd::EventFd, signal::Killable};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     api::{ApiServer, Shared, VmState},
@@ -56,6 +55,7 @@ use crate::{
     memory::{create_guest_memory, GuestMemory},
     seccomp::{self, ThreadKind},
     vstate::{
+        control::{install_kick_handler, kick_signal, RunState, VcpuControl, Wanted},
         vcpu::{Vcpu, VcpuExit},
         vm,
     },
@@ -218,7 +218,7 @@ pub struct Vmm {
     _memfd: File,
     _mem: GuestMemory,
     vcpus: Vec<Vcpu>,
-    stop_flags: Vec<Arc<AtomicBool>>,
+    controls: Arc<[Arc<VcpuControl>]>,
     event_manager: EventManager<Subscriber>,
     exit_evt: EventFd,
     vcpu_tx: Sender<(u8, VcpuExit)>,
@@ -236,13 +236,6 @@ impl std::fmt::Debug for Vmm {
             .finish_non_exhaustive()
     }
 }
-
-/// The signal that knocks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Blocks SIGTERM/SIGINT in the calling thread (inherited by every thread it
 /// starts) and returns a signalfd that reads them.
@@ -366,24 +359,25 @@ impl Vmm {
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
         let mut vcpus = Vec::new();
-        let mut stop_flags = Vec::new();
+        let mut controls = Vec::new();
         for index in 0..config.vcpus {
-            let stop = Arc::new(AtomicBool::new(false));
+            let control = Arc::new(VcpuControl::new(kick_signal()));
             let vcpu = Vcpu::new(
                 &vm,
                 index,
                 pio.clone(),
                 mmio.clone(),
                 mem.clone(),
-                stop.clone(),
+                control.clone(),
             )?;
             vcpu.configure(&kvm, profile, config.vcpus)?;
             if index == 0 {
                 vcpu.set_pvh_entry(boot_info.entry)?;
             }
             vcpus.push(vcpu);
-            stop_flags.push(stop);
+            controls.push(control);
         }
+        let controls: Arc<[Arc<VcpuControl>]> = controls.into();
 
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the exit eventfd"))?;
         let (vcpu_tx, vcpu_rx) = channel();
@@ -409,6 +403,7 @@ impl Vmm {
             let api = ApiServer::new(
                 path,
                 shared.clone(),
+                controls.clone(),
                 Box::new(move || {
                     let _ = wake.write(1);
                 }),
@@ -424,7 +419,7 @@ impl Vmm {
             _memfd: memfd,
             _mem: mem,
             vcpus,
-            stop_flags,
+            controls,
             event_manager,
             exit_evt,
             vcpu_tx,
@@ -438,8 +433,7 @@ impl Vmm {
     pub fn run(mut self) -> Result<ExitReason, VmmError> {
         // The handler does nothing (async-signal-safe); it only exists so the
         // signal interrupts KVM_RUN instead of killing the process.
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
-            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        install_kick_handler().map_err(VmmError::Thread)?;
 
         self.shared
             .lock()
@@ -480,7 +474,7 @@ impl Vmm {
             // From here on the main thread only runs the event loop and the
             // teardown; the vCPU threads confine themselves.
             if let Err(e) = seccomp::apply(ThreadKind::Vmm, vmm_filter) {
-                stop_vcpus(&self.stop_flags, handles);
+                stop_vcpus(&self.controls, handles);
                 return Err(e.into());
             }
         }
@@ -500,31 +494,21 @@ impl Vmm {
         };
 
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).state = VmState::Stopping;
-        stop_vcpus(&self.stop_flags, handles);
+        stop_vcpus(&self.controls, handles);
         result
     }
 }
 
-/// Stops every vCPU thread: sets its flag and kicks it out of KVM_RUN until
-/// it has exited.
-fn stop_vcpus(flags: &[Arc<AtomicBool>], handles: Vec<JoinHandle<()>>) {
-    for f in flags {
-        f.store(true, Ordering::Release);
+/// Stops every vCPU thread (running or paused) and joins it.
+fn stop_vcpus(controls: &[Arc<VcpuControl>], handles: Vec<JoinHandle<()>>) {
+    for c in controls {
+        c.request(Wanted::Stop);
     }
-    for handle in handles {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !handle.is_finished() {
-            // A kick that lands before the thread re-enters KVM_RUN is lost;
-            // repeat it until the thread is gone.
-            let _ = handle.kill(kick_signal());
-            if Instant::now() > deadline {
-                tracing::error!("a vCPU thread did not stop within 5 s");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+    for (c, handle) in controls.iter().zip(handles) {
+        if !c.wait_for(RunState::Exited, Duration::from_secs(5)) {
+            tracing::error!("a vCPU thread did not stop within 5 s");
+            continue;
         }
-        if handle.is_finished() {
-            let _ = handle.join();
-        }
+        let _ = handle.join();
     }
 }

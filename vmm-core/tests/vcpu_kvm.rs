@@ -3,10 +3,9 @@
 //! over (on PVM hosts) or run natively (on hardware), and an instruction
 //! nobody handles stops the vCPU with an error naming its bytes and RIP.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    mpsc::channel,
-    Arc, Mutex,
+use std::{
+    sync::{mpsc::channel, Arc, Mutex},
+    time::Duration,
 };
 
 use husk_vmm_core::{
@@ -14,6 +13,7 @@ use husk_vmm_core::{
     bus::{Bus, BusDevice},
     memory::create_guest_memory,
     vstate::{
+        control::{install_kick_handler, kick_signal, RunState, VcpuControl, Wanted},
         vcpu::{Vcpu, VcpuExit},
         vm::{create_vm, open_kvm},
     },
@@ -25,7 +25,7 @@ const DONE_PORT: u64 = 0xf4;
 
 /// Records the byte written to the "done" port and stops the vCPU.
 struct Done {
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     value: Arc<Mutex<Option<u8>>>,
 }
 
@@ -35,7 +35,7 @@ impl BusDevice for Done {
     }
     fn write(&mut self, _offset: u64, data: &[u8]) {
         *self.value.lock().expect("lock") = data.first().copied();
-        self.stop.store(true, Ordering::Release);
+        self.control.request(Wanted::Stop);
     }
 }
 
@@ -54,19 +54,17 @@ fn run_code(code: &[u8]) -> (VcpuExit, Option<u8>) {
     let (mem, _memfd) = create_guest_memory(2 << 20).expect("memory");
     mem.write_slice(code, GuestAddress(CODE_AT)).expect("code");
     let vm = create_vm(&kvm, &mem).expect("vm");
-    let stop = Arc::new(AtomicBool::new(false));
+    install_kick_handler().expect("kick handler");
+    let control = Arc::new(VcpuControl::new(kick_signal()));
     let value = Arc::new(Mutex::new(None));
     let mut pio = Bus::new();
-    pio.insert(
-        Arc::new(Mutex::new(Done {
-            stop: stop.clone(),
-            value: value.clone(),
-        })),
-        DONE_PORT,
-        1,
-    )
-    .expect("bus");
-    let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(Bus::new()), mem, stop).expect("vcpu");
+    let done = Done {
+        control: control.clone(),
+        value: value.clone(),
+    };
+    pio.insert(Arc::new(Mutex::new(done)), DONE_PORT, 1)
+        .expect("bus");
+    let vcpu = Vcpu::new(&vm, 0, Arc::new(pio), Arc::new(Bus::new()), mem, control).expect("vcpu");
     vcpu.configure(&kvm, CpuProfile::detect(), 1)
         .expect("configure");
     vcpu.set_pvh_entry(CODE_AT).expect("entry");
@@ -111,4 +109,49 @@ fn an_instruction_nobody_can_run_stops_the_vcpu_clearly() {
         },
         CpuProfile::Host => assert_eq!(exit, VcpuExit::Shutdown),
     }
+}
+
+#[test]
+fn a_spinning_guest_pauses_resumes_and_stops() {
+    require_kvm();
+    let kvm = open_kvm(std::path::Path::new("/dev/kvm")).expect("kvm");
+    let (mem, _memfd) = create_guest_memory(2 << 20).expect("memory");
+    // inc eax; jmp back: never exits on its own.
+    mem.write_slice(&[0x40, 0xeb, 0xfd], GuestAddress(CODE_AT))
+        .expect("code");
+    let vm = create_vm(&kvm, &mem).expect("vm");
+    install_kick_handler().expect("kick handler");
+    let control = Arc::new(VcpuControl::new(kick_signal()));
+    let vcpu = Vcpu::new(
+        &vm,
+        0,
+        Arc::new(Bus::new()),
+        Arc::new(Bus::new()),
+        mem,
+        control.clone(),
+    )
+    .expect("vcpu");
+    vcpu.configure(&kvm, CpuProfile::detect(), 1)
+        .expect("configure");
+    vcpu.set_pvh_entry(CODE_AT).expect("entry");
+    let (tx, rx) = channel();
+    let handle = std::thread::spawn(move || vcpu.run(tx, || {}, || Ok(())));
+    assert!(control.wait_for(RunState::Running, Duration::from_secs(10)));
+    for _ in 0..3 {
+        control.request(Wanted::Pause);
+        assert!(
+            control.wait_for(RunState::Paused, Duration::from_secs(10)),
+            "pauses"
+        );
+        control.request(Wanted::Run);
+        assert!(
+            control.wait_for(RunState::Running, Duration::from_secs(10)),
+            "resumes"
+        );
+    }
+    control.request(Wanted::Stop);
+    let (_, exit) = rx.recv_timeout(Duration::from_secs(10)).expect("stops");
+    assert_eq!(exit, VcpuExit::Stopped);
+    handle.join().expect("join");
+    assert_eq!(control.state(), RunState::Exited);
 }

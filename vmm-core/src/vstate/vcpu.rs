@@ -1,18 +1,16 @@
 //! vCPUs: boot state and the run loop, one thread each.
 //!
-//! A vCPU thread is a small state machine: `Running` until the guest resets
-//! or shuts down, a fatal exit happens, or the VMM asks it to stop (a flag
-//! plus a signal that knocks it out of `KVM_RUN`). Whatever ends the loop is
-//! reported once on the VMM's channel as a [`VcpuExit`], and the thread ends.
+//! A vCPU thread is a small state machine driven by its [`VcpuControl`]:
+//! `Running` until the guest resets or shuts down, a fatal exit happens, or
+//! the VMM asks it to stop; `Paused` (parked, guest state stable) while the
+//! VMM wants it paused. The VMM knocks it out of `KVM_RUN` with a signal.
+//! Whatever ends the loop is reported once on the VMM's channel as a
+//! [`VcpuExit`], and the thread ends.
 //!
 //! Exit decoding is a free function over the two buses, so no device knows
 //! about vCPUs and no port numbers live in this loop.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    mpsc::Sender,
-    Arc,
-};
+use std::sync::{mpsc::Sender, Arc};
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -30,6 +28,7 @@ use crate::{
     },
     bus::Bus,
     memory::GuestMemory,
+    vstate::control::{VcpuControl, Wanted},
 };
 
 /// Why a vCPU stopped.
@@ -67,7 +66,7 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     mem: GuestMemory,
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
     /// Instructions stepped over because the host could not emulate them.
     pub stepped: u64,
 }
@@ -98,7 +97,7 @@ impl Vcpu {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         mem: GuestMemory,
-        stop: Arc<AtomicBool>,
+        control: Arc<VcpuControl>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -109,7 +108,7 @@ impl Vcpu {
             pio,
             mmio,
             mem,
-            stop,
+            control,
             stepped: 0,
         })
     }
@@ -221,10 +220,12 @@ impl Vcpu {
         wake: impl Fn(),
         confine: impl FnOnce() -> Result<(), String>,
     ) {
+        self.control.thread_started();
         let exit = match confine() {
             Ok(()) => self.run_loop(),
             Err(e) => VcpuExit::Error(format!("vCPU {}: {e}", self.index)),
         };
+        self.control.thread_exiting();
         if self.stepped > 0 {
             tracing::debug!(
                 vcpu = self.index,
@@ -238,8 +239,15 @@ impl Vcpu {
 
     fn run_loop(&mut self) -> VcpuExit {
         loop {
-            if self.stop.load(Ordering::Acquire) {
-                return VcpuExit::Stopped;
+            match self.control.wanted() {
+                Wanted::Run => {}
+                Wanted::Stop => return VcpuExit::Stopped,
+                Wanted::Pause => {
+                    if self.control.park() == Wanted::Stop {
+                        return VcpuExit::Stopped;
+                    }
+                    continue;
+                }
             }
             match self.fd.run() {
                 Ok(exit) => match handle_exit(exit, &self.pio, &self.mmio) {
