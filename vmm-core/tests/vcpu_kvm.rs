@@ -155,3 +155,135 @@ fn a_spinning_guest_pauses_resumes_and_stops() {
     handle.join().expect("join");
     assert_eq!(control.state(), RunState::Exited);
 }
+
+/// Records every byte written to the done port and asks the vCPU to pause
+/// after the first one.
+struct PauseOnWrite {
+    control: Arc<VcpuControl>,
+    values: Arc<Mutex<Vec<u8>>>,
+}
+
+impl BusDevice for PauseOnWrite {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        self.values.lock().expect("lock").extend_from_slice(data);
+        self.control.request(Wanted::Pause);
+    }
+}
+
+/// The snapshot round trip at the KVM level: run a guest to a point, pause,
+/// save vCPU and VM state and memory, restore all of it into a brand-new VM,
+/// and the guest carries on from the next instruction.
+#[test]
+fn vcpu_and_vm_state_round_trip_into_a_new_vm() {
+    use husk_vmm_core::vstate::vm::{restore_vm_state, save_vm_state};
+    require_kvm();
+    install_kick_handler().expect("kick handler");
+    let kvm = Arc::new(open_kvm(std::path::Path::new("/dev/kvm")).expect("kvm"));
+    let code = [
+        0xb8, 0x34, 0x00, 0x00, 0x00, // mov eax, 0x34
+        0xe6, 0xf4, // out 0xf4, al      (VM 1 pauses here)
+        0x40, // inc eax
+        0xe6, 0xf4, // out 0xf4, al      (VM 2 reports 0x35)
+        0xf4, // hlt
+    ];
+
+    // VM 1: run to the first port write, then save everything.
+    let (mem1, _fd1) = create_guest_memory(2 << 20).expect("memory");
+    mem1.write_slice(&code, GuestAddress(CODE_AT))
+        .expect("code");
+    let vm1 = create_vm(&kvm, &mem1).expect("vm");
+    let control1 = Arc::new(VcpuControl::new(kick_signal()));
+    let values1 = Arc::new(Mutex::new(Vec::new()));
+    let mut pio = Bus::new();
+    let dev = PauseOnWrite {
+        control: control1.clone(),
+        values: values1.clone(),
+    };
+    pio.insert(Arc::new(Mutex::new(dev)), DONE_PORT, 1)
+        .expect("bus");
+    let vcpu1 = Vcpu::new(
+        &vm1,
+        0,
+        Arc::new(pio),
+        Arc::new(Bus::new()),
+        mem1.clone(),
+        control1.clone(),
+    )
+    .expect("vcpu");
+    vcpu1
+        .configure(&kvm, CpuProfile::detect(), 1)
+        .expect("configure");
+    vcpu1.set_pvh_entry(CODE_AT).expect("entry");
+    let (tx1, rx1) = channel();
+    let t1 = std::thread::spawn(move || vcpu1.run(tx1, || {}, || Ok(())));
+    assert!(
+        control1.wait_for(RunState::Paused, Duration::from_secs(30)),
+        "VM 1 pauses at the port write"
+    );
+    assert_eq!(*values1.lock().expect("lock"), vec![0x34]);
+
+    let (state_tx, state_rx) = channel();
+    let k = kvm.clone();
+    assert!(control1.post(Box::new(move |vcpu: &mut Vcpu| {
+        let saved = vcpu
+            .msrs_to_save(&k)
+            .map_err(|e| e.to_string())
+            .and_then(|msrs| vcpu.save_state(&msrs).map_err(|e| e.to_string()));
+        let _ = state_tx.send(saved);
+    })));
+    let state = state_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("job ran")
+        .expect("vCPU state");
+    let vm_state = save_vm_state(&vm1).expect("VM state");
+    let mut image = vec![0u8; 2 << 20];
+    mem1.read_slice(&mut image, GuestAddress(0))
+        .expect("memory image");
+    control1.request(Wanted::Stop);
+    assert_eq!(
+        rx1.recv_timeout(Duration::from_secs(10))
+            .expect("VM 1 stops")
+            .1,
+        VcpuExit::Stopped
+    );
+    t1.join().expect("join");
+
+    // VM 2: fresh KVM objects, restored state, same memory contents.
+    let (mem2, _fd2) = create_guest_memory(2 << 20).expect("memory");
+    mem2.write_slice(&image, GuestAddress(0))
+        .expect("memory image");
+    let vm2 = create_vm(&kvm, &mem2).expect("vm");
+    restore_vm_state(&vm2, &vm_state).expect("restore VM state");
+    let control2 = Arc::new(VcpuControl::new(kick_signal()));
+    let value2 = Arc::new(Mutex::new(None));
+    let mut pio = Bus::new();
+    pio.insert(
+        Arc::new(Mutex::new(Done {
+            control: control2.clone(),
+            value: value2.clone(),
+        })),
+        DONE_PORT,
+        1,
+    )
+    .expect("bus");
+    let vcpu2 =
+        Vcpu::new(&vm2, 0, Arc::new(pio), Arc::new(Bus::new()), mem2, control2).expect("vcpu");
+    vcpu2.restore_state(&state).expect("restore vCPU state");
+    let (tx2, rx2) = channel();
+    let t2 = std::thread::spawn(move || vcpu2.run(tx2, || {}, || Ok(())));
+    assert_eq!(
+        rx2.recv_timeout(Duration::from_secs(30))
+            .expect("VM 2 stops")
+            .1,
+        VcpuExit::Stopped
+    );
+    t2.join().expect("join");
+    assert_eq!(
+        *value2.lock().expect("lock"),
+        Some(0x35),
+        "VM 2 continued after the saved instruction"
+    );
+}

@@ -7,9 +7,33 @@
 //! signal never reaches a thread id that was reused.
 
 use std::{
+    collections::VecDeque,
     sync::{Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
+
+use super::vcpu::Vcpu;
+
+/// Work the VMM hands a parked vCPU thread (saving or restoring its state:
+/// the vCPU's KVM descriptor belongs to that thread).
+pub type VcpuJob = Box<dyn FnOnce(&mut Vcpu) + Send>;
+
+/// Why a parked vCPU thread woke up.
+pub enum Wake {
+    /// The VMM wants something other than `Pause` now.
+    Wanted(Wanted),
+    /// A job to run while staying paused.
+    Job(VcpuJob),
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Wanted(w) => write!(f, "Wanted({w:?})"),
+            Self::Job(_) => write!(f, "Job"),
+        }
+    }
+}
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -49,11 +73,21 @@ pub enum RunState {
     Exited,
 }
 
-#[derive(Debug)]
 struct Ctl {
     wanted: Wanted,
     state: RunState,
     thread: Option<libc::pthread_t>,
+    jobs: VecDeque<VcpuJob>,
+}
+
+impl std::fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctl")
+            .field("wanted", &self.wanted)
+            .field("state", &self.state)
+            .field("jobs", &self.jobs.len())
+            .finish()
+    }
 }
 
 /// Shared between the VMM and one vCPU thread.
@@ -73,6 +107,7 @@ impl VcpuControl {
                 wanted: Wanted::Run,
                 state: RunState::Starting,
                 thread: None,
+                jobs: VecDeque::new(),
             }),
             changed: Condvar::new(),
             kick_signal,
@@ -153,18 +188,37 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// The thread parks while the VMM wants it paused; returns what the
-    /// VMM wants once that is no longer `Pause`.
-    pub fn park(&self) -> Wanted {
+    /// Queues `job` for the vCPU thread; it runs once the thread is parked
+    /// (the VMM pauses the vCPU first). Returns false if the thread exited.
+    pub fn post(&self, job: VcpuJob) -> bool {
+        let mut c = self.lock();
+        if c.state == RunState::Exited {
+            return false;
+        }
+        c.jobs.push_back(job);
+        self.changed.notify_all();
+        true
+    }
+
+    /// The thread parks while the VMM wants it paused. It wakes for a job
+    /// (and stays `Paused` while running it) or when the VMM wants
+    /// something else.
+    pub fn park(&self) -> Wake {
         let mut c = self.lock();
         c.state = RunState::Paused;
         self.changed.notify_all();
-        while c.wanted == Wanted::Pause {
+        loop {
+            if let Some(job) = c.jobs.pop_front() {
+                return Wake::Job(job);
+            }
+            if c.wanted != Wanted::Pause {
+                break;
+            }
             c = self.changed.wait(c).unwrap_or_else(|e| e.into_inner());
         }
         c.state = RunState::Running;
         self.changed.notify_all();
-        c.wanted
+        Wake::Wanted(c.wanted)
     }
 
     /// The thread leaves its loop; no kick may reach it after this.
@@ -172,6 +226,7 @@ impl VcpuControl {
         let mut c = self.lock();
         c.state = RunState::Exited;
         c.thread = None;
+        c.jobs.clear();
         self.changed.notify_all();
     }
 }
@@ -194,7 +249,7 @@ mod tests {
                 match c.wanted() {
                     Wanted::Stop => break,
                     Wanted::Pause => {
-                        if c.park() == Wanted::Stop {
+                        if matches!(c.park(), Wake::Wanted(Wanted::Stop)) {
                             break;
                         }
                     }

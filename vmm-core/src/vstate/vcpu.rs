@@ -13,7 +13,9 @@
 use std::sync::{mpsc::Sender, Arc};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -28,7 +30,7 @@ use crate::{
     },
     bus::Bus,
     memory::GuestMemory,
-    vstate::control::{VcpuControl, Wanted},
+    vstate::control::{VcpuControl, Wake, Wanted},
 };
 
 /// Why a vCPU stopped.
@@ -56,6 +58,41 @@ pub enum VcpuError {
     /// The MSR list could not be built.
     #[error("vCPU {0}: building the MSR list")]
     Msrs(u8, #[source] vmm_sys_util::fam::Error),
+}
+
+/// Everything KVM keeps about one vCPU: what a snapshot saves and a
+/// restore puts back, in the order KVM needs it back.
+pub struct VcpuState {
+    /// The CPUID the vCPU was created with.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Multiprocessing state (running, halted, waiting for SIPI).
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE state (XSAVE layout).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// The local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Model-specific registers (index, value).
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &self.regs.rip)
+            .field("mp_state", &self.mp_state.mp_state)
+            .field("msrs", &self.msrs.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One vCPU and what its exits reach.
@@ -212,6 +249,88 @@ impl Vcpu {
             .map_err(|e| VcpuError::Kvm(i, "KVM_SET_SREGS", e))
     }
 
+    /// The MSRs a snapshot of this vCPU saves (probed once per VM).
+    pub fn msrs_to_save(&self, kvm: &Kvm) -> Result<Vec<u32>, crate::vstate::vm::VmError> {
+        crate::vstate::vm::msrs_to_save(kvm, &self.fd)
+    }
+
+    /// Reads the vCPU's whole state. `msr_indices` are the MSRs to save
+    /// (see [`Vcpu::msrs_to_save`]). The vCPU must not be running.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let i = self.index;
+        let k = |what| move |e| VcpuError::Kvm(i, what, e);
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(k("KVM_GET_CPUID2"))?;
+        let entries: Vec<kvm_msr_entry> = msr_indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::Msrs(i, e))?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(k("KVM_GET_MSRS"))?;
+        if n != entries.len() {
+            return Err(VcpuError::Kvm(
+                i,
+                "KVM_GET_MSRS (not every MSR could be read)",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ));
+        }
+        Ok(VcpuState {
+            cpuid: cpuid.as_slice().to_vec(),
+            mp_state: self.fd.get_mp_state().map_err(k("KVM_GET_MP_STATE"))?,
+            regs: self.fd.get_regs().map_err(k("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(k("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(k("KVM_GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(k("KVM_GET_XCRS"))?,
+            debugregs: self.fd.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?,
+            lapic: self.fd.get_lapic().map_err(k("KVM_GET_LAPIC"))?,
+            msrs: msrs.as_slice().to_vec(),
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(k("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Puts a saved state back into this (fresh) vCPU.
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        let i = self.index;
+        let k = |what| move |e| VcpuError::Kvm(i, what, e);
+        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|e| VcpuError::Cpuid(i, e))?;
+        self.fd.set_cpuid2(&cpuid).map_err(k("KVM_SET_CPUID2"))?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(k("KVM_SET_MP_STATE"))?;
+        self.fd.set_regs(&s.regs).map_err(k("KVM_SET_REGS"))?;
+        self.fd.set_sregs(&s.sregs).map_err(k("KVM_SET_SREGS"))?;
+        // SAFETY: `s.xsave` is a complete kvm_xsave read back by KVM_GET_XSAVE
+        // on a vCPU with the same CPUID; KVM reads exactly its size.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(k("KVM_SET_XSAVE"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(k("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&s.debugregs)
+            .map_err(k("KVM_SET_DEBUGREGS"))?;
+        self.fd.set_lapic(&s.lapic).map_err(k("KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|e| VcpuError::Msrs(i, e))?;
+        let n = self.fd.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
+        if n != s.msrs.len() {
+            let index = s.msrs.get(n).map_or(0, |m| m.index);
+            tracing::warn!(vcpu = i, index, "KVM refused a saved MSR");
+            return Err(VcpuError::Kvm(
+                i,
+                "KVM_SET_MSRS (an MSR was refused)",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ));
+        }
+        self.fd
+            .set_vcpu_events(&s.events)
+            .map_err(k("KVM_SET_VCPU_EVENTS"))
+    }
+
     /// Runs the vCPU until it stops; reports why on `events`. `confine`
     /// runs first, on this thread (it installs the seccomp filter).
     pub fn run(
@@ -243,8 +362,10 @@ impl Vcpu {
                 Wanted::Run => {}
                 Wanted::Stop => return VcpuExit::Stopped,
                 Wanted::Pause => {
-                    if self.control.park() == Wanted::Stop {
-                        return VcpuExit::Stopped;
+                    match self.control.park() {
+                        Wake::Job(job) => job(self),
+                        Wake::Wanted(Wanted::Stop) => return VcpuExit::Stopped,
+                        Wake::Wanted(_) => {}
                     }
                     continue;
                 }

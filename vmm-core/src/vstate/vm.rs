@@ -1,7 +1,11 @@
 //! The KVM VM: opening `/dev/kvm`, checking capabilities, memory slots and
 //! the in-kernel IOAPIC/PIC/PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_msr_entry, kvm_pit_config, kvm_pit_state2,
+    kvm_userspace_memory_region, Msrs, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemory as _, GuestMemoryRegion};
 
@@ -85,4 +89,84 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmError> {
             .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
     Ok(vm)
+}
+
+/// The VM-wide state KVM keeps: interrupt controllers, PIT, clock.
+#[derive(Clone)]
+pub struct VmState {
+    /// PIC master, PIC slave, IOAPIC (in that order).
+    pub irqchips: [kvm_irqchip; 3],
+    /// The PIT.
+    pub pit: kvm_pit_state2,
+    /// The kvm-clock value.
+    pub clock: kvm_clock_data,
+}
+
+impl std::fmt::Debug for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmState")
+            .field("clock", &self.clock.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+/// Reads the VM-wide state (vCPUs paused).
+pub fn save_vm_state(vm: &VmFd) -> Result<VmState, VmError> {
+    let mut irqchips = [kvm_irqchip::default(); 3];
+    for (chip, id) in irqchips.iter_mut().zip(IRQCHIPS) {
+        chip.chip_id = id;
+        vm.get_irqchip(chip)
+            .map_err(|e| VmError::Kvm("KVM_GET_IRQCHIP", e))?;
+    }
+    let pit = vm.get_pit2().map_err(|e| VmError::Kvm("KVM_GET_PIT2", e))?;
+    let mut clock = vm
+        .get_clock()
+        .map_err(|e| VmError::Kvm("KVM_GET_CLOCK", e))?;
+    // Only the clock value goes back; KVM_SET_CLOCK refuses these flags.
+    clock.flags &= !KVM_CLOCK_TSC_STABLE;
+    Ok(VmState {
+        irqchips,
+        pit,
+        clock,
+    })
+}
+
+/// Puts VM-wide state back (before the vCPUs run).
+pub fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), VmError> {
+    for chip in &s.irqchips {
+        vm.set_irqchip(chip)
+            .map_err(|e| VmError::Kvm("KVM_SET_IRQCHIP", e))?;
+    }
+    vm.set_pit2(&s.pit)
+        .map_err(|e| VmError::Kvm("KVM_SET_PIT2", e))?;
+    vm.set_clock(&s.clock)
+        .map_err(|e| VmError::Kvm("KVM_SET_CLOCK", e))
+}
+
+/// The MSRs a snapshot saves: KVM's list of saveable MSRs, minus those this
+/// host cannot read on a vCPU (probed on `vcpu`).
+pub fn msrs_to_save(kvm: &Kvm, vcpu: &kvm_ioctls::VcpuFd) -> Result<Vec<u32>, VmError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(|e| VmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut out = Vec::new();
+    for &index in list.as_slice() {
+        let entry = [kvm_msr_entry {
+            index,
+            ..Default::default()
+        }];
+        let Ok(mut msrs) = Msrs::from_entries(&entry) else {
+            continue;
+        };
+        if matches!(vcpu.get_msrs(&mut msrs), Ok(1)) {
+            out.push(index);
+        }
+    }
+    Ok(out)
 }
