@@ -141,6 +141,8 @@ pub struct VmOptions {
     pub serial: bool,
     /// Extra kernel command line.
     pub cmdline: String,
+    /// Extra husk-vmm arguments.
+    pub vmm_args: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -150,6 +152,7 @@ impl Default for VmOptions {
             vcpus: 1,
             serial: false,
             cmdline: String::new(),
+            vmm_args: Vec::new(),
         }
     }
 }
@@ -214,6 +217,7 @@ impl VmProcess {
         if let Some(s) = &serial {
             cmd.arg("--serial-log").arg(s);
         }
+        cmd.args(&opts.vmm_args);
         let log_file = std::fs::File::create(&log)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -22,14 +22,17 @@ use std::{
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use crate::vstate::control::{RunState, VcpuControl, Wanted};
+use crate::{
+    persist::Persist,
+    vstate::control::{RunState, VcpuControl, Wanted},
+};
 
 /// How long a pause or resume may take.
 const VCPU_WAIT: Duration = Duration::from_secs(5);
 use serde::{Deserialize, Serialize};
 
 /// A request on the API socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Report the VM state.
     State,
@@ -39,6 +42,9 @@ pub enum Request {
     Pause,
     /// Let paused vCPUs run again.
     Resume,
+    /// Write a snapshot of the VM to an absolute path (the VM keeps its
+    /// run state).
+    Snapshot(PathBuf),
 }
 
 /// The wire form of a request: exactly one field, `action`.
@@ -46,13 +52,23 @@ pub enum Request {
 #[serde(deny_unknown_fields)]
 struct RawRequest {
     action: String,
+    #[serde(default)]
+    path: Option<String>,
 }
 
 impl Request {
     /// Parses one request line.
     pub fn parse(line: &str) -> Result<Self, String> {
         let raw: RawRequest = serde_json::from_str(line.trim()).map_err(|e| e.to_string())?;
+        if raw.path.is_some() && raw.action != "snapshot" {
+            return Err(format!("action {:?} takes no path", raw.action));
+        }
         match raw.action.as_str() {
+            "snapshot" => match raw.path {
+                Some(p) if Path::new(&p).is_absolute() => Ok(Self::Snapshot(PathBuf::from(p))),
+                Some(p) => Err(format!("snapshot path {p:?} is not absolute")),
+                None => Err("snapshot needs a path".to_string()),
+            },
             "state" => Ok(Self::State),
             "stop" => Ok(Self::Stop),
             "pause" => Ok(Self::Pause),
@@ -88,6 +104,9 @@ pub struct Response {
     /// What went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Bytes of guest memory a snapshot stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 /// Shared between the API handler and the VMM.
@@ -115,6 +134,7 @@ pub struct ApiServer {
     path: PathBuf,
     shared: Arc<Mutex<Shared>>,
     vcpus: Arc<[Arc<VcpuControl>]>,
+    persist: Arc<Persist>,
     /// Signalled when a stop was requested, to wake the VMM.
     on_stop: Box<dyn Fn() + Send>,
 }
@@ -128,23 +148,44 @@ impl std::fmt::Debug for ApiServer {
 }
 
 /// Answers one request line.
-pub fn answer(line: &str, shared: &mut Shared, vcpus: &[Arc<VcpuControl>]) -> Response {
+pub fn answer(
+    line: &str,
+    shared: &mut Shared,
+    vcpus: &[Arc<VcpuControl>],
+    persist: Option<&Persist>,
+) -> Response {
     let fail = |e: String| Response {
         ok: false,
         state: None,
         uptime_ms: None,
         error: Some(e),
+        memory_bytes: None,
     };
     let done = |state| Response {
         ok: true,
         state: Some(state),
         uptime_ms: None,
         error: None,
+        memory_bytes: None,
     };
     match Request::parse(line) {
         Ok(Request::Pause | Request::Resume) if shared.state == VmState::Stopping => {
             fail("the VM is stopping".to_string())
         }
+        Ok(Request::Snapshot(_)) if shared.state == VmState::Stopping => {
+            fail("the VM is stopping".to_string())
+        }
+        Ok(Request::Snapshot(path)) => match persist.map(|p| p.snapshot(&path)) {
+            Some(Ok(stats)) => Response {
+                ok: true,
+                state: Some(shared.state),
+                uptime_ms: None,
+                error: None,
+                memory_bytes: Some(stats.memory_bytes),
+            },
+            Some(Err(e)) => fail(format!("snapshot failed: {}", error_chain(&e))),
+            None => fail("this VM cannot be snapshotted".to_string()),
+        },
         Ok(Request::Pause) => {
             for v in vcpus {
                 v.request(Wanted::Pause);
@@ -180,6 +221,7 @@ pub fn answer(line: &str, shared: &mut Shared, vcpus: &[Arc<VcpuControl>]) -> Re
                 u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             ),
             error: None,
+            memory_bytes: None,
         },
         Ok(Request::Stop) => {
             shared.stop_requested = true;
@@ -189,6 +231,7 @@ pub fn answer(line: &str, shared: &mut Shared, vcpus: &[Arc<VcpuControl>]) -> Re
                 state: Some(VmState::Stopping),
                 uptime_ms: None,
                 error: None,
+                memory_bytes: None,
             }
         }
         Err(e) => Response {
@@ -196,8 +239,20 @@ pub fn answer(line: &str, shared: &mut Shared, vcpus: &[Arc<VcpuControl>]) -> Re
             state: None,
             uptime_ms: None,
             error: Some(format!("bad request: {e}")),
+            memory_bytes: None,
         },
     }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 impl ApiServer {
@@ -206,6 +261,7 @@ impl ApiServer {
         path: &Path,
         shared: Arc<Mutex<Shared>>,
         vcpus: Arc<[Arc<VcpuControl>]>,
+        persist: Arc<Persist>,
         on_stop: Box<dyn Fn() + Send>,
     ) -> Result<Self, ApiError> {
         let _ = std::fs::remove_file(path);
@@ -221,6 +277,7 @@ impl ApiServer {
             path: path.to_path_buf(),
             shared,
             vcpus,
+            persist,
             on_stop,
         })
     }
@@ -237,13 +294,14 @@ impl ApiServer {
         let response = match reader.read_line(&mut line) {
             Ok(_) => {
                 let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-                answer(&line, &mut shared, &self.vcpus)
+                answer(&line, &mut shared, &self.vcpus, Some(&self.persist))
             }
             Err(e) => Response {
                 ok: false,
                 state: None,
                 uptime_ms: None,
                 error: Some(format!("reading the request: {e}")),
+                memory_bytes: None,
             },
         };
         let stop = response.state == Some(VmState::Stopping) && response.ok;
@@ -304,14 +362,14 @@ mod tests {
     #[test]
     fn answers_state_and_stop() {
         let mut s = shared();
-        let r = answer("{\"action\":\"state\"}\n", &mut s, &[]);
+        let r = answer("{\"action\":\"state\"}\n", &mut s, &[], None);
         assert!(r.ok);
         assert_eq!(r.state, Some(VmState::Running));
-        let r = answer("{\"action\":\"stop\"}", &mut s, &[]);
+        let r = answer("{\"action\":\"stop\"}", &mut s, &[], None);
         assert_eq!(r.state, Some(VmState::Stopping));
         assert!(s.stop_requested);
-        let json =
-            serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s, &[])).expect("json");
+        let json = serde_json::to_string(&answer("{\"action\":\"state\"}", &mut s, &[], None))
+            .expect("json");
         assert!(json.contains("\"stopping\""), "{json}");
     }
 
@@ -319,15 +377,15 @@ mod tests {
     fn pause_and_resume_without_vcpus_and_not_while_stopping() {
         let mut s = shared();
         assert_eq!(
-            answer("{\"action\":\"pause\"}", &mut s, &[]).state,
+            answer("{\"action\":\"pause\"}", &mut s, &[], None).state,
             Some(VmState::Paused)
         );
         assert_eq!(
-            answer("{\"action\":\"resume\"}", &mut s, &[]).state,
+            answer("{\"action\":\"resume\"}", &mut s, &[], None).state,
             Some(VmState::Running)
         );
-        answer("{\"action\":\"stop\"}", &mut s, &[]);
-        assert!(!answer("{\"action\":\"pause\"}", &mut s, &[]).ok);
+        answer("{\"action\":\"stop\"}", &mut s, &[], None);
+        assert!(!answer("{\"action\":\"pause\"}", &mut s, &[], None).ok);
     }
 
     #[test]
@@ -340,7 +398,7 @@ mod tests {
             "{\"action\":\"stop\",\"x\":1}",
             "\u{0}\u{1}",
         ] {
-            let r = answer(bad, &mut s, &[]);
+            let r = answer(bad, &mut s, &[], None);
             assert!(!r.ok, "{bad:?}");
             assert!(r.error.is_some());
         }

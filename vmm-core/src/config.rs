@@ -86,6 +86,8 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Confine every VMM thread with its seccomp filter (see `seccomp`).
     pub seccomp: bool,
+    /// Start from this snapshot instead of booting the kernel.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -103,6 +105,7 @@ impl VmConfig {
             api_socket: None,
             kvm_device: PathBuf::from("/dev/kvm"),
             seccomp: true,
+            restore_from: None,
         }
     }
 
@@ -117,6 +120,9 @@ impl VmConfig {
         check_exists("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_exists("initramfs", initramfs)?;
+        }
+        if let Some(snapshot) = &self.restore_from {
+            check_exists("snapshot", snapshot)?;
         }
         if let Some(vsock) = &self.vsock {
             if vsock.guest_cid < MIN_GUEST_CID || vsock.guest_cid >= u64::from(u32::MAX) {

@@ -19,6 +19,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vmm;

@@ -46,9 +46,28 @@ struct Args {
     /// Run without seccomp filters (debugging only, e.g. under strace).
     #[arg(long)]
     no_seccomp: bool,
+    /// Start from this snapshot (taken by `{"action":"snapshot"}` on the
+    /// API) instead of booting. If it cannot be used (corrupt, another husk
+    /// version or CPU, another VM shape) the VM boots cold instead, saying why.
+    #[arg(long)]
+    restore_from: Option<PathBuf>,
+    /// With --restore-from: fail instead of booting cold.
+    #[arg(long)]
+    no_cold_boot_fallback: bool,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 fn print_error_chain(e: &anyhow::Error) {
@@ -98,8 +117,21 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         api_socket: args.api_socket,
         kvm_device: args.kvm_device,
         seccomp: !args.no_seccomp,
+        restore_from: args.restore_from,
     };
-    let vmm = Vmm::build(config, signals)?;
+    // A snapshot is refused before any guest state exists, so falling back
+    // to a cold boot with the same devices is safe.
+    let vmm = match Vmm::build(config.clone(), signals) {
+        Err(husk_vmm_core::VmmError::Restore(e)) if !args.no_cold_boot_fallback => {
+            tracing::warn!("snapshot refused, booting cold instead: {}", chain(&e));
+            let cold = VmConfig {
+                restore_from: None,
+                ..config
+            };
+            Vmm::build(cold, take_termination_signals())?
+        }
+        other => other?,
+    };
     tracing::info!(cmdline = %vmm.cmdline, "starting the VM");
     let reason = vmm.run()?;
     tracing::info!("VM ended: {reason}");

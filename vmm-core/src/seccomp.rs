@@ -59,6 +59,34 @@ pub const KVM_SET_REGS: u64 = ioc(1, 0x82, 144);
 pub const KVM_TRANSLATE: u64 = ioc(3, 0x85, 24);
 const FIONBIO: u64 = 0x5421;
 
+const fn size<T>() -> u64 {
+    std::mem::size_of::<T>() as u64
+}
+
+/// vCPU ioctls a snapshot needs (read-only state getters).
+const VCPU_SNAPSHOT_IOCTLS: &[u64] = &[
+    ioc(3, 0x91, size::<kvm_bindings::kvm_cpuid2>()), // KVM_GET_CPUID2
+    ioc(3, 0x88, size::<kvm_bindings::kvm_msrs>()),   // KVM_GET_MSRS
+    ioc(2, 0x98, size::<kvm_bindings::kvm_mp_state>()), // KVM_GET_MP_STATE
+    ioc(2, 0x83, size::<kvm_bindings::kvm_sregs>()),  // KVM_GET_SREGS
+    ioc(2, 0xa4, size::<kvm_bindings::kvm_xsave>()),  // KVM_GET_XSAVE
+    ioc(2, 0xa6, size::<kvm_bindings::kvm_xcrs>()),   // KVM_GET_XCRS
+    ioc(2, 0xa1, size::<kvm_bindings::kvm_debugregs>()), // KVM_GET_DEBUGREGS
+    ioc(2, 0x8e, size::<kvm_bindings::kvm_lapic_state>()), // KVM_GET_LAPIC
+    ioc(2, 0x9f, size::<kvm_bindings::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
+];
+
+/// VM ioctls a snapshot needs.
+const VM_SNAPSHOT_IOCTLS: &[u64] = &[
+    ioc(3, 0x62, size::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
+    ioc(2, 0x9f, size::<kvm_bindings::kvm_pit_state2>()), // KVM_GET_PIT2
+    ioc(2, 0x7c, size::<kvm_bindings::kvm_clock_data>()), // KVM_GET_CLOCK
+];
+
+/// `openat` flags of `File::create` (writing a snapshot); opening files
+/// any other way stays forbidden.
+const CREATE_FLAGS: u64 = (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64;
+
 /// System calls every thread needs: memory, locks, signals, time, exit,
 /// writing logs.
 const COMMON: &[i64] = &[
@@ -109,6 +137,13 @@ const VMM_ONLY: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // Writing snapshots: sparse reads of the memfd, renaming into place.
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_fsync,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
 ];
 
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
@@ -126,14 +161,22 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     match kind {
         ThreadKind::Vmm => {
             map.extend(VMM_ONLY.iter().map(|&s| (s, Vec::new())));
-            map.insert(libc::SYS_ioctl, vec![ioctl_eq(FIONBIO)?]);
-        }
-        ThreadKind::Vcpu => {
-            let allowed = [KVM_RUN, KVM_GET_REGS, KVM_SET_REGS, KVM_TRANSLATE];
+            let ioctls = std::iter::once(FIONBIO).chain(VM_SNAPSHOT_IOCTLS.iter().copied());
             map.insert(
                 libc::SYS_ioctl,
-                allowed
+                ioctls.map(ioctl_eq).collect::<Result<_, _>>()?,
+            );
+            let create =
+                SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, CREATE_FLAGS)?;
+            map.insert(libc::SYS_openat, vec![SeccompRule::new(vec![create])?]);
+        }
+        ThreadKind::Vcpu => {
+            let run_loop = [KVM_RUN, KVM_GET_REGS, KVM_SET_REGS, KVM_TRANSLATE];
+            map.insert(
+                libc::SYS_ioctl,
+                run_loop
                     .iter()
+                    .chain(VCPU_SNAPSHOT_IOCTLS)
                     .map(|&v| ioctl_eq(v))
                     .collect::<Result<_, _>>()?,
             );

@@ -53,7 +53,9 @@ use crate::{
         },
     },
     memory::{create_guest_memory, GuestMemory},
+    persist::{self, Persist, PersistError},
     seccomp::{self, ThreadKind},
+    snapshot::Identity,
     vstate::{
         control::{install_kick_handler, kick_signal, RunState, VcpuControl, Wanted},
         vcpu::{Vcpu, VcpuExit},
@@ -128,6 +130,9 @@ pub enum VmmError {
     /// A thread could not be started.
     #[error("starting a thread")]
     Thread(#[source] std::io::Error),
+    /// The snapshot could not be restored.
+    #[error("restoring the snapshot")]
+    Restore(#[source] PersistError),
     /// Seccomp filters could not be set up.
     #[error("confining the VMM")]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -214,8 +219,8 @@ impl MutEventSubscriber for Control {
 pub struct Vmm {
     config: VmConfig,
     _kvm: Kvm,
-    _vm: VmFd,
-    _memfd: File,
+    _vm: Arc<VmFd>,
+    _memfd: Arc<File>,
     _mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     controls: Arc<[Arc<VcpuControl>]>,
@@ -270,8 +275,10 @@ impl Vmm {
         tracing::debug!(?profile, "CPU profile");
 
         // 3. Memory and the VM.
-        let (mem, memfd) = create_guest_memory(config.mem_mib << 20)?;
-        let vm = vm::create_vm(&kvm, &mem)?;
+        let mem_size = config.mem_mib << 20;
+        let (mem, memfd) = create_guest_memory(mem_size)?;
+        let memfd = Arc::new(memfd);
+        let vm = Arc::new(vm::create_vm(&kvm, &mem)?);
 
         // 4. Devices.
         let mut pio = Bus::new();
@@ -311,6 +318,7 @@ impl Vmm {
         pio.insert(Arc::new(Mutex::new(reset_line)), u64::from(I8042_PORT), 5)
             .map_err(device_err("the reset line"))?;
 
+        let mut transports: Vec<Arc<Mutex<MmioTransport>>> = Vec::new();
         let mut next_mmio = VIRTIO_MMIO_START;
         let mut next_irq = VIRTIO_IRQ_START;
         if let Some(vsock_cfg) = &config.vsock {
@@ -334,7 +342,9 @@ impl Vmm {
                 )
                 .map_err(device_err("the vsock queue notifications"))?;
             }
-            mmio.insert(Arc::new(Mutex::new(transport)), next_mmio, VIRTIO_MMIO_SIZE)
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push(transport.clone());
+            mmio.insert(transport, next_mmio, VIRTIO_MMIO_SIZE)
                 .map_err(device_err("the vsock transport"))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
             cmdline.push(format!("virtio_mmio.device=4K@{next_mmio:#x}:{next_irq}"));
@@ -343,17 +353,45 @@ impl Vmm {
         }
         let _ = (next_mmio, next_irq);
 
-        // 5. Guest image and boot data.
-        let boot_info = boot::load_kernel(&mem, &config.kernel)?;
-        let initramfs = match &config.initramfs {
-            Some(p) => Some(boot::load_initramfs(&mem, p, boot_info.kernel_end)?),
-            None => None,
+        // 5. Guest: a snapshot to restore, or the kernel to boot.
+        let device_types: Vec<u32> = transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).device_type())
+            .collect();
+        let identity = Identity {
+            husk_version: env!("CARGO_PKG_VERSION").to_string(),
+            fingerprint: persist::fingerprint(
+                config.vcpus,
+                mem_size,
+                &guest_cpuid(&kvm, profile, config.vcpus)?,
+                &device_types,
+            ),
+            mem_size,
         };
-        if !config.extra_cmdline.trim().is_empty() {
-            cmdline.push(config.extra_cmdline.trim().to_string());
-        }
-        let cmdline = cmdline.join(" ");
-        boot::write_boot_data(&mem, &cmdline, config.vcpus, initramfs)?;
+        let (entry, restored, cmdline) = match &config.restore_from {
+            Some(path) => {
+                let snap =
+                    restore_snapshot(path, &identity, &memfd, &vm, &transports, config.vcpus)?;
+                (
+                    0,
+                    Some(snap.vcpus),
+                    format!("(restored from {})", path.display()),
+                )
+            }
+            None => {
+                let boot_info = boot::load_kernel(&mem, &config.kernel)?;
+                let initramfs = match &config.initramfs {
+                    Some(p) => Some(boot::load_initramfs(&mem, p, boot_info.kernel_end)?),
+                    None => None,
+                };
+                if !config.extra_cmdline.trim().is_empty() {
+                    cmdline.push(config.extra_cmdline.trim().to_string());
+                }
+                let cmdline = cmdline.join(" ");
+                boot::write_boot_data(&mem, &cmdline, config.vcpus, initramfs)?;
+                (boot_info.entry, None, cmdline)
+            }
+        };
 
         // 6. vCPUs.
         let pio = Arc::new(pio);
@@ -370,14 +408,32 @@ impl Vmm {
                 mem.clone(),
                 control.clone(),
             )?;
-            vcpu.configure(&kvm, profile, config.vcpus)?;
-            if index == 0 {
-                vcpu.set_pvh_entry(boot_info.entry)?;
+            match &restored {
+                Some(states) => vcpu.restore_state(&states[usize::from(index)])?,
+                None => {
+                    vcpu.configure(&kvm, profile, config.vcpus)?;
+                    if index == 0 {
+                        vcpu.set_pvh_entry(entry)?;
+                    }
+                }
             }
             vcpus.push(vcpu);
             controls.push(control);
         }
         let controls: Arc<[Arc<VcpuControl>]> = controls.into();
+        // Probed now: seccomp keeps vCPU threads from asking KVM later.
+        let msrs = match vcpus.first() {
+            Some(v) => v.msrs_to_save(&kvm)?,
+            None => Vec::new(),
+        };
+        let persist = Arc::new(Persist {
+            vm: vm.clone(),
+            memfd: memfd.clone(),
+            identity,
+            transports,
+            vcpus: controls.clone(),
+            msrs: Arc::new(msrs),
+        });
 
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the exit eventfd"))?;
         let (vcpu_tx, vcpu_rx) = channel();
@@ -404,6 +460,7 @@ impl Vmm {
                 path,
                 shared.clone(),
                 controls.clone(),
+                persist.clone(),
                 Box::new(move || {
                     let _ = wake.write(1);
                 }),
@@ -497,6 +554,50 @@ impl Vmm {
         stop_vcpus(&self.controls, handles);
         result
     }
+}
+
+/// The CPUID vCPU 0 gets (part of the snapshot fingerprint).
+fn guest_cpuid(
+    kvm: &Kvm,
+    profile: CpuProfile,
+    vcpus: u8,
+) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, VmmError> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmmError::Vm(vm::VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e)))?;
+    let mut entries = supported.as_slice().to_vec();
+    crate::arch::cpuid::apply_policy(&mut entries, profile, 0, vcpus);
+    Ok(entries)
+}
+
+/// Reads `path` into guest memory and puts the VM and device state back;
+/// returns the vCPU states for the caller to restore.
+fn restore_snapshot(
+    path: &std::path::Path,
+    identity: &Identity,
+    memfd: &File,
+    vm: &VmFd,
+    transports: &[Arc<Mutex<MmioTransport>>],
+    vcpus: u8,
+) -> Result<persist::VmSnapshot, VmmError> {
+    let file = File::open(path)
+        .map_err(|e| VmmError::Restore(PersistError::File(path.to_path_buf(), e)))?;
+    let state = crate::snapshot::read(std::io::BufReader::new(file), identity, memfd)
+        .map_err(|e| VmmError::Restore(e.into()))?;
+    let snap = persist::decode(&state).map_err(VmmError::Restore)?;
+    if snap.vcpus.len() != usize::from(vcpus) || snap.transports.len() != transports.len() {
+        return Err(VmmError::Restore(PersistError::Devices(
+            "vCPU or device count differs".into(),
+        )));
+    }
+    vm::restore_vm_state(vm, &snap.vm).map_err(|e| VmmError::Restore(e.into()))?;
+    for (t, s) in transports.iter().zip(&snap.transports) {
+        t.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(s)
+            .map_err(|e| VmmError::Restore(PersistError::Devices(e.to_string())))?;
+    }
+    Ok(snap)
 }
 
 /// Stops every vCPU thread (running or paused) and joins it.

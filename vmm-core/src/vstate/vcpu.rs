@@ -62,6 +62,7 @@ pub enum VcpuError {
 
 /// Everything KVM keeps about one vCPU: what a snapshot saves and a
 /// restore puts back, in the order KVM needs it back.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct VcpuState {
     /// The CPUID the vCPU was created with.
     pub cpuid: Vec<kvm_cpuid_entry2>,

@@ -92,7 +92,7 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, VmError> {
 }
 
 /// The VM-wide state KVM keeps: interrupt controllers, PIT, clock.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmState {
     /// PIC master, PIC slave, IOAPIC (in that order).
     pub irqchips: [kvm_irqchip; 3],

@@ -7,7 +7,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VirtioDevice, INT_CONFIG};
@@ -31,6 +32,107 @@ pub mod status {
     pub const DEVICE_NEEDS_RESET: u32 = 0x40;
     /// The driver gave up.
     pub const FAILED: u32 = 0x80;
+}
+
+/// A queue as a snapshot keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Set up by the driver.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// Next available index the device will read.
+    pub next_avail: u16,
+    /// Next used index the device will write.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// The transport's registers and queues, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// The device type (checked on restore).
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// Whether the device was activated.
+    pub activated: bool,
+    /// The queues.
+    pub queues: Vec<QueueSnapshot>,
+    /// Device-specific state.
+    pub device_state: Vec<u8>,
+}
+
+/// Errors restoring a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot is of another kind of device.
+    #[error("snapshot holds device type {found}, this slot has {expected}")]
+    DeviceType {
+        /// In the snapshot.
+        found: u32,
+        /// Here.
+        expected: u32,
+    },
+    /// Queue count or sizes differ.
+    #[error("snapshot queues do not match the device")]
+    Queues,
+    /// Activating the device failed.
+    #[error("re-activating the device: {0}")]
+    Activate(String),
 }
 
 /// A virtio device on the MMIO bus.
@@ -123,6 +225,87 @@ impl MmioTransport {
     /// The interrupt of this device.
     pub fn interrupt(&self) -> &Arc<Interrupt> {
         &self.interrupt
+    }
+
+    /// The transport's state for a snapshot (vCPUs paused).
+    pub fn save_state(&self) -> TransportState {
+        let queues = match self.device.queue_states().filter(|_| self.activated) {
+            Some(live) => live.into_iter().map(QueueSnapshot::from).collect(),
+            None => self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect(),
+        };
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues,
+            device_state: self.device.save_device_state(),
+        }
+    }
+
+    /// Puts a saved state into this fresh transport; re-activates the
+    /// device if it was active.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), RestoreError> {
+        let expected = self.device.device_type();
+        if s.device_type != expected {
+            return Err(RestoreError::DeviceType {
+                found: s.device_type,
+                expected,
+            });
+        }
+        let sizes_match = s.queues.len() == self.queues.len()
+            && s.queues
+                .iter()
+                .zip(self.device.queue_max_sizes())
+                .all(|(q, &max)| q.max_size == max);
+        if !sizes_match {
+            return Err(RestoreError::Queues);
+        }
+        self.device
+            .restore_device_state(&s.device_state)
+            .map_err(RestoreError::Activate)?;
+        let queues: Result<Vec<Queue>, _> = s
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(QueueState::from(*q)))
+            .collect();
+        self.queues = queues.map_err(|_| RestoreError::Queues)?;
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
+        self.queue_select = s.queue_select;
+        self.config_generation = s.config_generation;
+        self.interrupt.restore_status(s.interrupt_status);
+        if s.status & status::FEATURES_OK != 0 {
+            self.device.ack_features(s.driver_features);
+        }
+        if s.activated {
+            let queues: Result<Vec<Queue>, _> = self
+                .queues
+                .iter()
+                .map(|q| Queue::try_from(q.state()))
+                .collect();
+            let queues = queues.map_err(|_| RestoreError::Queues)?;
+            let evts: Result<Vec<EventFd>, _> =
+                self.queue_evts.iter().map(EventFd::try_clone).collect();
+            let evts = evts.map_err(|e| RestoreError::Activate(e.to_string()))?;
+            self.device
+                .activate(self.mem.clone(), self.interrupt.clone(), queues, evts)
+                .map_err(|e| RestoreError::Activate(e.to_string()))?;
+            self.activated = true;
+            self.device.after_restore();
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -418,6 +601,9 @@ mod tests {
         }
         fn reset(&mut self) -> Option<Vec<EventFd>> {
             self.resets.fetch_add(1, Ordering::SeqCst);
+            None
+        }
+        fn queue_states(&self) -> Option<Vec<QueueState>> {
             None
         }
     }

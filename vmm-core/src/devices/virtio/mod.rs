@@ -75,6 +75,12 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    /// Puts a saved status register back (without raising the line: the
+    /// restored interrupt controller already holds what was pending).
+    pub fn restore_status(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+    }
 }
 
 /// Errors activating a device.
@@ -119,4 +125,18 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: drop all queue state. Returns the
     /// queue eventfds so they can be reused.
     fn reset(&mut self) -> Option<Vec<EventFd>>;
+    /// The live state of the queues of an activated device (the device
+    /// advances them, so the transport's copies are stale), for snapshots.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
+    /// The device was re-activated from a snapshot: tell the driver what
+    /// could not be carried over (vsock: its connections are gone).
+    fn after_restore(&mut self) {}
+    /// Device-specific state a snapshot keeps (beyond config and queues).
+    fn save_device_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Puts device-specific state back (before activation).
+    fn restore_device_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }

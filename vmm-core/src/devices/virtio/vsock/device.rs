@@ -24,6 +24,8 @@ use crate::{
 pub(super) const RXQ: usize = 0;
 pub(super) const TXQ: usize = 1;
 pub(super) const EVQ: usize = 2;
+/// The only vsock event: the transport was reset (connections are gone).
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Queues of an activated device.
 #[derive(Debug)]
@@ -43,6 +45,12 @@ pub(super) struct Inner {
     pub reset_pending: bool,
     /// Guest packets dropped as malformed (for diagnostics).
     pub bad_packets: u64,
+    /// A transport reset event must reach the guest (after a restore).
+    pub transport_reset_pending: bool,
+    /// The reset event was delivered; until the guest has handled it (it
+    /// refills the event queue and notifies it) no packet goes to the guest,
+    /// or the reset would also kill connections made after the restore.
+    pub awaiting_reset_ack: bool,
 }
 
 /// The vsock device (what the MMIO transport holds).
@@ -65,6 +73,8 @@ impl Vsock {
                 active: None,
                 reset_pending: false,
                 bad_packets: 0,
+                transport_reset_pending: false,
+                awaiting_reset_ack: false,
             })),
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
@@ -139,6 +149,36 @@ impl VirtioDevice for Vsock {
         self.activate_evt
             .write(1)
             .map_err(|e| ActivateError::Device(format!("signalling activation: {e}")))
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.lock()
+            .active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        // The next host port: a restored VM must not reuse the 4-tuple of a
+        // connection its guest may still be closing.
+        self.lock().muxer.next_local_port().to_le_bytes().to_vec()
+    }
+
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let bytes: [u8; 4] = state
+            .try_into()
+            .map_err(|_| format!("vsock state of {} bytes", state.len()))?;
+        self.lock()
+            .muxer
+            .set_next_local_port(u32::from_le_bytes(bytes));
+        Ok(())
+    }
+
+    fn after_restore(&mut self) {
+        // Connections do not survive a snapshot: the guest must drop its own
+        // (its listeners stay). The event loop handler delivers the event.
+        self.lock().transport_reset_pending = true;
+        let _ = self.activate_evt.write(1);
     }
 
     fn reset(&mut self) -> Option<Vec<EventFd>> {
@@ -220,6 +260,9 @@ impl Inner {
 
     /// Moves packets from the muxer into the guest's RX buffers.
     pub fn process_rx(&mut self, poller: &mut dyn Poller) {
+        if self.awaiting_reset_ack || self.transport_reset_pending {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -256,6 +299,40 @@ impl Inner {
         if used {
             Self::notify(active, RXQ);
         }
+    }
+
+    /// Delivers a pending transport reset event, if the guest has posted an
+    /// event buffer (otherwise it stays pending until it does).
+    pub fn process_events(&mut self) {
+        if !self.transport_reset_pending {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(chain) = active.queues[EVQ].pop_descriptor_chain(&mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id; }
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let written = match Writer::new(&mem, chain) {
+            Ok(mut w) => std::io::Write::write_all(&mut w, &event).is_ok(),
+            Err(_) => false,
+        };
+        let len = if written { 4 } else { 0 };
+        if let Err(e) = active.queues[EVQ].add_used(&mem, head, len) {
+            tracing::error!("vsock: returning an event buffer: {e}");
+        }
+        self.transport_reset_pending = !written;
+        self.awaiting_reset_ack = written;
+        Self::notify(active, EVQ);
+    }
+
+    /// The guest notified the event queue: it handled the reset event.
+    pub fn event_queue_notified(&mut self) {
+        self.awaiting_reset_ack = false;
     }
 
     fn notify(active: &mut Active, queue: usize) {
@@ -361,6 +438,8 @@ mod tests {
             }),
             reset_pending: false,
             bad_packets: 0,
+            transport_reset_pending: false,
+            awaiting_reset_ack: false,
         }
     }
 

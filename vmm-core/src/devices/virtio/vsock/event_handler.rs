@@ -109,7 +109,9 @@ impl VsockHandler {
                 Err(e) => tracing::error!("vsock: watching queue eventfd: {e:?}"),
             }
         }
-        // Packets may have queued up (host connections) before the driver came.
+        // Packets may have queued up (host connections) before the driver came;
+        // after a restore the guest must hear that its connections are gone.
+        inner.process_events();
         inner.process_tx(&mut OpsPoller { ops });
         inner.process_rx(&mut OpsPoller { ops });
     }
@@ -141,15 +143,19 @@ impl MutEventSubscriber for VsockHandler {
             TOKEN_RXQ | TOKEN_TXQ | TOKEN_EVQ => {
                 let inner = self.inner.clone();
                 let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+                let q = match events.data() {
+                    TOKEN_RXQ => RXQ,
+                    TOKEN_TXQ => TXQ,
+                    _ => EVQ,
+                };
                 if let Some(a) = inner.active.as_ref() {
-                    let q = match events.data() {
-                        TOKEN_RXQ => RXQ,
-                        TOKEN_TXQ => TXQ,
-                        _ => EVQ,
-                    };
                     let _ = a.evts[q].read();
                 }
+                if q == EVQ {
+                    inner.event_queue_notified();
+                }
                 let mut poller = OpsPoller { ops };
+                inner.process_events();
                 // TX first: guest packets often produce answers for RX.
                 inner.process_tx(&mut poller);
                 inner.process_rx(&mut poller);

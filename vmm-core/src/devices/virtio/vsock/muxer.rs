@@ -367,6 +367,16 @@ impl Muxer {
         self.guest_cid
     }
 
+    /// The next port host-initiated connections get (snapshots keep it).
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Continues port numbering where a snapshot left it.
+    pub fn set_next_local_port(&mut self, port: u32) {
+        self.next_local_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     /// Number of connections (any state) and pending handshakes.
     pub fn connection_count(&self) -> (usize, usize) {
         (self.conns.len(), self.pending.len())
