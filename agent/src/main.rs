@@ -8,6 +8,7 @@
 //! PID 1 must never exit (the kernel panics when it does): every fatal error
 //! is logged and turned into an orderly VM reset instead.
 
+mod identity;
 mod init;
 mod rpc;
 mod settings;

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use husk_protocols::{
     agent::{
-        stream_check_request::Direction, HealthRequest, HealthResponse, ShutdownRequest,
-        ShutdownResponse, StreamCheckRequest, StreamCheckResponse, VersionRequest, VersionResponse,
+        stream_check_request::Direction, HealthRequest, HealthResponse, PersonalizeRequest,
+        PersonalizeResponse, ShutdownRequest, ShutdownResponse, StreamCheckRequest,
+        StreamCheckResponse, VersionRequest, VersionResponse,
     },
     agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
@@ -41,6 +42,10 @@ fn status(code: Code, msg: String) -> ttrpc::Error {
 fn internal(msg: String) -> ttrpc::Error {
     status(Code::INTERNAL, msg)
 }
+
+/// Bounds of the entropy a Personalize call brings.
+const MIN_ENTROPY: usize = 32;
+const MAX_ENTROPY: usize = 4096;
 
 /// Largest stream a check may move (1 GiB).
 const MAX_CHECK_BYTES: u64 = 1 << 30;
@@ -210,6 +215,35 @@ impl agent_ttrpc::Agent for AgentService {
         resp.bytes = bytes;
         resp.sha256 = sha256;
         resp.elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        Ok(resp)
+    }
+
+    async fn personalize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PersonalizeRequest,
+    ) -> ttrpc::Result<PersonalizeResponse> {
+        if req.entropy.len() < MIN_ENTROPY || req.entropy.len() > MAX_ENTROPY {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "entropy must be {MIN_ENTROPY} to {MAX_ENTROPY} bytes, got {}",
+                    req.entropy.len()
+                ),
+            ));
+        }
+        crate::identity::reseed(&req.entropy)
+            .map_err(|e| internal(format!("reseeding the kernel RNG: {e}")))?;
+        if !req.hostname.is_empty() {
+            crate::identity::set_hostname(&req.hostname)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e))?;
+        }
+        if !req.sandbox_id.is_empty() {
+            tracing::info!(sandbox = %req.sandbox_id, "personalized");
+        }
+        let mut resp = PersonalizeResponse::new();
+        resp.random_sample = crate::identity::random_sample()
+            .map_err(|e| internal(format!("reading /dev/urandom: {e}")))?;
         Ok(resp)
     }
 

@@ -143,6 +143,9 @@ pub struct VmOptions {
     pub cmdline: String,
     /// Extra husk-vmm arguments.
     pub vmm_args: Vec<String>,
+    /// Listen for the agent's readiness announcement (a cold boot makes
+    /// one; a restored guest made it before its snapshot).
+    pub await_ready: bool,
 }
 
 impl Default for VmOptions {
@@ -153,6 +156,7 @@ impl Default for VmOptions {
             serial: false,
             cmdline: String::new(),
             vmm_args: Vec::new(),
+            await_ready: true,
         }
     }
 }
@@ -196,8 +200,14 @@ impl VmProcess {
         let api = dir.join("api.sock");
         let log = dir.join("vmm.log");
         let ready_path = port_socket_path(&vsock, READY_VSOCK_PORT);
-        let ready = UnixListener::bind(&ready_path)
-            .with_context(|| format!("binding {}", ready_path.display()))?;
+        let ready = if opts.await_ready {
+            Some(
+                UnixListener::bind(&ready_path)
+                    .with_context(|| format!("binding {}", ready_path.display()))?,
+            )
+        } else {
+            None
+        };
         let serial = opts.serial.then(|| dir.join("serial.log"));
         let mut cmd = Command::new(&artifacts.vmm);
         cmd.arg("--kernel")
@@ -234,7 +244,7 @@ impl VmProcess {
             api,
             serial,
             log,
-            ready: Some(ready),
+            ready,
             ready_path,
             started,
         })

@@ -88,6 +88,8 @@ pub struct VmConfig {
     pub seccomp: bool,
     /// Start from this snapshot instead of booting the kernel.
     pub restore_from: Option<PathBuf>,
+    /// Boot, snapshot to this path when the agent is ready, and stop.
+    pub make_template: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -106,6 +108,7 @@ impl VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             seccomp: true,
             restore_from: None,
+            make_template: None,
         }
     }
 

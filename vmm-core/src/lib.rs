@@ -22,6 +22,7 @@ pub mod memory;
 pub mod persist;
 pub mod seccomp;
 pub mod snapshot;
+pub mod template;
 pub mod vmm;
 pub mod vstate;
 

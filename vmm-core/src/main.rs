@@ -54,6 +54,10 @@ struct Args {
     /// With --restore-from: fail instead of booting cold.
     #[arg(long)]
     no_cold_boot_fallback: bool,
+    /// Boot, write a template snapshot here when the agent is ready, and
+    /// exit 0 (needs --vsock-uds).
+    #[arg(long, conflicts_with = "restore_from")]
+    make_template: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -118,6 +122,7 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         kvm_device: args.kvm_device,
         seccomp: !args.no_seccomp,
         restore_from: args.restore_from,
+        make_template: args.make_template,
     };
     // A snapshot is refused before any guest state exists, so falling back
     // to a cold boot with the same devices is safe.

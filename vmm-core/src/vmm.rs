@@ -56,6 +56,7 @@ use crate::{
     persist::{self, Persist, PersistError},
     seccomp::{self, ThreadKind},
     snapshot::Identity,
+    template::{TemplateMaker, TemplateOutcome},
     vstate::{
         control::{install_kick_handler, kick_signal, RunState, VcpuControl, Wanted},
         vcpu::{Vcpu, VcpuExit},
@@ -76,13 +77,18 @@ pub enum ExitReason {
     Signal(i32),
     /// A vCPU failed.
     VcpuError(String),
+    /// A template snapshot was written (`--make-template`).
+    TemplateWritten,
+    /// A template snapshot could not be made.
+    TemplateFailed(String),
 }
 
 impl ExitReason {
     /// The VMM's exit status for this reason: 0 for an orderly end.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::GuestReset | Self::ApiStop | Self::Signal(_) => 0,
+            Self::GuestReset | Self::ApiStop | Self::Signal(_) | Self::TemplateWritten => 0,
+            Self::TemplateFailed(_) => 1,
             Self::GuestShutdown | Self::VcpuError(_) => 1,
         }
     }
@@ -94,6 +100,8 @@ impl std::fmt::Display for ExitReason {
             Self::GuestReset => write!(f, "the guest reset the VM"),
             Self::GuestShutdown => write!(f, "the guest shut down (triple fault)"),
             Self::ApiStop => write!(f, "stopped through the API"),
+            Self::TemplateWritten => write!(f, "template snapshot written"),
+            Self::TemplateFailed(e) => write!(f, "template snapshot failed: {e}"),
             Self::Signal(s) => write!(f, "stopped by signal {s}"),
             Self::VcpuError(e) => write!(f, "{e}"),
         }
@@ -155,6 +163,7 @@ struct Control {
     vcpu_events: Receiver<(u8, VcpuExit)>,
     shared: Arc<Mutex<Shared>>,
     outcome: Arc<Mutex<Option<ExitReason>>>,
+    template: Arc<Mutex<Option<TemplateOutcome>>>,
 }
 
 impl Control {
@@ -188,6 +197,16 @@ impl MutEventSubscriber for Control {
             self.finish(ExitReason::GuestReset);
         } else if fd == self.exit_evt.as_raw_fd() {
             let _ = self.exit_evt.read();
+            match self
+                .template
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                Some(TemplateOutcome::Written(_)) => self.finish(ExitReason::TemplateWritten),
+                Some(TemplateOutcome::Failed(e)) => self.finish(ExitReason::TemplateFailed(e)),
+                None => {}
+            }
             if self
                 .shared
                 .lock()
@@ -443,6 +462,26 @@ impl Vmm {
             stop_requested: false,
         }));
         let outcome = Arc::new(Mutex::new(None));
+        let template_outcome = Arc::new(Mutex::new(None));
+        if let Some(out) = &config.make_template {
+            let uds = config
+                .vsock
+                .as_ref()
+                .map(|v| v.uds_path.clone())
+                .ok_or_else(|| {
+                    VmmError::Device(
+                        "the template maker",
+                        "making a template needs a vsock device".into(),
+                    )
+                })?;
+            let done = exit_evt
+                .try_clone()
+                .map_err(device_err("the template maker"))?;
+            let maker =
+                TemplateMaker::new(&uds, out, persist.clone(), template_outcome.clone(), done)
+                    .map_err(device_err("the template readiness socket"))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(maker)));
+        }
         let control = Control {
             exit_evt: exit_evt
                 .try_clone()
@@ -452,6 +491,7 @@ impl Vmm {
             vcpu_events: vcpu_rx,
             shared: shared.clone(),
             outcome: outcome.clone(),
+            template: template_outcome.clone(),
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(control)));
         if let Some(path) = &config.api_socket {

@@ -1,0 +1,127 @@
+//! Template start: one boot makes a template snapshot; every later microVM
+//! restores from it, gets its own identity (fresh entropy, hostname), and
+//! answers — one after another and several at once.
+
+use std::{collections::HashSet, io::Read, time::Duration};
+
+use husk_e2e::{require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_protocols::{
+    agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
+    connect_agent,
+};
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(60_000_000_000)
+}
+
+fn host_entropy() -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("host entropy");
+    b
+}
+
+/// Restores one VM from `template`, personalizes it, checks it, shuts it
+/// down; returns the guest's random sample and the time to its first answer.
+async fn restore_one(
+    artifacts: &Artifacts,
+    template: &std::path::Path,
+    name: &str,
+) -> (Vec<u8>, Duration) {
+    let dir = TestDir::new(name).expect("dir");
+    let opts = VmOptions {
+        vmm_args: vec![
+            "--restore-from".into(),
+            template.display().to_string(),
+            "--no-cold-boot-fallback".into(),
+        ],
+        await_ready: false,
+        ..Default::default()
+    };
+    let mut vm = VmProcess::spawn(artifacts, dir.path(), &opts).expect("spawn");
+    let client = match connect_agent(&vm.vsock, Duration::from_secs(60)).await {
+        Ok(c) => c,
+        Err(e) => panic!("{name}: agent after restore: {e}\n{}", vm.log_text()),
+    };
+    let mut req = PersonalizeRequest::new();
+    req.entropy = host_entropy();
+    req.hostname = name.to_string();
+    req.sandbox_id = name.to_string();
+    let sample = client
+        .personalize(ctx(), &req)
+        .await
+        .expect("Personalize")
+        .random_sample;
+    let answered = vm.started.elapsed();
+    assert_eq!(sample.len(), 16);
+    client
+        .health(ctx(), &HealthRequest::new())
+        .await
+        .expect("Health");
+    client
+        .shutdown(ctx(), &ShutdownRequest::new())
+        .await
+        .expect("Shutdown");
+    let status = vm.wait_exit(Duration::from_secs(60)).await.expect("exit");
+    assert!(status.success(), "{name}: {status}\n{}", vm.log_text());
+    let mut left = dir.entries();
+    left.retain(|e| e != "vmm.log");
+    assert!(left.is_empty(), "{name}: left behind {left:?}");
+    (sample, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_restores_sequentially_and_concurrently_with_distinct_identities() {
+    require_kvm();
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let store = TestDir::new("template-store").expect("dir");
+    let template = store.path().join("template.snap");
+
+    // One boot makes the template; husk-vmm exits 0 once it is written.
+    let out = std::process::Command::new(&artifacts.vmm)
+        .args(["--kernel", artifacts.kernel.to_str().unwrap_or_default()])
+        .args([
+            "--initramfs",
+            artifacts.initramfs.to_str().unwrap_or_default(),
+        ])
+        .arg("--vsock-uds")
+        .arg(store.path().join("t.sock"))
+        .arg("--make-template")
+        .arg(&template)
+        .output()
+        .expect("husk-vmm --make-template");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(template.exists());
+    assert_eq!(
+        store.entries(),
+        vec!["template.snap".to_string()],
+        "only the template is left"
+    );
+
+    let mut samples = Vec::new();
+    for i in 0..5 {
+        let (sample, answered) = restore_one(&artifacts, &template, &format!("seq{i}")).await;
+        eprintln!("restore seq{i}: agent personalized after {answered:?}");
+        samples.push(sample);
+    }
+    let (a, b, c) = tokio::join!(
+        restore_one(&artifacts, &template, "par0"),
+        restore_one(&artifacts, &template, "par1"),
+        restore_one(&artifacts, &template, "par2"),
+    );
+    for (i, (sample, answered)) in [a, b, c].into_iter().enumerate() {
+        eprintln!("restore par{i}: agent personalized after {answered:?}");
+        samples.push(sample);
+    }
+    let distinct: HashSet<_> = samples.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        samples.len(),
+        "every restored guest has its own randomness"
+    );
+}

@@ -1,0 +1,148 @@
+//! Template snapshots: boot once, snapshot when the agent is ready.
+//!
+//! With `make_template` set, husk-vmm listens on the agent's readiness port
+//! itself (`<vsock uds>_<READY_PORT>`), and the moment the agent announces
+//! readiness — before any host has talked to it, so nothing pod-specific
+//! exists in the guest yet — it writes the snapshot and ends the VM. Every
+//! later microVM of the same image and shape restores from that file.
+
+use std::{
+    io::Read,
+    os::{
+        fd::AsRawFd,
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::persist::Persist;
+
+/// The guest vsock port the agent announces readiness to (husk-protocols'
+/// READY_VSOCK_PORT; vmm-core does not depend on the agent API).
+pub const READY_PORT: u32 = 1025;
+const READY_PREFIX: &[u8] = b"husk-agent ready ";
+const MAX_LINE: usize = 128;
+
+/// What became of the template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateOutcome {
+    /// Written, with this many bytes of guest memory.
+    Written(u64),
+    /// Not written; why.
+    Failed(String),
+}
+
+/// Waits for readiness, then snapshots the VM.
+pub struct TemplateMaker {
+    listener: UnixListener,
+    listener_path: PathBuf,
+    conn: Option<(UnixStream, Vec<u8>)>,
+    out: PathBuf,
+    persist: Arc<Persist>,
+    outcome: Arc<Mutex<Option<TemplateOutcome>>>,
+    done: EventFd,
+}
+
+impl std::fmt::Debug for TemplateMaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateMaker")
+            .field("out", &self.out)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TemplateMaker {
+    /// Listens on the readiness socket of `vsock_uds`; the snapshot goes to
+    /// `out`; `done` is signalled once the outcome is known.
+    pub fn new(
+        vsock_uds: &Path,
+        out: &Path,
+        persist: Arc<Persist>,
+        outcome: Arc<Mutex<Option<TemplateOutcome>>>,
+        done: EventFd,
+    ) -> std::io::Result<Self> {
+        let mut p = vsock_uds.as_os_str().to_os_string();
+        p.push(format!("_{READY_PORT}"));
+        let listener_path = PathBuf::from(p);
+        let _ = std::fs::remove_file(&listener_path);
+        let listener = UnixListener::bind(&listener_path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            listener_path,
+            conn: None,
+            out: out.to_path_buf(),
+            persist,
+            outcome,
+            done,
+        })
+    }
+
+    fn finish(&mut self, outcome: TemplateOutcome) {
+        match &outcome {
+            TemplateOutcome::Written(bytes) => {
+                tracing::info!(path = %self.out.display(), memory_bytes = bytes, "template written")
+            }
+            TemplateOutcome::Failed(why) => tracing::error!("template not written: {why}"),
+        }
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        let _ = self.done.write(1);
+    }
+}
+
+impl Drop for TemplateMaker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.listener_path);
+    }
+}
+
+impl MutEventSubscriber for TemplateMaker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            tracing::error!("template: watching the readiness socket: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.listener.as_raw_fd() {
+            if let Ok((stream, _)) = self.listener.accept() {
+                if self.conn.is_none() && stream.set_nonblocking(true).is_ok() {
+                    let _ = ops.add(Events::new(&stream, EventSet::IN));
+                    self.conn = Some((stream, Vec::new()));
+                }
+            }
+            return;
+        }
+        let Some((stream, buf)) = self.conn.as_mut() else {
+            return;
+        };
+        let mut chunk = [0u8; MAX_LINE];
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(_) => 0,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let complete = buf.contains(&b'\n') || n == 0 || buf.len() >= MAX_LINE;
+        if !complete {
+            return;
+        }
+        let ready = buf.starts_with(READY_PREFIX) && buf.contains(&b'\n');
+        let fd = stream.as_raw_fd();
+        let _ = ops.remove(Events::empty_raw(fd));
+        self.conn = None;
+        let outcome = if ready {
+            match self.persist.snapshot(&self.out) {
+                Ok(stats) => TemplateOutcome::Written(stats.memory_bytes),
+                Err(e) => TemplateOutcome::Failed(e.to_string()),
+            }
+        } else {
+            TemplateOutcome::Failed("the agent sent no readiness line".to_string())
+        };
+        self.finish(outcome);
+    }
+}
