@@ -5,6 +5,10 @@
 //!
 //! Both VMMs get the same memory size and the same kernel command line
 //! (husk's own, minus its virtio-mmio device list, which QEMU makes itself).
+//! It then makes a template snapshot with one more boot and restores from
+//! it `--runs` times: time to the agent's first answer and the host memory
+//! of the restored, idle VMM process.
+//!
 //! The last line of output is one JSON object.
 
 use std::{
@@ -16,7 +20,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use husk_e2e::{median, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
-use husk_protocols::{agent::ShutdownRequest, connect_agent};
+use husk_protocols::{
+    agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
+    connect_agent,
+};
 use husk_vmm_core::arch::cpuid::CpuProfile;
 use serde::Serialize;
 
@@ -178,6 +185,102 @@ async fn boot_qemu(
     })
 }
 
+#[derive(Debug, Default, Serialize)]
+struct RestoreSample {
+    /// From starting husk-vmm to the agent's first answer (Personalize).
+    answered_s: f64,
+    /// Resident memory of the restored VMM process after 2 s idle.
+    rss_kib: u64,
+    /// Proportional set size of the same.
+    pss_kib: u64,
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .map(str::to_string)
+        })
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(str::to_string)
+        })
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Makes a template snapshot with one boot; returns the seconds it took.
+fn make_template(a: &Artifacts, dir: &Path, mem_mib: u64) -> Result<(std::path::PathBuf, f64)> {
+    let template = dir.join("template.snap");
+    let started = Instant::now();
+    let out = std::process::Command::new(&a.vmm)
+        .arg("--kernel")
+        .arg(&a.kernel)
+        .arg("--initramfs")
+        .arg(&a.initramfs)
+        .args(["--mem-mib", &mem_mib.to_string()])
+        .arg("--vsock-uds")
+        .arg(dir.join("t.sock"))
+        .arg("--make-template")
+        .arg(&template)
+        .output()
+        .context("husk-vmm --make-template")?;
+    if !out.status.success() {
+        bail!(
+            "making the template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((template, started.elapsed().as_secs_f64()))
+}
+
+async fn restore_husk(a: &Artifacts, template: &Path, mem_mib: u64) -> Result<RestoreSample> {
+    let dir = TestDir::new("bench-restore")?;
+    let opts = VmOptions {
+        mem_mib,
+        vmm_args: vec![
+            "--restore-from".into(),
+            template.display().to_string(),
+            "--no-cold-boot-fallback".into(),
+        ],
+        await_ready: false,
+        ..Default::default()
+    };
+    let mut vm = VmProcess::spawn(a, dir.path(), &opts)?;
+    let pid = vm.pid().context("pid")?;
+    let client = connect_agent(&vm.vsock, Duration::from_secs(60)).await?;
+    let mut req = PersonalizeRequest::new();
+    let mut entropy = vec![0u8; 64];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut entropy)?;
+    req.entropy = entropy;
+    let ctx = || ttrpc::context::with_timeout(30_000_000_000);
+    client.personalize(ctx(), &req).await?;
+    let answered_s = vm.started.elapsed().as_secs_f64();
+    client.health(ctx(), &HealthRequest::new()).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sample = RestoreSample {
+        answered_s,
+        rss_kib: rss_kib(pid),
+        pss_kib: pss_kib(pid),
+    };
+    client.shutdown(ctx(), &ShutdownRequest::new()).await?;
+    let status = vm.wait_exit(Duration::from_secs(60)).await?;
+    if !status.success() {
+        bail!("restored husk-vmm exited with {status}");
+    }
+    Ok(sample)
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     bench: &'static str,
@@ -193,6 +296,12 @@ struct Report {
     rss_ratio_husk_over_qemu: f64,
     husk: Vec<Sample>,
     qemu: Vec<Sample>,
+    template_build_s: f64,
+    restore_answered_median_s: f64,
+    ratio_restore_over_cold_ready: f64,
+    restored_idle_rss_median_kib: f64,
+    restored_idle_pss_median_kib: f64,
+    restores: Vec<RestoreSample>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -248,6 +357,38 @@ async fn main() -> Result<()> {
             .map(|s| s.peak_rss_kib as f64)
             .collect::<Vec<_>>(),
     );
+    // Template start: one boot makes the template, then restores.
+    let store = TestDir::new("bench-template")?;
+    let (template, template_build_s) = make_template(&a, store.path(), args.mem_mib)?;
+    println!("template built in {template_build_s:.2} s");
+    let mut restores = Vec::new();
+    for i in 0..args.runs {
+        let r = restore_husk(&a, &template, args.mem_mib)
+            .await
+            .context("restore")?;
+        println!(
+            "run {}: husk restore  answered {:6.2} s  idle RSS {:7} KiB  PSS {:7} KiB",
+            i + 1,
+            r.answered_s,
+            r.rss_kib,
+            r.pss_kib
+        );
+        restores.push(r);
+    }
+    let rm = median(&mut restores.iter().map(|r| r.answered_s).collect::<Vec<_>>());
+    let rrss = median(
+        &mut restores
+            .iter()
+            .map(|r| r.rss_kib as f64)
+            .collect::<Vec<_>>(),
+    );
+    let rpss = median(
+        &mut restores
+            .iter()
+            .map(|r| r.pss_kib as f64)
+            .collect::<Vec<_>>(),
+    );
+
     let report = Report {
         bench: "boot",
         runs: args.runs,
@@ -262,6 +403,12 @@ async fn main() -> Result<()> {
         rss_ratio_husk_over_qemu: if qrss > 0.0 { hrss / qrss } else { 0.0 },
         husk,
         qemu,
+        template_build_s,
+        restore_answered_median_s: rm,
+        ratio_restore_over_cold_ready: if hr > 0.0 { rm / hr } else { 0.0 },
+        restored_idle_rss_median_kib: rrss,
+        restored_idle_pss_median_kib: rpss,
+        restores,
     };
     println!(
         "median time to the agent's first line: husk {hm:.2} s, qemu {qm:.2} s, husk/qemu {:.3}",
@@ -272,6 +419,11 @@ async fn main() -> Result<()> {
         "median peak RSS: husk {hrss:.0} KiB, qemu {qrss:.0} KiB, husk/qemu {:.3}",
         report.rss_ratio_husk_over_qemu
     );
+    println!(
+        "median template start (restore to the agent's first answer): {rm:.2} s; cold boot to readiness {hr:.2} s; restore/cold {:.3}",
+        report.ratio_restore_over_cold_ready
+    );
+    println!("median restored idle VMM memory: RSS {rrss:.0} KiB, PSS {rpss:.0} KiB");
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
