@@ -193,6 +193,26 @@ struct RestoreSample {
     rss_kib: u64,
     /// Proportional set size of the same.
     pss_kib: u64,
+    /// Guest memory allocated in the memfd (pages the template stored plus
+    /// pages the guest touched since), which RSS does not fully show.
+    guest_mem_allocated_kib: u64,
+}
+
+/// Allocated size of the guest-memory memfd of process `pid`.
+fn guest_mem_allocated_kib(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| l.to_string_lossy().contains("memfd:husk-guest-ram"))
+        })
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.blocks() * 512 / 1024)
+        .max()
+        .unwrap_or(0)
 }
 
 fn pss_kib(pid: u32) -> u64 {
@@ -301,6 +321,7 @@ struct Report {
     ratio_restore_over_cold_ready: f64,
     restored_idle_rss_median_kib: f64,
     restored_idle_pss_median_kib: f64,
+    restored_guest_mem_allocated_median_kib: f64,
     restores: Vec<RestoreSample>,
 }
 
@@ -367,11 +388,12 @@ async fn main() -> Result<()> {
             .await
             .context("restore")?;
         println!(
-            "run {}: husk restore  answered {:6.2} s  idle RSS {:7} KiB  PSS {:7} KiB",
+            "run {}: husk restore  answered {:6.2} s  idle RSS {:7} KiB  PSS {:7} KiB  guest memory allocated {:7} KiB",
             i + 1,
             r.answered_s,
             r.rss_kib,
-            r.pss_kib
+            r.pss_kib,
+            r.guest_mem_allocated_kib
         );
         restores.push(r);
     }
@@ -408,6 +430,7 @@ async fn main() -> Result<()> {
         ratio_restore_over_cold_ready: if hr > 0.0 { rm / hr } else { 0.0 },
         restored_idle_rss_median_kib: rrss,
         restored_idle_pss_median_kib: rpss,
+        restored_guest_mem_allocated_median_kib: ralloc,
         restores,
     };
     println!(
@@ -423,7 +446,7 @@ async fn main() -> Result<()> {
         "median template start (restore to the agent's first answer): {rm:.2} s; cold boot to readiness {hr:.2} s; restore/cold {:.3}",
         report.ratio_restore_over_cold_ready
     );
-    println!("median restored idle VMM memory: RSS {rrss:.0} KiB, PSS {rpss:.0} KiB");
+    println!("median restored idle VMM memory: RSS {rrss:.0} KiB, PSS {rpss:.0} KiB, guest memory allocated {ralloc:.0} KiB");
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
