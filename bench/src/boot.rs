@@ -292,6 +292,7 @@ async fn restore_husk(a: &Artifacts, template: &Path, mem_mib: u64) -> Result<Re
         answered_s,
         rss_kib: rss_kib(pid),
         pss_kib: pss_kib(pid),
+        guest_mem_allocated_kib: guest_mem_allocated_kib(pid),
     };
     client.shutdown(ctx(), &ShutdownRequest::new()).await?;
     let status = vm.wait_exit(Duration::from_secs(60)).await?;
@@ -408,6 +409,12 @@ async fn main() -> Result<()> {
         &mut restores
             .iter()
             .map(|r| r.pss_kib as f64)
+            .collect::<Vec<_>>(),
+    );
+    let ralloc = median(
+        &mut restores
+            .iter()
+            .map(|r| r.guest_mem_allocated_kib as f64)
             .collect::<Vec<_>>(),
     );
 
