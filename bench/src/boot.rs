@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use husk_e2e::{median, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_e2e::{median, proc_kib, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
     connect_agent,
@@ -80,15 +80,7 @@ async fn wait_marker(
 }
 
 fn peak_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .map(str::to_string)
-        })
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", "VmHWM").unwrap_or(0)
 }
 
 async fn boot_husk(a: &Artifacts, mem_mib: u64, within: Duration) -> Result<Sample> {
@@ -216,27 +208,11 @@ fn guest_mem_allocated_kib(pid: u32) -> u64 {
 }
 
 fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .map(str::to_string)
-        })
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "smaps_rollup", "Pss").unwrap_or(0)
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .map(str::to_string)
-        })
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", "VmRSS").unwrap_or(0)
 }
 
 /// Makes a template snapshot with one boot; returns the seconds it took.

@@ -148,6 +148,30 @@ pub struct VmOptions {
     pub await_ready: bool,
 }
 
+impl VmOptions {
+    /// Options for a VM restored from `snapshot` (no cold-boot fallback, no
+    /// readiness announcement to wait for).
+    pub fn restored_from(snapshot: &Path) -> Self {
+        Self {
+            vmm_args: vec![
+                "--restore-from".into(),
+                snapshot.display().to_string(),
+                "--no-cold-boot-fallback".into(),
+            ],
+            await_ready: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// A `<field>: N kB` value from a /proc file of `pid` (status, smaps_rollup).
+pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 impl Default for VmOptions {
     fn default() -> Self {
         Self {
@@ -312,11 +336,7 @@ impl VmProcess {
 
     /// Peak resident memory of the VMM process (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        proc_kib(self.pid()?, "status", "VmHWM")
     }
 
     /// Sends one request to the control API; returns the response line.

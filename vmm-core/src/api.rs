@@ -183,7 +183,7 @@ pub fn answer(
                 error: None,
                 memory_bytes: Some(stats.memory_bytes),
             },
-            Some(Err(e)) => fail(format!("snapshot failed: {}", error_chain(&e))),
+            Some(Err(e)) => fail(format!("snapshot failed: {}", crate::error_chain(&e))),
             None => fail("this VM cannot be snapshotted".to_string()),
         },
         Ok(Request::Pause) => {
@@ -242,17 +242,6 @@ pub fn answer(
             memory_bytes: None,
         },
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 impl ApiServer {

@@ -28,3 +28,15 @@ pub mod vstate;
 
 pub use config::{VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm, VmmError};
+
+/// An error and its causes on one line ("a: b: c"), for logs and API replies.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -63,17 +63,6 @@ struct Args {
     log: String,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
 fn print_error_chain(e: &anyhow::Error) {
     eprintln!("husk-vmm: error: {e}");
     for cause in e.chain().skip(1) {
@@ -128,7 +117,10 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
     // to a cold boot with the same devices is safe.
     let vmm = match Vmm::build(config.clone(), signals) {
         Err(husk_vmm_core::VmmError::Restore(e)) if !args.no_cold_boot_fallback => {
-            tracing::warn!("snapshot refused, booting cold instead: {}", chain(&e));
+            tracing::warn!(
+                "snapshot refused, booting cold instead: {}",
+                husk_vmm_core::error_chain(&e)
+            );
             let cold = VmConfig {
                 restore_from: None,
                 ..config
