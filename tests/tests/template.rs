@@ -125,3 +125,91 @@ async fn template_restores_sequentially_and_concurrently_with_distinct_identitie
         "every restored guest has its own randomness"
     );
 }
+
+/// `--template-dir`: the first start makes the template (one boot), later
+/// starts restore from it, and a broken template is dropped for a cold boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_dir_makes_the_template_once_then_restores() {
+    require_kvm();
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let store = TestDir::new("template-dir").expect("dir");
+    let templates = store.path().join("templates");
+    let opts = VmOptions {
+        vmm_args: vec!["--template-dir".into(), templates.display().to_string()],
+        await_ready: false,
+        ..Default::default()
+    };
+    let snaps = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&templates)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        if round == 2 {
+            // Break the template: the next start must not use it.
+            let t = templates.join(&snaps()[0]);
+            let mut bytes = std::fs::read(&t).expect("read");
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&t, bytes).expect("write");
+        }
+        let dir = TestDir::new(&format!("tdir{round}")).expect("dir");
+        let mut vm = VmProcess::spawn(&artifacts, dir.path(), &opts).expect("spawn");
+        let client = match connect_agent(&vm.vsock, Duration::from_secs(300)).await {
+            Ok(c) => c,
+            Err(e) => panic!("round {round}: {e}\n{}", vm.log_text()),
+        };
+        let mut req = PersonalizeRequest::new();
+        req.entropy = host_entropy();
+        client.personalize(ctx(), &req).await.expect("Personalize");
+        client
+            .shutdown(ctx(), &ShutdownRequest::new())
+            .await
+            .expect("Shutdown");
+        let status = vm.wait_exit(Duration::from_secs(60)).await.expect("exit");
+        let log = vm.log_text();
+        assert!(status.success(), "round {round}: {status}\n{log}");
+        seen.push((snaps(), log));
+    }
+    // Round 0 made exactly one template and restored from it; round 1 reused it.
+    assert_eq!(
+        seen[0].0.len(),
+        1,
+        "one template, no lock left: {:?}",
+        seen[0].0
+    );
+    assert!(seen[0].0[0].ends_with(".snap"));
+    assert!(
+        seen[0].1.contains("booting once to make it"),
+        "{}",
+        seen[0].1
+    );
+    assert!(seen[0].1.contains("restored from"), "{}", seen[0].1);
+    assert_eq!(seen[1].0, seen[0].0);
+    assert!(
+        !seen[1].1.contains("booting once to make it"),
+        "{}",
+        seen[1].1
+    );
+    assert!(seen[1].1.contains("restored from"), "{}", seen[1].1);
+    // Round 2 refused the broken template, booted cold and removed it.
+    assert!(
+        seen[2].1.contains("snapshot refused, booting cold instead"),
+        "{}",
+        seen[2].1
+    );
+    assert!(seen[2].1.contains("checksum mismatch"), "{}", seen[2].1);
+    assert!(
+        seen[2].0.is_empty(),
+        "the broken template is gone: {:?}",
+        seen[2].0
+    );
+}

@@ -58,6 +58,12 @@ struct Args {
     /// exit 0 (needs --vsock-uds).
     #[arg(long, conflicts_with = "restore_from")]
     make_template: Option<PathBuf>,
+    /// Template start: restore from the template in this directory that
+    /// matches this VM (guest image, command line, shape, husk version),
+    /// making it first (one boot) if there is none. A template that cannot
+    /// be used is removed and the VM boots cold.
+    #[arg(long, conflicts_with_all = ["restore_from", "make_template"])]
+    template_dir: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -113,6 +119,15 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         restore_from: args.restore_from,
         make_template: args.make_template,
     };
+    let mut config = config;
+    let template = match &args.template_dir {
+        Some(dir) => {
+            let path = ensure_template(&config, dir)?;
+            config.restore_from = Some(path.clone());
+            Some(path)
+        }
+        None => None,
+    };
     // A snapshot is refused before any guest state exists, so falling back
     // to a cold boot with the same devices is safe.
     let vmm = match Vmm::build(config.clone(), signals) {
@@ -121,6 +136,10 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
                 "snapshot refused, booting cold instead: {}",
                 husk_vmm_core::error_chain(&e)
             );
+            if let Some(t) = &template {
+                // Made for another host or corrupted: the next start rebuilds it.
+                let _ = std::fs::remove_file(t);
+            }
             let cold = VmConfig {
                 restore_from: None,
                 ..config
@@ -136,4 +155,64 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         eprintln!("husk-vmm: {reason}");
     }
     Ok(reason.exit_code())
+}
+
+/// The template for `config` in `dir`, made first if it does not exist.
+/// Concurrent starts serialize on a lock file, so a template is built once.
+fn ensure_template(config: &VmConfig, dir: &std::path::Path) -> Result<PathBuf> {
+    use anyhow::Context;
+    use std::os::fd::AsRawFd;
+    let uds = config
+        .vsock
+        .as_ref()
+        .context("template start needs a vsock device (--vsock-uds)")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key =
+        husk_vmm_core::template::key(config, husk_vmm_core::arch::cpuid::CpuProfile::detect())
+            .context("reading the guest image to name its template")?;
+    let path = dir.join(format!("{key}.snap"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let lock_path = dir.join(format!("{key}.lock"));
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("locking the template");
+    }
+    if path.exists() {
+        return Ok(path);
+    }
+    tracing::info!(template = %path.display(), "no template for this VM yet: booting once to make it");
+    // The template VM gets its own vsock socket next to this VM's.
+    let build_uds = uds.uds_path.with_extension("template.sock");
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("locating husk-vmm")?);
+    cmd.arg("--kernel").arg(&config.kernel);
+    match &config.initramfs {
+        Some(i) => cmd.arg("--initramfs").arg(i),
+        None => cmd.args(["--initramfs", "none"]),
+    };
+    cmd.args([
+        "--vcpus",
+        &config.vcpus.to_string(),
+        "--mem-mib",
+        &config.mem_mib.to_string(),
+    ])
+    .args(["--cmdline", &config.extra_cmdline])
+    .arg("--vsock-uds")
+    .arg(&build_uds)
+    .arg("--make-template")
+    .arg(&path)
+    .args(["--log", "warn"]);
+    if let Some(serial) = &config.serial_log {
+        cmd.arg("--serial-log")
+            .arg(serial.with_extension("template.log"));
+    }
+    let status = cmd.status().context("starting the template VM")?;
+    let _ = std::fs::remove_file(&lock_path);
+    if !status.success() || !path.exists() {
+        anyhow::bail!("making the template {} failed ({status})", path.display());
+    }
+    Ok(path)
 }

@@ -146,3 +146,89 @@ impl MutEventSubscriber for TemplateMaker {
         self.finish(outcome);
     }
 }
+
+/// The name of the template for a VM described by `config`: a hash of
+/// everything the template's contents depend on (guest kernel and
+/// initramfs bytes, kernel command line, VM shape, devices, CPU profile,
+/// husk version). A change to any of them names a new template.
+pub fn key(
+    config: &crate::VmConfig,
+    profile: crate::arch::cpuid::CpuProfile,
+) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"husk template v1\0");
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update([0]);
+    for file in std::iter::once(&config.kernel).chain(config.initramfs.as_ref()) {
+        let mut f = std::fs::File::open(file)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        h.update([0xff]);
+    }
+    h.update(config.extra_cmdline.trim().as_bytes());
+    h.update([0]);
+    h.update(profile.cmdline().as_bytes());
+    h.update([0, config.vcpus]);
+    h.update(config.mem_mib.to_le_bytes());
+    h.update([
+        u8::from(config.vsock.is_some()),
+        u8::from(config.serial_log.is_some()),
+    ]);
+    let digest = h.finalize();
+    Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{arch::cpuid::CpuProfile, VmConfig};
+
+    #[test]
+    fn key_follows_image_cmdline_and_shape() {
+        let dir = std::env::temp_dir().join(format!("husk-tkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"kernel one").expect("write");
+        let base = VmConfig {
+            kernel: kernel.clone(),
+            initramfs: None,
+            ..VmConfig::with_defaults()
+        };
+        let k = |c: &VmConfig| key(c, CpuProfile::Host).expect("key");
+        let k0 = k(&base);
+        assert_eq!(k0, k(&base));
+        assert_eq!(k0.len(), 24);
+        assert_ne!(
+            k0,
+            k(&VmConfig {
+                extra_cmdline: "husk.log=debug".into(),
+                ..base.clone()
+            })
+        );
+        assert_ne!(
+            k0,
+            k(&VmConfig {
+                mem_mib: 256,
+                ..base.clone()
+            })
+        );
+        assert_ne!(
+            k0,
+            k(&VmConfig {
+                vcpus: 2,
+                ..base.clone()
+            })
+        );
+        assert_ne!(k0, key(&base, CpuProfile::Emulated).expect("key"));
+        std::fs::write(&kernel, b"kernel two").expect("write");
+        assert_ne!(k0, k(&base), "a new kernel names a new template");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
