@@ -290,19 +290,7 @@ impl MmioTransport {
             self.device.ack_features(s.driver_features);
         }
         if s.activated {
-            let queues: Result<Vec<Queue>, _> = self
-                .queues
-                .iter()
-                .map(|q| Queue::try_from(q.state()))
-                .collect();
-            let queues = queues.map_err(|_| RestoreError::Queues)?;
-            let evts: Result<Vec<EventFd>, _> =
-                self.queue_evts.iter().map(EventFd::try_clone).collect();
-            let evts = evts.map_err(|e| RestoreError::Activate(e.to_string()))?;
-            self.device
-                .activate(self.mem.clone(), self.interrupt.clone(), queues, evts)
-                .map_err(|e| RestoreError::Activate(e.to_string()))?;
-            self.activated = true;
+            self.activate_device().map_err(RestoreError::Activate)?;
             self.device.after_restore();
         }
         Ok(())
@@ -444,42 +432,34 @@ impl MmioTransport {
                 return;
             }
         }
-        // The device gets its own copies of the queues; the transport keeps
-        // the originals for register reads until the next reset.
+        if let Err(e) = self.activate_device() {
+            tracing::error!(
+                "virtio-mmio: activating device type {}: {e}",
+                self.device.device_type()
+            );
+            self.status |= status::DEVICE_NEEDS_RESET;
+            self.interrupt.signal(INT_CONFIG);
+        }
+    }
+
+    /// Hands the device its own copies of the queues (the transport keeps
+    /// the originals for register reads until the next reset) and the
+    /// queue eventfds, and activates it.
+    fn activate_device(&mut self) -> Result<(), String> {
         let queues: Result<Vec<Queue>, _> = self
             .queues
             .iter()
             .map(|q| Queue::try_from(q.state()))
             .collect();
-        let Ok(queues) = queues else {
-            tracing::warn!("virtio-mmio: queue state is not valid");
-            self.status |= status::DEVICE_NEEDS_RESET;
-            return;
-        };
+        let queues = queues.map_err(|e| format!("queue state is not valid: {e:?}"))?;
         let evts: Result<Vec<EventFd>, _> =
             self.queue_evts.iter().map(EventFd::try_clone).collect();
-        let evts = match evts {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("virtio-mmio: cloning queue eventfds: {e}");
-                self.status |= status::DEVICE_NEEDS_RESET;
-                return;
-            }
-        };
-        match self
-            .device
+        let evts = evts.map_err(|e| format!("cloning queue eventfds: {e}"))?;
+        self.device
             .activate(self.mem.clone(), self.interrupt.clone(), queues, evts)
-        {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                tracing::error!(
-                    "virtio-mmio: activating device type {}: {e}",
-                    self.device.device_type()
-                );
-                self.status |= status::DEVICE_NEEDS_RESET;
-                self.interrupt.signal(INT_CONFIG);
-            }
-        }
+            .map_err(|e| e.to_string())?;
+        self.activated = true;
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -736,6 +716,61 @@ mod tests {
             status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
         );
         assert_ne!(rd(&mut t, 0x070) & status::FAILED, 0);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_transport() {
+        let (mut t, activated, _) = transport();
+        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, 0x024, 1);
+        wr(&mut t, 0x020, 1);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        setup_queues(&mut t);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(activated.load(Ordering::SeqCst), 1);
+        let saved = t.save_state();
+        assert!(saved.activated);
+        assert_eq!(saved.queues.len(), 2);
+
+        let (mut fresh, activated2, _) = transport();
+        fresh.restore_state(&saved).expect("restore");
+        assert!(fresh.is_activated());
+        assert_eq!(
+            activated2.load(Ordering::SeqCst),
+            1,
+            "the device was re-activated"
+        );
+        assert_eq!(fresh.save_state(), saved);
+        assert_eq!(rd(&mut fresh, 0x070), saved.status);
+        wr(&mut fresh, 0x030, 1);
+        assert_eq!(rd(&mut fresh, 0x044), 1, "queue 1 is ready again");
+
+        // A snapshot of another device type or queue layout is refused.
+        let (mut other, _, _) = transport();
+        let wrong = TransportState {
+            device_type: 19,
+            ..saved.clone()
+        };
+        assert!(matches!(
+            other.restore_state(&wrong),
+            Err(RestoreError::DeviceType { .. })
+        ));
+        let fewer = TransportState {
+            queues: saved.queues[..1].to_vec(),
+            ..saved
+        };
+        assert!(matches!(
+            other.restore_state(&fewer),
+            Err(RestoreError::Queues)
+        ));
     }
 
     #[test]
