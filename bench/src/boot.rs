@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use husk_e2e::{median, proc_kib, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_e2e::{
+    make_template, median, proc_kib, require_kvm, Artifacts, TestDir, VmOptions, VmProcess,
+};
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
     connect_agent,
@@ -215,42 +217,11 @@ fn rss_kib(pid: u32) -> u64 {
     proc_kib(pid, "status", "VmRSS").unwrap_or(0)
 }
 
-/// Makes a template snapshot with one boot; returns the seconds it took.
-fn make_template(a: &Artifacts, dir: &Path, mem_mib: u64) -> Result<(std::path::PathBuf, f64)> {
-    let template = dir.join("template.snap");
-    let started = Instant::now();
-    let out = std::process::Command::new(&a.vmm)
-        .arg("--kernel")
-        .arg(&a.kernel)
-        .arg("--initramfs")
-        .arg(&a.initramfs)
-        .args(["--mem-mib", &mem_mib.to_string()])
-        .arg("--vsock-uds")
-        .arg(dir.join("t.sock"))
-        .arg("--make-template")
-        .arg(&template)
-        .output()
-        .context("husk-vmm --make-template")?;
-    if !out.status.success() {
-        bail!(
-            "making the template failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok((template, started.elapsed().as_secs_f64()))
-}
-
 async fn restore_husk(a: &Artifacts, template: &Path, mem_mib: u64) -> Result<RestoreSample> {
     let dir = TestDir::new("bench-restore")?;
     let opts = VmOptions {
         mem_mib,
-        vmm_args: vec![
-            "--restore-from".into(),
-            template.display().to_string(),
-            "--no-cold-boot-fallback".into(),
-        ],
-        await_ready: false,
-        ..Default::default()
+        ..VmOptions::restored_from(template)
     };
     let mut vm = VmProcess::spawn(a, dir.path(), &opts)?;
     let pid = vm.pid().context("pid")?;
@@ -357,7 +328,9 @@ async fn main() -> Result<()> {
     );
     // Template start: one boot makes the template, then restores.
     let store = TestDir::new("bench-template")?;
-    let (template, template_build_s) = make_template(&a, store.path(), args.mem_mib)?;
+    let started = Instant::now();
+    let template = make_template(&a, store.path(), args.mem_mib)?;
+    let template_build_s = started.elapsed().as_secs_f64();
     println!("template built in {template_build_s:.2} s");
     let mut restores = Vec::new();
     for i in 0..args.runs {

@@ -164,6 +164,32 @@ impl VmOptions {
     }
 }
 
+/// Makes a template snapshot of the default guest with one boot
+/// (`husk-vmm --make-template`); returns its path in `dir`.
+pub fn make_template(artifacts: &Artifacts, dir: &Path, mem_mib: u64) -> Result<PathBuf> {
+    let template = dir.join("template.snap");
+    let out = std::process::Command::new(&artifacts.vmm)
+        .arg("--kernel")
+        .arg(&artifacts.kernel)
+        .arg("--initramfs")
+        .arg(&artifacts.initramfs)
+        .args(["--mem-mib", &mem_mib.to_string()])
+        .arg("--vsock-uds")
+        .arg(dir.join("t.sock"))
+        .arg("--make-template")
+        .arg(&template)
+        .output()
+        .context("running husk-vmm --make-template")?;
+    if !out.status.success() || !template.exists() {
+        bail!(
+            "making the template failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(template)
+}
+
 /// A `<field>: N kB` value from a /proc file of `pid` (status, smaps_rollup).
 pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;

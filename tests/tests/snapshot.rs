@@ -62,14 +62,7 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
 
     // 2. Restore into a new process: the agent answers without a boot.
     let dir_b = TestDir::new("snap-b").expect("dir");
-    let opts = VmOptions {
-        vmm_args: vec![
-            "--restore-from".into(),
-            snap.display().to_string(),
-            "--no-cold-boot-fallback".into(),
-        ],
-        ..Default::default()
-    };
+    let opts = VmOptions::restored_from(&snap);
     let mut b = VmProcess::spawn(&artifacts, dir_b.path(), &opts).expect("spawn");
     let client = match connect_agent(&b.vsock, Duration::from_secs(60)).await {
         Ok(c) => c,
@@ -131,14 +124,7 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
     let bad = keep.path().join("bad.snap");
     std::fs::write(&bad, &bytes).expect("write");
     let dir_c = TestDir::new("snap-c").expect("dir");
-    let opts = VmOptions {
-        vmm_args: vec![
-            "--restore-from".into(),
-            bad.display().to_string(),
-            "--no-cold-boot-fallback".into(),
-        ],
-        ..Default::default()
-    };
+    let opts = VmOptions::restored_from(&bad);
     let mut c = VmProcess::spawn(&artifacts, dir_c.path(), &opts).expect("spawn");
     let status = c.wait_exit(Duration::from_secs(60)).await.expect("exit");
     assert_eq!(status.code(), Some(2), "{}", c.log_text());

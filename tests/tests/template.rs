@@ -4,7 +4,7 @@
 
 use std::{collections::HashSet, io::Read, time::Duration};
 
-use husk_e2e::{require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_e2e::{make_template, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
     connect_agent,
@@ -30,15 +30,7 @@ async fn restore_one(
     name: &str,
 ) -> (Vec<u8>, Duration) {
     let dir = TestDir::new(name).expect("dir");
-    let opts = VmOptions {
-        vmm_args: vec![
-            "--restore-from".into(),
-            template.display().to_string(),
-            "--no-cold-boot-fallback".into(),
-        ],
-        await_ready: false,
-        ..Default::default()
-    };
+    let opts = VmOptions::restored_from(template);
     let mut vm = VmProcess::spawn(artifacts, dir.path(), &opts).expect("spawn");
     let client = match connect_agent(&vm.vsock, Duration::from_secs(60)).await {
         Ok(c) => c,
@@ -76,26 +68,9 @@ async fn template_restores_sequentially_and_concurrently_with_distinct_identitie
     require_kvm();
     let artifacts = Artifacts::locate().expect("artifacts");
     let store = TestDir::new("template-store").expect("dir");
-    let template = store.path().join("template.snap");
 
     // One boot makes the template; husk-vmm exits 0 once it is written.
-    let out = std::process::Command::new(&artifacts.vmm)
-        .args(["--kernel", artifacts.kernel.to_str().unwrap_or_default()])
-        .args([
-            "--initramfs",
-            artifacts.initramfs.to_str().unwrap_or_default(),
-        ])
-        .arg("--vsock-uds")
-        .arg(store.path().join("t.sock"))
-        .arg("--make-template")
-        .arg(&template)
-        .output()
-        .expect("husk-vmm --make-template");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let template = make_template(&artifacts, store.path(), 128).expect("template");
     assert!(template.exists());
     assert_eq!(
         store.entries(),

@@ -259,25 +259,23 @@ mod tests {
         assert!(!filter(ThreadKind::Vcpu).expect("vcpu").is_empty());
     }
 
-    /// In a forked child: install the vCPU filter, then make a call it does
-    /// not allow; the child must die through the SIGSYS handler.
-    #[test]
-    fn forbidden_call_ends_the_process() {
+    /// Forks; the child installs the vCPU filter and runs `forbidden`. The
+    /// child must end through the SIGSYS handler.
+    fn assert_vcpu_filter_stops(forbidden: fn()) {
         let prog = filter(ThreadKind::Vcpu).expect("filter");
         install_sigsys_handler().expect("handler");
         // SAFETY: the child only makes async-signal-safe calls before _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
-            if apply(ThreadKind::Vcpu, &prog).is_err() {
-                // SAFETY: async-signal-safe exit in the child.
-                unsafe { libc::_exit(1) };
-            }
-            // getppid is not on the vCPU list.
-            // SAFETY: plain syscall; the filter stops it.
-            unsafe { libc::getppid() };
+            let code = if apply(ThreadKind::Vcpu, &prog).is_ok() {
+                forbidden();
+                0
+            } else {
+                1
+            };
             // SAFETY: async-signal-safe exit in the child.
-            unsafe { libc::_exit(0) };
+            unsafe { libc::_exit(code) };
         }
         let mut status = 0;
         // SAFETY: waiting for our own child.
@@ -286,29 +284,23 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_CODE);
     }
 
+    #[test]
+    fn forbidden_call_ends_the_process() {
+        // getppid is not on the vCPU list.
+        // SAFETY: plain syscall; the filter stops it.
+        assert_vcpu_filter_stops(|| unsafe {
+            libc::getppid();
+        });
+    }
+
     /// An allowed ioctl with a disallowed request is stopped too.
     #[test]
     fn vcpu_ioctls_are_limited_to_the_run_loop() {
-        let prog = filter(ThreadKind::Vcpu).expect("filter");
-        install_sigsys_handler().expect("handler");
-        // SAFETY: see above.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            if apply(ThreadKind::Vcpu, &prog).is_err() {
-                // SAFETY: async-signal-safe exit in the child.
-                unsafe { libc::_exit(1) };
-            }
-            // FIONBIO on stdin: allowed syscall, forbidden request.
+        // FIONBIO on stdin: an allowed syscall with a forbidden request.
+        assert_vcpu_filter_stops(|| {
             let mut one: libc::c_int = 1;
             // SAFETY: valid pointer to an int.
             unsafe { libc::ioctl(0, 0x5421, &mut one) };
-            // SAFETY: async-signal-safe exit in the child.
-            unsafe { libc::_exit(0) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_CODE);
+        });
     }
 }
