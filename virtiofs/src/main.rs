@@ -1,0 +1,208 @@
+//! `husk-virtiofsd`: the virtio-fs daemon of one pod.
+//!
+//! A vhost-user backend that serves one host directory (the pod's shared
+//! directory, where the shim mounts container root file systems) to the
+//! VMM's virtio-fs device. The file system and the vhost-user protocol come
+//! from the `virtiofsd` crate (husk does not write a FUSE server); this
+//! binary only chooses husk's defaults and confines the daemon:
+//!
+//! * it enters a sandbox before serving: by default new mount, PID, IPC,
+//!   UTS and network namespaces with the shared directory as root, so a
+//!   compromised daemon sees nothing else of the host;
+//! * a seccomp filter (virtiofsd's allow-list) kills it on any other
+//!   system call;
+//! * it serves exactly one VMM connection and exits when that VMM goes
+//!   away, so no daemon outlives its pod.
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use virtiofsd::{
+    passthrough::{self, CachePolicy, PassthroughFs},
+    sandbox::{Sandbox, SandboxMode},
+    seccomp::{enable_seccomp, SeccompAction},
+    vhost_user::{VhostUserFsBackendBuilder, MAX_TAG_LEN},
+};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Sandboxing {
+    /// New namespaces, the shared directory as root (needs root or user namespaces).
+    Namespace,
+    /// chroot into the shared directory (needs root).
+    Chroot,
+    /// No sandbox (debugging only).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Cache {
+    /// Guest caches nothing: every access reaches the host.
+    Never,
+    /// Guest caches metadata and data with close-to-open consistency.
+    Auto,
+    /// Guest caches everything (the host directory must not change behind it).
+    Always,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Serve one directory to a husk microVM over vhost-user virtio-fs"
+)]
+struct Args {
+    /// The vhost-user socket to listen on (the VMM connects to it).
+    #[arg(long)]
+    socket: PathBuf,
+    /// The directory to share.
+    #[arg(long)]
+    shared_dir: PathBuf,
+    /// The virtio-fs tag the guest mounts by.
+    #[arg(long, default_value = "husk")]
+    tag: String,
+    /// How the daemon confines itself.
+    #[arg(long, value_enum, default_value = "namespace")]
+    sandbox: Sandboxing,
+    /// Guest caching.
+    #[arg(long, value_enum, default_value = "auto")]
+    cache: Cache,
+    /// Worker threads for file system requests (0: serve on the queue thread).
+    #[arg(long, default_value_t = 0)]
+    thread_pool_size: usize,
+    /// Log filter (tracing syntax).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(args) {
+        eprintln!("husk-virtiofsd: error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.tag.is_empty() || args.tag.len() > MAX_TAG_LEN {
+        bail!("the tag must be 1 to {MAX_TAG_LEN} bytes");
+    }
+    let shared = args
+        .shared_dir
+        .canonicalize()
+        .with_context(|| format!("shared directory {}", args.shared_dir.display()))?;
+    if !shared.is_dir() {
+        bail!("{} is not a directory", shared.display());
+    }
+    let shared = shared
+        .to_str()
+        .context("the shared directory path is not UTF-8")?
+        .to_string();
+
+    let listener = Listener::new(&args.socket, true)
+        .with_context(|| format!("listening on {}", args.socket.display()))?;
+    // Inside the sandbox the socket's path is out of sight; a handle on its
+    // directory lets the daemon remove it when it is done.
+    let socket_dir = SocketDir::open(&args.socket)?;
+    let mode = match args.sandbox {
+        Sandboxing::Namespace => SandboxMode::Namespace,
+        Sandboxing::Chroot => SandboxMode::Chroot,
+        Sandboxing::None => SandboxMode::None,
+    };
+    let mut sandbox = Sandbox::new(shared, mode, Vec::new(), Vec::new());
+    let mountinfo_prefix = sandbox
+        .get_mountinfo_prefix()
+        .context("reading the mount table")?;
+    // From here on the daemon only sees the shared directory.
+    let listener = sandbox
+        .enter(listener)
+        .map_err(|e| anyhow::anyhow!("entering the sandbox: {e}"))?;
+
+    let cfg = passthrough::Config {
+        cache_policy: match args.cache {
+            Cache::Never => CachePolicy::Never,
+            Cache::Auto => CachePolicy::Auto,
+            Cache::Always => CachePolicy::Always,
+        },
+        root_dir: sandbox.get_root_dir(),
+        mountinfo_prefix,
+        proc_sfd_rawfd: sandbox.get_proc_self_fd(),
+        proc_mountinfo_rawfd: sandbox.get_mountinfo_fd(),
+        ..Default::default()
+    };
+    let fs = PassthroughFs::new(cfg)
+        .map_err(|e| anyhow::anyhow!("opening the shared directory: {e}"))?;
+    enable_seccomp(SeccompAction::Kill, false)
+        .map_err(|e| anyhow::anyhow!("installing the seccomp filter: {e}"))?;
+
+    let backend = Arc::new(
+        VhostUserFsBackendBuilder::default()
+            .set_thread_pool_size(args.thread_pool_size)
+            .set_tag(Some(args.tag))
+            .build(fs)
+            .map_err(|e| anyhow::anyhow!("creating the vhost-user backend: {e}"))?,
+    );
+    let mut daemon = VhostUserDaemon::new(
+        "husk-virtiofsd".to_string(),
+        backend,
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| anyhow::anyhow!("creating the daemon: {e:?}"))?;
+    let mut listener = listener;
+    tracing::info!("waiting for the VMM");
+    daemon
+        .start(&mut listener)
+        .map_err(|e| anyhow::anyhow!("accepting the VMM: {e:?}"))?;
+    tracing::info!("VMM connected");
+    match daemon.wait() {
+        Ok(()) => {}
+        Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {}
+        Err(e) => bail!("serving the VMM: {e:?}"),
+    }
+    tracing::info!("VMM disconnected; exiting");
+    socket_dir.remove_socket();
+    Ok(())
+}
+
+/// The directory of the vhost-user socket, held open across the sandbox.
+struct SocketDir {
+    dir: std::fs::File,
+    name: std::ffi::CString,
+}
+
+impl SocketDir {
+    fn open(socket: &std::path::Path) -> Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let parent = match socket.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = socket
+            .file_name()
+            .context("the socket path has no file name")?;
+        let dir = std::fs::File::open(&parent)
+            .with_context(|| format!("opening {}", parent.display()))?;
+        let name = std::ffi::CString::new(name.as_bytes())
+            .context("the socket name contains a NUL byte")?;
+        Ok(Self { dir, name })
+    }
+
+    fn remove_socket(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a directory descriptor we own and a NUL-terminated name.
+        if unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } != 0 {
+            tracing::warn!("removing the socket: {}", std::io::Error::last_os_error());
+        }
+    }
+}
