@@ -26,6 +26,8 @@ use tokio::{
 pub struct Artifacts {
     /// The `husk-vmm` binary.
     pub vmm: PathBuf,
+    /// The `husk-virtiofsd` binary (next to husk-vmm).
+    pub virtiofsd: PathBuf,
     /// The guest kernel.
     pub kernel: PathBuf,
     /// The guest initramfs.
@@ -53,6 +55,7 @@ impl Artifacts {
         let guest = std::env::var_os("HUSK_GUEST_DIR")
             .map_or_else(|| PathBuf::from("/var/lib/husk/guest"), PathBuf::from);
         let a = Self {
+            virtiofsd: vmm.with_file_name("husk-virtiofsd"),
             vmm,
             kernel: guest.join("vmlinux"),
             initramfs: guest.join("initramfs.cpio"),

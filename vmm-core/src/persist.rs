@@ -142,6 +142,15 @@ impl Persist {
     /// `path` is either the old content or a complete new snapshot). vCPUs
     /// that were running run again afterwards.
     pub fn snapshot(&self, path: &Path) -> Result<Stats, PersistError> {
+        let all_capturable = self
+            .transports
+            .iter()
+            .all(|t| t.lock().unwrap_or_else(|e| e.into_inner()).can_snapshot());
+        if !all_capturable {
+            return Err(PersistError::Devices(
+                "a vhost-user device (virtio-fs) cannot be snapshotted yet".into(),
+            ));
+        }
         let was_running: Vec<bool> = self
             .vcpus
             .iter()

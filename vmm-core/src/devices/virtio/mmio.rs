@@ -227,6 +227,11 @@ impl MmioTransport {
         &self.interrupt
     }
 
+    /// Whether the device can be captured in a snapshot.
+    pub fn can_snapshot(&self) -> bool {
+        self.device.can_snapshot()
+    }
+
     /// The transport's state for a snapshot (vCPUs paused).
     pub fn save_state(&self) -> TransportState {
         let queues = match self.device.queue_states().filter(|_| self.activated) {

@@ -7,6 +7,7 @@
 //! eventfds (KVM ioeventfds on the QueueNotify register), and interrupts
 //! leave on an irqfd, so neither goes through the vCPU thread.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
@@ -134,6 +135,11 @@ pub trait VirtioDevice: Send {
     /// Device-specific state a snapshot keeps (beyond config and queues).
     fn save_device_state(&self) -> Vec<u8> {
         Vec::new()
+    }
+    /// Whether the device's state can be captured in a snapshot (a
+    /// vhost-user device's rings live in its daemon).
+    fn can_snapshot(&self) -> bool {
+        true
     }
     /// Puts device-specific state back (before activation).
     fn restore_device_state(&mut self, _state: &[u8]) -> Result<(), String> {

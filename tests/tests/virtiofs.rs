@@ -1,0 +1,159 @@
+//! husk-vmm's vhost-user virtio-fs frontend with the real husk-virtiofsd:
+//! the frontend hands the daemon guest memory and a queue, a FUSE_INIT
+//! request placed in that queue (as a guest driver would) is answered by the
+//! daemon, and the answer reaches the device's interrupt.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use husk_e2e::{Artifacts, TestDir};
+use husk_vmm_core::{
+    devices::virtio::{fs::VhostUserFs, Interrupt, InterruptLine, VirtioDevice},
+    memory::create_guest_memory,
+};
+use virtio_queue::{
+    desc::{split::Descriptor as SplitDescriptor, RawDescriptor},
+    mock::MockSplitQueue,
+};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, Default, Clone)]
+struct Counter(Arc<AtomicUsize>);
+impl InterruptLine for Counter {
+    fn raise(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+const FUSE_INIT: u32 = 26;
+const REQ: u64 = 0x10_0000;
+const RESP: u64 = 0x20_0000;
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+
+#[test]
+fn fuse_init_through_the_daemon_reaches_the_guest_queue() {
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let dir = TestDir::new("vfs").expect("dir");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("shared dir");
+    let socket = dir.path().join("fs.sock");
+    let mut daemon = std::process::Command::new(&artifacts.virtiofsd)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .args(["--tag", "pod", "--log", "warn"])
+        .spawn()
+        .expect("spawn husk-virtiofsd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "daemon socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut fs = VhostUserFs::connect(&socket, "pod").expect("connect");
+    let mut cfg = [0u8; 40];
+    fs.read_config(0, &mut cfg);
+    assert_eq!(&cfg[..3], b"pod");
+    assert_eq!(u32::from_le_bytes([cfg[36], cfg[37], cfg[38], cfg[39]]), 1);
+    fs.ack_features(fs.features());
+
+    // Guest memory with the two queues and one FUSE_INIT request in queue 1.
+    let (mem, _memfd) = create_guest_memory(4 << 20).expect("memory");
+    let hiprio = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+    let requests = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let mut req = Vec::new();
+    req.extend_from_slice(&104u32.to_le_bytes()); // len: in header + init_in
+    req.extend_from_slice(&FUSE_INIT.to_le_bytes());
+    req.extend_from_slice(&7u64.to_le_bytes()); // unique
+    req.extend_from_slice(&[0u8; 24]); // nodeid, uid, gid, pid, extlen, padding
+    req.extend_from_slice(&7u32.to_le_bytes()); // major
+    req.extend_from_slice(&38u32.to_le_bytes()); // minor
+    req.extend_from_slice(&[0u8; 56]);
+    mem.write_slice(&req, GuestAddress(REQ)).expect("request");
+    let chain = [
+        RawDescriptor::from(SplitDescriptor::new(REQ, 104, VRING_DESC_F_NEXT, 1)),
+        RawDescriptor::from(SplitDescriptor::new(RESP, 4096, VRING_DESC_F_WRITE, 0)),
+    ];
+    requests.add_desc_chains(&chain, 0).expect("chain");
+
+    let irqs = Counter::default();
+    let interrupt = Interrupt::new(Box::new(irqs.clone()));
+    let kicks: Vec<EventFd> = (0..2)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("evt"))
+        .collect();
+    let queues = vec![
+        hiprio.create_queue().expect("q0"),
+        requests.create_queue().expect("q1"),
+    ];
+    fs.activate(
+        mem.clone(),
+        interrupt.clone(),
+        queues,
+        kicks
+            .iter()
+            .map(|k| k.try_clone().expect("clone"))
+            .collect(),
+    )
+    .expect("activate");
+    let handler = fs.handler().expect("handler");
+
+    // The "guest" notifies queue 1; the daemon answers into guest memory.
+    kicks[1].write(1).expect("kick");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while requests.used().idx().load() == 0 {
+        assert!(Instant::now() < deadline, "no answer from the daemon");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut out = [0u8; 16 + 8];
+    mem.read_slice(&mut out, GuestAddress(RESP))
+        .expect("response");
+    let error = i32::from_le_bytes([out[4], out[5], out[6], out[7]]);
+    let unique = u64::from_le_bytes([
+        out[8], out[9], out[10], out[11], out[12], out[13], out[14], out[15],
+    ]);
+    let major = u32::from_le_bytes([out[16], out[17], out[18], out[19]]);
+    assert_eq!((error, unique, major), (0, 7, 7), "FUSE_INIT answered");
+
+    // The daemon's call eventfd, relayed by the handler in an event loop,
+    // sets the used-buffer bit and raises the device's interrupt line.
+    let mut loop_ = event_manager::EventManager::<
+        Arc<std::sync::Mutex<husk_vmm_core::devices::virtio::fs::FsHandler>>,
+    >::new()
+    .expect("event manager");
+    event_manager::SubscriberOps::add_subscriber(
+        &mut loop_,
+        Arc::new(std::sync::Mutex::new(handler)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while irqs.0.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no interrupt relayed");
+        loop_.run_with_timeout(100).expect("event loop");
+    }
+    assert_ne!(
+        interrupt.status() & husk_vmm_core::devices::virtio::INT_VRING,
+        0
+    );
+
+    // The VMM goes: the daemon exits cleanly.
+    fs.reset();
+    drop(fs);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = daemon.try_wait().expect("wait") {
+            assert!(status.success(), "daemon exit {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!socket.exists());
+}

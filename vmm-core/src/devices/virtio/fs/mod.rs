@@ -1,0 +1,298 @@
+//! virtio-fs as a vhost-user frontend.
+//!
+//! The file system runs in a separate, sandboxed daemon (`husk-virtiofsd`);
+//! the VMM only hands it what it needs to serve the queues itself: the
+//! guest memory (the memfd, mapped by the daemon), each queue's addresses
+//! and index, the kick eventfd (the KVM ioeventfd on QueueNotify) and a
+//! call eventfd. On virtio-mmio the guest's interrupt handler reads
+//! InterruptStatus, so the daemon's call eventfds come to the VMM's event
+//! loop ([`FsHandler`]), which sets the status bit and raises the IRQ.
+
+use std::{
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vhost::{
+    vhost_user::{Frontend, VhostUserFrontend},
+    VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateError, Interrupt, VirtioDevice, INT_VRING};
+use crate::memory::GuestMemory;
+
+/// virtio device type of virtio-fs.
+pub const VIRTIO_ID_FS: u32 = 26;
+/// Queue size of each queue.
+pub const QUEUE_SIZE: u16 = 1024;
+/// Request queues (the guest also gets one high-priority queue).
+const NUM_REQUEST_QUEUES: u32 = 1;
+/// The high-priority queue plus the request queues.
+const NUM_QUEUES: usize = 1 + NUM_REQUEST_QUEUES as usize;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Length of the tag field of the config space.
+pub const TAG_LEN: usize = 36;
+
+/// Errors connecting to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The tag is empty or too long.
+    #[error("virtio-fs tag must be 1 to {TAG_LEN} bytes, got {0:?}")]
+    Tag(String),
+    /// Talking to the daemon failed.
+    #[error("vhost-user virtio-fs daemon: {0}")]
+    VhostUser(&'static str, #[source] vhost::Error),
+    /// An eventfd could not be created.
+    #[error("creating an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// The VMM side of one virtio-fs device.
+pub struct VhostUserFs {
+    frontend: Frontend,
+    tag: String,
+    backend_features: u64,
+    acked: u64,
+    call_evts: Vec<EventFd>,
+    interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
+}
+
+impl std::fmt::Debug for VhostUserFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserFs")
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserFs {
+    /// Connects to the daemon listening on `socket`.
+    pub fn connect(socket: &Path, tag: &str) -> Result<Self, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(FsError::Tag(tag.to_string()));
+        }
+        let vu = |what| move |e| FsError::VhostUser(what, e);
+        let mut frontend =
+            Frontend::connect(socket, NUM_QUEUES as u64).map_err(vu("connecting"))?;
+        frontend.set_owner().map_err(vu("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
+        if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            // husk needs none of the optional protocol features: the config
+            // space (the tag) is the VMM's own.
+            let _ = frontend
+                .get_protocol_features()
+                .map_err(vu("GET_PROTOCOL_FEATURES"))?;
+            frontend
+                .set_protocol_features(
+                    vhost::vhost_user::message::VhostUserProtocolFeatures::empty(),
+                )
+                .map_err(vu("SET_PROTOCOL_FEATURES"))?;
+        }
+        let call_evts = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FsError::EventFd)?;
+        Ok(Self {
+            frontend,
+            tag: tag.to_string(),
+            backend_features,
+            acked: 0,
+            call_evts,
+            interrupt: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// The handler relaying the daemon's interrupts (register it with the
+    /// VMM's event loop).
+    pub fn handler(&self) -> Result<FsHandler, FsError> {
+        let call_evts = self
+            .call_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>();
+        Ok(FsHandler {
+            call_evts: call_evts.map_err(FsError::EventFd)?,
+            interrupt: self.interrupt.clone(),
+        })
+    }
+
+    fn setup(
+        &mut self,
+        mem: &GuestMemory,
+        queues: &[Queue],
+        kicks: &[EventFd],
+    ) -> Result<(), String> {
+        let e = |what: &'static str| move |err: vhost::Error| format!("{what}: {err}");
+        let mut features = self.acked;
+        if self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            features |= VHOST_USER_F_PROTOCOL_FEATURES;
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(e("SET_FEATURES"))?;
+        let mut regions = Vec::new();
+        for r in mem.iter() {
+            let file = r.file_offset().ok_or("guest memory is not file-backed")?;
+            regions.push(VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().raw_value(),
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: file.start(),
+                mmap_handle: file.file().as_raw_fd(),
+            });
+        }
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(e("SET_MEM_TABLE"))?;
+        let host = |a: u64| -> Result<u64, String> {
+            mem.get_host_address(GuestAddress(a))
+                .map(|p| p as u64)
+                .map_err(|_| format!("queue address {a:#x} is outside guest memory"))
+        };
+        for (i, q) in queues.iter().enumerate() {
+            self.frontend
+                .set_vring_num(i, q.size())
+                .map_err(e("SET_VRING_NUM"))?;
+            let cfg = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: host(q.desc_table())?,
+                used_ring_addr: host(q.used_ring())?,
+                avail_ring_addr: host(q.avail_ring())?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_addr(i, &cfg)
+                .map_err(e("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(i, q.next_avail())
+                .map_err(e("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(i, &self.call_evts[i])
+                .map_err(e("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, &kicks[i])
+                .map_err(e("SET_VRING_KICK"))?;
+            if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(e("SET_VRING_ENABLE"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        self.backend_features & !VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }
+        let mut cfg = [0u8; TAG_LEN + 4];
+        cfg[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
+        cfg[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match start
+            .checked_add(data.len())
+            .and_then(|end| cfg.get(start..end))
+        {
+            Some(src) => data.copy_from_slice(src),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::warn!(offset, "virtio-fs: guest wrote read-only config space");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        self.setup(&mem, &queues, &queue_evts)
+            .map_err(ActivateError::Device)?;
+        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Some(interrupt);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Option<Vec<EventFd>> {
+        for i in 0..NUM_QUEUES {
+            // GET_VRING_BASE stops the ring in the daemon.
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                tracing::warn!("virtio-fs: stopping queue {i}: {e}");
+            }
+        }
+        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        None
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        // The daemon owns the ring indices; snapshots of a VM with virtio-fs
+        // are refused (see `can_snapshot`).
+        None
+    }
+
+    fn can_snapshot(&self) -> bool {
+        false
+    }
+}
+
+/// Relays the daemon's call eventfds into the device's interrupt.
+#[derive(Debug)]
+pub struct FsHandler {
+    call_evts: Vec<EventFd>,
+    interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
+}
+
+impl MutEventSubscriber for FsHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in &self.call_evts {
+            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
+                tracing::error!("virtio-fs: watching a call eventfd: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(evt) = self.call_evts.iter().find(|e| e.as_raw_fd() == events.fd()) {
+            let _ = evt.read();
+        }
+        if let Some(irq) = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            irq.signal(INT_VRING);
+        }
+    }
+}
