@@ -108,15 +108,30 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
     require_kvm();
     let artifacts = Artifacts::locate().expect("artifacts");
     let dir = TestDir::new("e2e-boot").expect("dir");
-    let mut vm = VmProcess::spawn(
-        &artifacts,
-        dir.path(),
-        &VmOptions {
-            serial: true,
-            ..Default::default()
-        },
-    )
-    .expect("spawn");
+    // A virtio-fs daemon for the VM's shared directory.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("shared dir");
+    let fs_socket = dir.path().join("fs.sock");
+    let mut fs_daemon = std::process::Command::new(&artifacts.virtiofsd)
+        .arg("--socket")
+        .arg(&fs_socket)
+        .arg("--shared-dir")
+        .arg(&shared)
+        .args(["--log", "warn"])
+        .spawn()
+        .expect("spawn husk-virtiofsd");
+    for _ in 0..500 {
+        if fs_socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let opts = VmOptions {
+        serial: true,
+        vmm_args: vec!["--fs-socket".into(), fs_socket.display().to_string()],
+        ..Default::default()
+    };
+    let mut vm = VmProcess::spawn(&artifacts, dir.path(), &opts).expect("spawn");
 
     // Readiness comes to us; we never poll the guest.
     let ready = match vm.wait_ready(BOOT_TIMEOUT).await {
@@ -249,6 +264,20 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
         vm.log_text()
     );
     let pid = vm.pid();
+    // The VMM was the daemon's one client: it exits with it and removes its socket.
+    let mut daemon_status = None;
+    for _ in 0..500 {
+        daemon_status = fs_daemon.try_wait().expect("daemon");
+        if daemon_status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        daemon_status.is_some_and(|s| s.success()),
+        "virtio-fs daemon: {daemon_status:?}"
+    );
+    let _ = std::fs::remove_dir(&shared);
     let mut left = dir.entries();
     left.retain(|e| e != "vmm.log" && e != "serial.log");
     assert!(left.is_empty(), "files left behind: {left:?}");

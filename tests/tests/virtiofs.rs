@@ -94,6 +94,12 @@ fn fuse_init_through_the_daemon_reaches_the_guest_queue() {
         hiprio.create_queue().expect("q0"),
         requests.create_queue().expect("q1"),
     ];
+
+    // The device talks to the daemon from the VMM's event loop.
+    type Handler = Arc<std::sync::Mutex<husk_vmm_core::devices::virtio::fs::FsHandler>>;
+    let mut event_loop = event_manager::EventManager::<Handler>::new().expect("event manager");
+    let handler = Arc::new(std::sync::Mutex::new(fs.handler().expect("handler")));
+    event_manager::SubscriberOps::add_subscriber(&mut event_loop, handler);
     fs.activate(
         mem.clone(),
         interrupt.clone(),
@@ -104,15 +110,22 @@ fn fuse_init_through_the_daemon_reaches_the_guest_queue() {
             .collect(),
     )
     .expect("activate");
-    let handler = fs.handler().expect("handler");
 
-    // The "guest" notifies queue 1; the daemon answers into guest memory.
+    // The "guest" notifies queue 1; the daemon answers into guest memory and
+    // its call eventfd, relayed by the handler, raises the device interrupt.
     kicks[1].write(1).expect("kick");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while requests.used().idx().load() == 0 {
-        assert!(Instant::now() < deadline, "no answer from the daemon");
-        std::thread::sleep(Duration::from_millis(5));
+    while requests.used().idx().load() == 0 || irqs.0.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no answer or no interrupt from the daemon"
+        );
+        event_loop.run_with_timeout(50).expect("event loop");
     }
+    assert_ne!(
+        interrupt.status() & husk_vmm_core::devices::virtio::INT_VRING,
+        0
+    );
     let mut out = [0u8; 16 + 8];
     mem.read_slice(&mut out, GuestAddress(RESP))
         .expect("response");
@@ -123,28 +136,10 @@ fn fuse_init_through_the_daemon_reaches_the_guest_queue() {
     let major = u32::from_le_bytes([out[16], out[17], out[18], out[19]]);
     assert_eq!((error, unique, major), (0, 7, 7), "FUSE_INIT answered");
 
-    // The daemon's call eventfd, relayed by the handler in an event loop,
-    // sets the used-buffer bit and raises the device's interrupt line.
-    let mut loop_ = event_manager::EventManager::<
-        Arc<std::sync::Mutex<husk_vmm_core::devices::virtio::fs::FsHandler>>,
-    >::new()
-    .expect("event manager");
-    event_manager::SubscriberOps::add_subscriber(
-        &mut loop_,
-        Arc::new(std::sync::Mutex::new(handler)),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while irqs.0.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "no interrupt relayed");
-        loop_.run_with_timeout(100).expect("event loop");
-    }
-    assert_ne!(
-        interrupt.status() & husk_vmm_core::devices::virtio::INT_VRING,
-        0
-    );
-
-    // The VMM goes: the daemon exits cleanly.
     fs.reset();
+    event_loop.run_with_timeout(100).expect("event loop");
+    // The VMM goes: the daemon exits cleanly.
+    drop(event_loop);
     drop(fs);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -88,6 +88,10 @@ fn missing_files_and_bad_values_are_refused() {
     assert_refused(&["--mem-mib", "4"], "memory must be between");
     assert_refused(&["--vcpus", "0"], "vcpus must be between");
     assert_refused(&["--vsock-cid", "1"], "guest CID must be between");
+    assert_refused(
+        &["--fs-socket", "/nonexistent/fs.sock"],
+        "virtio-fs socket /nonexistent/fs.sock does not exist",
+    );
 }
 
 #[test]

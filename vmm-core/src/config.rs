@@ -62,6 +62,15 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// A virtio-fs device served by a vhost-user daemon (husk-virtiofsd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The daemon's vhost-user socket.
+    pub socket: PathBuf,
+    /// The tag the guest mounts by.
+    pub tag: String,
+}
+
 /// The description of one microVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -82,6 +91,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The control API socket, if any.
     pub api_socket: Option<PathBuf>,
+    /// The virtio-fs device, if any.
+    pub fs: Option<FsConfig>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Confine every VMM thread with its seccomp filter (see `seccomp`).
@@ -105,6 +116,7 @@ impl VmConfig {
             serial_log: None,
             vsock: None,
             api_socket: None,
+            fs: None,
             kvm_device: PathBuf::from("/dev/kvm"),
             seccomp: true,
             restore_from: None,
@@ -135,6 +147,9 @@ impl VmConfig {
         }
         if let Some(api) = &self.api_socket {
             check_socket_path(api)?;
+        }
+        if let Some(fs) = &self.fs {
+            check_exists("virtio-fs socket", &fs.socket)?;
         }
         for word in self.extra_cmdline.split_ascii_whitespace() {
             if word.starts_with("virtio_mmio.device=") || word.starts_with("8250.nr_uarts=") {

@@ -40,6 +40,12 @@ struct Args {
     /// Control API socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// vhost-user socket of a virtio-fs daemon (husk-virtiofsd) to attach.
+    #[arg(long)]
+    fs_socket: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts by.
+    #[arg(long, default_value = "husk")]
+    fs_tag: String,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -114,6 +120,12 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
             uds_path,
         }),
         api_socket: args.api_socket,
+        fs: args
+            .fs_socket
+            .map(|socket| husk_vmm_core::config::FsConfig {
+                socket,
+                tag: args.fs_tag.clone(),
+            }),
         kvm_device: args.kvm_device,
         seccomp: !args.no_seccomp,
         restore_from: args.restore_from,

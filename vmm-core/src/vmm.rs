@@ -47,6 +47,7 @@ use crate::{
     devices::{
         legacy::{EventFdTrigger, ResetLine, SerialConsole},
         virtio::{
+            fs::VhostUserFs,
             mmio::MmioTransport,
             vsock::{muxer::Muxer, Vsock},
             Interrupt,
@@ -365,6 +366,34 @@ impl Vmm {
             transports.push(transport.clone());
             mmio.insert(transport, next_mmio, VIRTIO_MMIO_SIZE)
                 .map_err(device_err("the vsock transport"))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+            cmdline.push(format!("virtio_mmio.device=4K@{next_mmio:#x}:{next_irq}"));
+            next_mmio += VIRTIO_MMIO_SIZE;
+            next_irq += 1;
+        }
+        if let Some(fs_cfg) = &config.fs {
+            let fs = VhostUserFs::connect(&fs_cfg.socket, &fs_cfg.tag)
+                .map_err(device_err("the virtio-fs device"))?;
+            let handler = fs.handler().map_err(device_err("the virtio-fs device"))?;
+            let irq =
+                EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the virtio-fs interrupt"))?;
+            vm.register_irqfd(&irq, next_irq)
+                .map_err(device_err("the virtio-fs interrupt"))?;
+            let transport =
+                MmioTransport::new(mem.clone(), Box::new(fs), Interrupt::new(Box::new(irq)))
+                    .map_err(device_err("the virtio-fs transport"))?;
+            for (i, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(next_mmio + 0x50),
+                    u32::try_from(i).unwrap_or(u32::MAX),
+                )
+                .map_err(device_err("the virtio-fs queue notifications"))?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            transports.push(transport.clone());
+            mmio.insert(transport, next_mmio, VIRTIO_MMIO_SIZE)
+                .map_err(device_err("the virtio-fs transport"))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
             cmdline.push(format!("virtio_mmio.device=4K@{next_mmio:#x}:{next_irq}"));
             next_mmio += VIRTIO_MMIO_SIZE;

@@ -7,6 +7,11 @@
 //! call eventfd. On virtio-mmio the guest's interrupt handler reads
 //! InterruptStatus, so the daemon's call eventfds come to the VMM's event
 //! loop ([`FsHandler`]), which sets the status bit and raises the IRQ.
+//!
+//! The vhost-user conversation itself also runs on the event loop thread:
+//! a driver activates the device from a vCPU (an MMIO write), and vCPU
+//! threads are not allowed to talk on sockets (see `seccomp`), so
+//! activation and reset only hand the work over.
 
 use std::{
     os::fd::AsRawFd,
@@ -52,14 +57,34 @@ pub enum FsError {
     EventFd(#[source] std::io::Error),
 }
 
-/// The VMM side of one virtio-fs device.
-pub struct VhostUserFs {
+/// What the event loop must do with the daemon.
+enum Pending {
+    Activate {
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+        kicks: Vec<EventFd>,
+    },
+    Reset,
+}
+
+/// The daemon connection, used from the event loop thread.
+struct Inner {
     frontend: Frontend,
-    tag: String,
     backend_features: u64,
     acked: u64,
     call_evts: Vec<EventFd>,
-    interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
+    interrupt: Option<Arc<Interrupt>>,
+    pending: Vec<Pending>,
+}
+
+/// The VMM side of one virtio-fs device.
+pub struct VhostUserFs {
+    tag: String,
+    backend_features: u64,
+    acked: u64,
+    inner: Arc<Mutex<Inner>>,
+    work_evt: EventFd,
 }
 
 impl std::fmt::Debug for VhostUserFs {
@@ -98,29 +123,48 @@ impl VhostUserFs {
             .collect::<Result<Vec<_>, _>>()
             .map_err(FsError::EventFd)?;
         Ok(Self {
-            frontend,
             tag: tag.to_string(),
             backend_features,
             acked: 0,
-            call_evts,
-            interrupt: Arc::new(Mutex::new(None)),
+            inner: Arc::new(Mutex::new(Inner {
+                frontend,
+                backend_features,
+                acked: 0,
+                call_evts,
+                interrupt: None,
+                pending: Vec::new(),
+            })),
+            work_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?,
         })
     }
 
-    /// The handler relaying the daemon's interrupts (register it with the
-    /// VMM's event loop).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn post(&self, work: Pending) {
+        self.lock().pending.push(work);
+        let _ = self.work_evt.write(1);
+    }
+
+    /// The device's event loop handler (register it with the VMM's event
+    /// loop).
     pub fn handler(&self) -> Result<FsHandler, FsError> {
-        let call_evts = self
+        let inner = self.lock();
+        let call_evts = inner
             .call_evts
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>();
         Ok(FsHandler {
             call_evts: call_evts.map_err(FsError::EventFd)?,
-            interrupt: self.interrupt.clone(),
+            work_evt: self.work_evt.try_clone().map_err(FsError::EventFd)?,
+            inner: self.inner.clone(),
         })
     }
+}
 
+impl Inner {
     fn setup(
         &mut self,
         mem: &GuestMemory,
@@ -204,6 +248,8 @@ impl VirtioDevice for VhostUserFs {
 
     fn ack_features(&mut self, features: u64) {
         self.acked = features & self.features();
+        let acked = self.acked;
+        self.lock().acked = acked;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -238,20 +284,17 @@ impl VirtioDevice for VhostUserFs {
                 got: queues.len(),
             });
         }
-        self.setup(&mem, &queues, &queue_evts)
-            .map_err(ActivateError::Device)?;
-        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = Some(interrupt);
+        self.post(Pending::Activate {
+            mem,
+            interrupt,
+            queues,
+            kicks: queue_evts,
+        });
         Ok(())
     }
 
     fn reset(&mut self) -> Option<Vec<EventFd>> {
-        for i in 0..NUM_QUEUES {
-            // GET_VRING_BASE stops the ring in the daemon.
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                tracing::warn!("virtio-fs: stopping queue {i}: {e}");
-            }
-        }
-        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.post(Pending::Reset);
         None
     }
 
@@ -266,32 +309,72 @@ impl VirtioDevice for VhostUserFs {
     }
 }
 
-/// Relays the daemon's call eventfds into the device's interrupt.
-#[derive(Debug)]
+impl Inner {
+    fn run_pending(&mut self) {
+        for work in std::mem::take(&mut self.pending) {
+            match work {
+                Pending::Activate {
+                    mem,
+                    interrupt,
+                    queues,
+                    kicks,
+                } => match self.setup(&mem, &queues, &kicks) {
+                    Ok(()) => self.interrupt = Some(interrupt),
+                    Err(e) => {
+                        // The guest sees a device that never answers; say why.
+                        tracing::error!("virtio-fs: handing the queues to the daemon: {e}");
+                        interrupt.signal(super::INT_CONFIG);
+                    }
+                },
+                Pending::Reset => {
+                    for i in 0..NUM_QUEUES {
+                        // GET_VRING_BASE stops the ring in the daemon.
+                        if let Err(e) = self.frontend.get_vring_base(i) {
+                            tracing::warn!("virtio-fs: stopping queue {i}: {e}");
+                        }
+                    }
+                    self.interrupt = None;
+                }
+            }
+        }
+    }
+}
+
+/// The device's part of the event loop: talks to the daemon when the driver
+/// activates or resets the device, and relays the daemon's call eventfds
+/// into the device's interrupt.
 pub struct FsHandler {
     call_evts: Vec<EventFd>,
-    interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
+    work_evt: EventFd,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for FsHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsHandler").finish_non_exhaustive()
+    }
 }
 
 impl MutEventSubscriber for FsHandler {
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in &self.call_evts {
+        for evt in self.call_evts.iter().chain(std::iter::once(&self.work_evt)) {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                tracing::error!("virtio-fs: watching a call eventfd: {e:?}");
+                tracing::error!("virtio-fs: watching an eventfd: {e:?}");
             }
         }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if events.fd() == self.work_evt.as_raw_fd() {
+            let _ = self.work_evt.read();
+            inner.run_pending();
+            return;
+        }
         if let Some(evt) = self.call_evts.iter().find(|e| e.as_raw_fd() == events.fd()) {
             let _ = evt.read();
         }
-        if let Some(irq) = self
-            .interrupt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(irq) = inner.interrupt.as_ref() {
             irq.signal(INT_VRING);
         }
     }
