@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use husk_protocols::{
     agent::{
-        stream_check_request::Direction, HealthRequest, HealthResponse, PersonalizeRequest,
-        PersonalizeResponse, ShutdownRequest, ShutdownResponse, StreamCheckRequest,
-        StreamCheckResponse, VersionRequest, VersionResponse,
+        stream_check_request::Direction, HealthRequest, HealthResponse, MountSharedRequest,
+        MountSharedResponse, PersonalizeRequest, PersonalizeResponse, ShutdownRequest,
+        ShutdownResponse, StreamCheckRequest, StreamCheckResponse, VersionRequest, VersionResponse,
     },
     agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
@@ -54,7 +54,40 @@ const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
 const CHUNK: usize = 64 * 1024;
 
-async fn receive_stream(port: u32) -> Result<(u64, Vec<u8>, Duration), ttrpc::Error> {
+/// Where files for stream checks and shared mounts may live in the guest.
+const HUSK_RUN_DIR: &str = "/run/husk/";
+
+/// Checks that `path` is an absolute path under /run/husk/ without `..`.
+fn husk_path(path: &str) -> Result<std::path::PathBuf, ttrpc::Error> {
+    let p = std::path::Path::new(path);
+    let ok = p.is_absolute()
+        && path.starts_with(HUSK_RUN_DIR)
+        && path.len() > HUSK_RUN_DIR.len()
+        && p.components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir));
+    if ok {
+        Ok(p.to_path_buf())
+    } else {
+        Err(status(
+            Code::INVALID_ARGUMENT,
+            format!("{path:?} is not a path under {HUSK_RUN_DIR}"),
+        ))
+    }
+}
+
+async fn receive_stream(
+    port: u32,
+    file: Option<std::path::PathBuf>,
+) -> Result<(u64, Vec<u8>, Duration), ttrpc::Error> {
+    let mut out = match &file {
+        Some(path) => Some(tokio::fs::File::create(path).await.map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("creating {}: {e}", path.display()),
+            )
+        })?),
+        None => None,
+    };
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port)).map_err(|e| {
         status(
             Code::FAILED_PRECONDITION,
@@ -82,6 +115,11 @@ async fn receive_stream(port: u32) -> Result<(u64, Vec<u8>, Duration), ttrpc::Er
         }
         started.get_or_insert_with(Instant::now);
         hasher.update(&buf[..n]);
+        if let Some(f) = out.as_mut() {
+            f.write_all(&buf[..n])
+                .await
+                .map_err(|e| status(Code::INTERNAL, format!("writing the file: {e}")))?;
+        }
         total += n as u64;
         if total > MAX_CHECK_BYTES {
             return Err(status(
@@ -89,6 +127,11 @@ async fn receive_stream(port: u32) -> Result<(u64, Vec<u8>, Duration), ttrpc::Er
                 format!("more than {MAX_CHECK_BYTES} bytes"),
             ));
         }
+    }
+    if let Some(f) = out.as_mut() {
+        f.sync_all()
+            .await
+            .map_err(|e| status(Code::INTERNAL, format!("syncing the file: {e}")))?;
     }
     Ok((
         total,
@@ -101,7 +144,15 @@ async fn send_stream(
     port: u32,
     bytes: u64,
     seed: u64,
+    file: Option<std::path::PathBuf>,
 ) -> Result<(u64, Vec<u8>, Duration), ttrpc::Error> {
+    let mut input =
+        match &file {
+            Some(path) => Some(tokio::fs::File::open(path).await.map_err(|e| {
+                status(Code::NOT_FOUND, format!("opening {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
     let mut stream = VsockStream::connect(VsockAddr::new(HOST_CID, port))
         .await
         .map_err(|e| {
@@ -113,11 +164,27 @@ async fn send_stream(
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut state = seed | 1;
-    let mut left = bytes;
+    let mut left = if input.is_some() { u64::MAX } else { bytes };
+    let mut sent = 0u64;
     let started = Instant::now();
     while left > 0 {
-        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
-        state = pattern::fill(&mut buf[..n], state);
+        let n = match input.as_mut() {
+            Some(f) => {
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| status(Code::INTERNAL, format!("reading the file: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                n
+            }
+            None => {
+                let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+                state = pattern::fill(&mut buf[..n], state);
+                n
+            }
+        };
         hasher.update(&buf[..n]);
         stream.write_all(&buf[..n]).await.map_err(|e| {
             status(
@@ -126,12 +193,13 @@ async fn send_stream(
             )
         })?;
         left -= n as u64;
+        sent += n as u64;
     }
     stream.shutdown(std::net::Shutdown::Write).ok();
     // Wait for the host to close its end, so every byte was taken.
     let mut b = [0u8; 1];
     let _ = stream.read(&mut b).await;
-    Ok((bytes, hasher.finalize().to_vec(), started.elapsed()))
+    Ok((sent, hasher.finalize().to_vec(), started.elapsed()))
 }
 
 /// Seconds since boot, from `/proc/uptime` ("12.34 5.67").
@@ -197,10 +265,15 @@ impl agent_ttrpc::Agent for AgentService {
             .direction
             .enum_value()
             .map_err(|v| status(Code::INVALID_ARGUMENT, format!("unknown direction {v}")))?;
+        let file = if req.path.is_empty() {
+            None
+        } else {
+            Some(husk_path(&req.path)?)
+        };
         let work = async {
             match direction {
-                Direction::TO_GUEST => receive_stream(port).await,
-                Direction::FROM_GUEST => send_stream(port, req.bytes, req.seed).await,
+                Direction::TO_GUEST => receive_stream(port, file).await,
+                Direction::FROM_GUEST => send_stream(port, req.bytes, req.seed, file).await,
             }
         };
         let (bytes, sha256, elapsed) =
@@ -216,6 +289,45 @@ impl agent_ttrpc::Agent for AgentService {
         resp.sha256 = sha256;
         resp.elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         Ok(resp)
+    }
+
+    async fn mount_shared(
+        &self,
+        _ctx: &TtrpcContext,
+        req: MountSharedRequest,
+    ) -> ttrpc::Result<MountSharedResponse> {
+        if req.tag.is_empty() || req.tag.len() > 36 || req.tag.contains('\0') {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("invalid virtio-fs tag {:?}", req.tag),
+            ));
+        }
+        let target = husk_path(&req.target)?;
+        std::fs::create_dir_all(&target).map_err(|e| {
+            status(
+                Code::INTERNAL,
+                format!("creating {}: {e}", target.display()),
+            )
+        })?;
+        nix::mount::mount(
+            Some(req.tag.as_str()),
+            &target,
+            Some("virtiofs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "mounting virtio-fs {:?} on {}: {e}",
+                    req.tag,
+                    target.display()
+                ),
+            )
+        })?;
+        tracing::info!(tag = %req.tag, target = %target.display(), "shared directory mounted");
+        Ok(MountSharedResponse::new())
     }
 
     async fn personalize(

@@ -103,6 +103,85 @@ async fn from_guest(
     assert_eq!(got, pattern_bytes(bytes, seed));
 }
 
+async fn shared_directory_round_trip(
+    client: &AgentClient,
+    vsock: &std::path::Path,
+    shared: &std::path::Path,
+) {
+    let mut mount = husk_protocols::agent::MountSharedRequest::new();
+    mount.tag = "husk".into();
+    mount.target = "/run/husk/shared".into();
+    client
+        .mount_shared(ctx(), &mount)
+        .await
+        .expect("MountShared");
+    let mut bad = husk_protocols::agent::MountSharedRequest::new();
+    bad.tag = "husk".into();
+    bad.target = "/etc".into();
+    assert!(
+        client.mount_shared(ctx(), &bad).await.is_err(),
+        "mounts outside /run/husk are refused"
+    );
+
+    // Guest reads a host file.
+    let host_text = b"written on the host\n".repeat(1000);
+    std::fs::write(shared.join("from-host.txt"), &host_text).expect("write host file");
+    let port = 6201;
+    let path = hybrid_vsock::port_socket_path(vsock, port);
+    let listener = UnixListener::bind(&path).expect("bind");
+    let mut req = StreamCheckRequest::new();
+    req.direction = Direction::FROM_GUEST.into();
+    req.port = port;
+    req.path = "/run/husk/shared/from-host.txt".into();
+    let (resp, got) = tokio::join!(client.stream_check(ctx(), &req), async {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.expect("read");
+        v
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        resp.expect("StreamCheck from a shared file").bytes,
+        host_text.len() as u64
+    );
+    assert_eq!(
+        got, host_text,
+        "the guest read the host's file through virtio-fs"
+    );
+
+    // Guest writes a file the host reads.
+    let data = pattern_bytes(MIB, 31);
+    let port = 6202;
+    let mut req = StreamCheckRequest::new();
+    req.direction = Direction::TO_GUEST.into();
+    req.port = port;
+    req.path = "/run/husk/shared/from-guest.bin".into();
+    let (resp, _) = tokio::join!(client.stream_check(ctx(), &req), async {
+        let mut s = hybrid_vsock::connect_retry(vsock, port, Duration::from_secs(30))
+            .await
+            .expect("connect");
+        s.write_all(&data).await.expect("write");
+        s.shutdown().await.expect("shutdown");
+        s
+    });
+    assert_eq!(resp.expect("StreamCheck into a shared file").bytes, MIB);
+    assert_eq!(
+        std::fs::read(shared.join("from-guest.bin")).expect("host reads the guest's file"),
+        data
+    );
+
+    let mut outside = StreamCheckRequest::new();
+    outside.direction = Direction::FROM_GUEST.into();
+    outside.port = 6203;
+    outside.path = "/run/husk/../../etc/shadow".into();
+    assert!(
+        client.stream_check(ctx(), &outside).await.is_err(),
+        "paths outside /run/husk are refused"
+    );
+    std::fs::remove_file(shared.join("from-host.txt")).expect("cleanup");
+    std::fs::remove_file(shared.join("from-guest.bin")).expect("cleanup");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
     require_kvm();
@@ -230,6 +309,10 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
         .health(ctx(), &HealthRequest::new())
         .await
         .expect("Health after a cut stream");
+
+    // The pod's shared directory over virtio-fs: the guest reads a file the
+    // host wrote and writes one the host then reads.
+    shared_directory_round_trip(&client, &vm.vsock, &shared).await;
 
     // The control API reports the VM, and pauses and resumes its vCPUs:
     // a paused guest does not answer, a resumed one does.
