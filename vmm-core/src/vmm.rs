@@ -338,68 +338,40 @@ impl Vmm {
         pio.insert(Arc::new(Mutex::new(reset_line)), u64::from(I8042_PORT), 5)
             .map_err(device_err("the reset line"))?;
 
-        let mut transports: Vec<Arc<Mutex<MmioTransport>>> = Vec::new();
-        let mut next_mmio = VIRTIO_MMIO_START;
-        let mut next_irq = VIRTIO_IRQ_START;
+        let mut virtio = VirtioSlots {
+            next_addr: VIRTIO_MMIO_START,
+            next_irq: VIRTIO_IRQ_START,
+            transports: Vec::new(),
+        };
         if let Some(vsock_cfg) = &config.vsock {
             let muxer = Muxer::new(vsock_cfg.guest_cid, &vsock_cfg.uds_path)
                 .map_err(device_err("the vsock socket"))?;
             let vsock =
                 Vsock::new(vsock_cfg.guest_cid, muxer).map_err(device_err("the vsock device"))?;
             let handler = vsock.handler().map_err(device_err("the vsock device"))?;
-            let irq =
-                EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the vsock interrupt"))?;
-            vm.register_irqfd(&irq, next_irq)
-                .map_err(device_err("the vsock interrupt"))?;
-            let transport =
-                MmioTransport::new(mem.clone(), Box::new(vsock), Interrupt::new(Box::new(irq)))
-                    .map_err(device_err("the vsock transport"))?;
-            for (i, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(next_mmio + 0x50),
-                    u32::try_from(i).unwrap_or(u32::MAX),
-                )
-                .map_err(device_err("the vsock queue notifications"))?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            transports.push(transport.clone());
-            mmio.insert(transport, next_mmio, VIRTIO_MMIO_SIZE)
-                .map_err(device_err("the vsock transport"))?;
+            cmdline.push(virtio.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                Box::new(vsock),
+                "the vsock device",
+            )?);
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
-            cmdline.push(format!("virtio_mmio.device=4K@{next_mmio:#x}:{next_irq}"));
-            next_mmio += VIRTIO_MMIO_SIZE;
-            next_irq += 1;
         }
         if let Some(fs_cfg) = &config.fs {
             let fs = VhostUserFs::connect(&fs_cfg.socket, &fs_cfg.tag)
                 .map_err(device_err("the virtio-fs device"))?;
             let handler = fs.handler().map_err(device_err("the virtio-fs device"))?;
-            let irq =
-                EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the virtio-fs interrupt"))?;
-            vm.register_irqfd(&irq, next_irq)
-                .map_err(device_err("the virtio-fs interrupt"))?;
-            let transport =
-                MmioTransport::new(mem.clone(), Box::new(fs), Interrupt::new(Box::new(irq)))
-                    .map_err(device_err("the virtio-fs transport"))?;
-            for (i, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(next_mmio + 0x50),
-                    u32::try_from(i).unwrap_or(u32::MAX),
-                )
-                .map_err(device_err("the virtio-fs queue notifications"))?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            transports.push(transport.clone());
-            mmio.insert(transport, next_mmio, VIRTIO_MMIO_SIZE)
-                .map_err(device_err("the virtio-fs transport"))?;
+            cmdline.push(virtio.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                Box::new(fs),
+                "the virtio-fs device",
+            )?);
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
-            cmdline.push(format!("virtio_mmio.device=4K@{next_mmio:#x}:{next_irq}"));
-            next_mmio += VIRTIO_MMIO_SIZE;
-            next_irq += 1;
         }
-        let _ = (next_mmio, next_irq);
+        let transports = virtio.transports;
 
         // 5. Guest: a snapshot to restore, or the kernel to boot.
         let device_types: Vec<u32> = transports
@@ -622,6 +594,46 @@ impl Vmm {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).state = VmState::Stopping;
         stop_vcpus(&self.controls, handles);
         result
+    }
+}
+
+/// Where the next virtio-mmio device goes, and the devices placed so far.
+struct VirtioSlots {
+    next_addr: u64,
+    next_irq: u32,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl VirtioSlots {
+    /// Puts `device` in the next MMIO window with the next IRQ: its
+    /// interrupt becomes an irqfd, its queue notifications KVM ioeventfds.
+    /// Returns the `virtio_mmio.device=` word for the kernel command line.
+    fn attach(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        mmio: &mut Bus,
+        device: Box<dyn crate::devices::virtio::VirtioDevice>,
+        what: &'static str,
+    ) -> Result<String, VmmError> {
+        let (addr, irq_line) = (self.next_addr, self.next_irq);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err(what))?;
+        vm.register_irqfd(&irq, irq_line)
+            .map_err(device_err(what))?;
+        let transport = MmioTransport::new(mem.clone(), device, Interrupt::new(Box::new(irq)))
+            .map_err(device_err(what))?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            let datamatch = u32::try_from(i).unwrap_or(u32::MAX);
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr + 0x50), datamatch)
+                .map_err(device_err(what))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
+        mmio.insert(transport, addr, VIRTIO_MMIO_SIZE)
+            .map_err(device_err(what))?;
+        self.next_addr += VIRTIO_MMIO_SIZE;
+        self.next_irq += 1;
+        Ok(format!("virtio_mmio.device=4K@{addr:#x}:{irq_line}"))
     }
 }
 

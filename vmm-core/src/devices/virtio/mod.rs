@@ -84,6 +84,19 @@ impl Interrupt {
     }
 }
 
+/// Copies `data.len()` bytes of a device's config space `cfg` from
+/// `offset`; reads outside it return zeros.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    match start
+        .checked_add(data.len())
+        .and_then(|end| cfg.get(start..end))
+    {
+        Some(src) => data.copy_from_slice(src),
+        None => data.fill(0),
+    }
+}
+
 /// Errors activating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {

@@ -257,14 +257,7 @@ impl VirtioDevice for VhostUserFs {
         let mut cfg = [0u8; TAG_LEN + 4];
         cfg[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
         cfg[TAG_LEN..].copy_from_slice(&NUM_REQUEST_QUEUES.to_le_bytes());
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start
-            .checked_add(data.len())
-            .and_then(|end| cfg.get(start..end))
-        {
-            Some(src) => data.copy_from_slice(src),
-            None => data.fill(0),
-        }
+        crate::devices::virtio::read_config_bytes(&cfg, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
