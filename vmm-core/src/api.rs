@@ -147,6 +147,14 @@ impl std::fmt::Debug for ApiServer {
     }
 }
 
+/// Asks every vCPU for `wanted`; returns whether all reached `state`.
+fn steer(vcpus: &[Arc<VcpuControl>], wanted: Wanted, state: RunState) -> bool {
+    for v in vcpus {
+        v.request(wanted);
+    }
+    vcpus.iter().all(|v| v.wait_for(state, VCPU_WAIT))
+}
+
 /// Answers one request line.
 pub fn answer(
     line: &str,
@@ -186,34 +194,20 @@ pub fn answer(
             Some(Err(e)) => fail(format!("snapshot failed: {}", crate::error_chain(&e))),
             None => fail("this VM cannot be snapshotted".to_string()),
         },
-        Ok(Request::Pause) => {
-            for v in vcpus {
-                v.request(Wanted::Pause);
-            }
-            if vcpus
-                .iter()
-                .all(|v| v.wait_for(RunState::Paused, VCPU_WAIT))
-            {
+        Ok(Request::Pause) => match steer(vcpus, Wanted::Pause, RunState::Paused) {
+            true => {
                 shared.state = VmState::Paused;
                 done(VmState::Paused)
-            } else {
-                fail("not every vCPU paused within 5 s".to_string())
             }
-        }
-        Ok(Request::Resume) => {
-            for v in vcpus {
-                v.request(Wanted::Run);
-            }
-            if vcpus
-                .iter()
-                .all(|v| v.wait_for(RunState::Running, VCPU_WAIT))
-            {
+            false => fail("not every vCPU paused within 5 s".to_string()),
+        },
+        Ok(Request::Resume) => match steer(vcpus, Wanted::Run, RunState::Running) {
+            true => {
                 shared.state = VmState::Running;
                 done(VmState::Running)
-            } else {
-                fail("not every vCPU resumed within 5 s".to_string())
             }
-        }
+            false => fail("not every vCPU resumed within 5 s".to_string()),
+        },
         Ok(Request::State) => Response {
             ok: true,
             state: Some(shared.state),

@@ -529,18 +529,9 @@ pub type SharedTransport = Arc<Mutex<MmioTransport>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, InterruptLine, VIRTIO_F_VERSION_1};
+    use crate::devices::virtio::{ActivateError, IrqCounter, VIRTIO_F_VERSION_1};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vm_memory::GuestAddress;
-
-    #[derive(Debug, Default)]
-    struct Counter(AtomicUsize);
-    impl InterruptLine for Arc<Counter> {
-        fn raise(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     #[derive(Default)]
     struct Dummy {
@@ -609,7 +600,7 @@ mod tests {
             ..Default::default()
         };
         let (a, r) = (dev.activated.clone(), dev.resets.clone());
-        let irq = Interrupt::new(Box::new(Arc::new(Counter::default())));
+        let irq = Interrupt::new(Box::new(IrqCounter::default()));
         (
             MmioTransport::new(mem, Box::new(dev), irq).expect("transport"),
             a,

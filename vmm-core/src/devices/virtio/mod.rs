@@ -84,6 +84,27 @@ impl Interrupt {
     }
 }
 
+/// An interrupt line for tests that counts how often it was raised.
+#[cfg(test)]
+#[derive(Debug, Default, Clone)]
+pub(crate) struct IrqCounter(pub Arc<std::sync::atomic::AtomicUsize>);
+
+#[cfg(test)]
+impl InterruptLine for IrqCounter {
+    fn raise(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl IrqCounter {
+    /// How often the line was raised.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// Copies `data.len()` bytes of a device's config space `cfg` from
 /// `offset`; reads outside it return zeros.
 pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {

@@ -343,10 +343,7 @@ impl Inner {
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
-    use std::{
-        os::unix::net::UnixListener,
-        sync::atomic::{AtomicUsize, Ordering},
-    };
+    use std::os::unix::net::UnixListener;
 
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::{
@@ -360,19 +357,10 @@ mod tests {
             muxer::{Interest, Poller},
             packet::{op, TYPE_STREAM},
         },
-        InterruptLine,
+        IrqCounter,
     };
 
     const CID: u64 = 3;
-
-    #[derive(Debug, Default)]
-    struct Counter(AtomicUsize);
-    impl InterruptLine for Arc<Counter> {
-        fn raise(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     #[derive(Default)]
     struct NullPoller;
@@ -385,7 +373,7 @@ mod tests {
     struct Fixture {
         dir: std::path::PathBuf,
         mem: GuestMemory,
-        irqs: Arc<Counter>,
+        irqs: IrqCounter,
     }
 
     impl Drop for Fixture {
@@ -402,7 +390,7 @@ mod tests {
         Fixture {
             dir,
             mem,
-            irqs: Arc::new(Counter::default()),
+            irqs: IrqCounter::default(),
         }
     }
 
@@ -492,10 +480,7 @@ mod tests {
             listener.accept().is_ok(),
             "the host socket got the connection"
         );
-        assert!(
-            f.irqs.0.load(Ordering::SeqCst) >= 2,
-            "the guest was notified"
-        );
+        assert!(f.irqs.count() >= 2, "the guest was notified");
     }
 
     #[test]
@@ -591,7 +576,7 @@ mod tests {
         let mut inner = inner(&f, &rxq, &txq);
         inner.process_rx(&mut NullPoller);
         assert_eq!(rxq.used().idx().load(), 0);
-        assert_eq!(f.irqs.0.load(Ordering::SeqCst), 0);
+        assert_eq!(f.irqs.count(), 0);
         // A reply for an unknown connection then uses that same buffer.
         inner
             .muxer
