@@ -242,6 +242,8 @@ mod tests {
         let ctl = Arc::new(VcpuControl::new(kick_signal()));
         // The "vCPU": spins until told to stop, parking when paused.
         let c = ctl.clone();
+        let spun = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = spun.clone();
         let t = std::thread::spawn(move || {
             c.thread_started();
             let mut spins = 0u64;
@@ -253,7 +255,10 @@ mod tests {
                             break;
                         }
                     }
-                    Wanted::Run => spins += 1,
+                    Wanted::Run => {
+                        spins += 1;
+                        s.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                 }
                 std::thread::yield_now();
             }
@@ -261,6 +266,10 @@ mod tests {
             spins
         });
         assert!(ctl.wait_for(RunState::Running, Duration::from_secs(5)));
+        // Let it run its loop at least once before the first pause.
+        while !spun.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
         ctl.request(Wanted::Pause);
         assert!(ctl.wait_for(RunState::Paused, Duration::from_secs(5)));
         assert_eq!(ctl.state(), RunState::Paused);
