@@ -20,7 +20,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use husk_e2e::{
-    make_template, median, proc_kib, require_kvm, Artifacts, TestDir, VmOptions, VmProcess,
+    make_template, median, proc_kib, require_kvm, tree_pss_kib, Artifacts, FsDaemon, TestDir,
+    VmOptions, VmProcess,
 };
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
@@ -190,6 +191,8 @@ struct RestoreSample {
     /// Guest memory allocated in the memfd (pages the template stored plus
     /// pages the guest touched since), which RSS does not fully show.
     guest_mem_allocated_kib: u64,
+    /// PSS of the VM's virtio-fs daemon (its processes) at the same time.
+    fs_daemon_pss_kib: u64,
 }
 
 /// Allocated size of the guest-memory memfd of process `pid`.
@@ -219,10 +222,12 @@ fn rss_kib(pid: u32) -> u64 {
 
 async fn restore_husk(a: &Artifacts, template: &Path, mem_mib: u64) -> Result<RestoreSample> {
     let dir = TestDir::new("bench-restore")?;
-    let opts = VmOptions {
+    let mut fs = FsDaemon::spawn(a, dir.path()).await?;
+    let mut opts = VmOptions {
         mem_mib,
         ..VmOptions::restored_from(template)
     };
+    opts.vmm_args.extend(fs.vmm_args());
     let mut vm = VmProcess::spawn(a, dir.path(), &opts)?;
     let pid = vm.pid().context("pid")?;
     let client = connect_agent(&vm.vsock, Duration::from_secs(60)).await?;
@@ -240,11 +245,16 @@ async fn restore_husk(a: &Artifacts, template: &Path, mem_mib: u64) -> Result<Re
         rss_kib: rss_kib(pid),
         pss_kib: pss_kib(pid),
         guest_mem_allocated_kib: guest_mem_allocated_kib(pid),
+        fs_daemon_pss_kib: fs.pid().map(tree_pss_kib).unwrap_or(0),
     };
     client.shutdown(ctx(), &ShutdownRequest::new()).await?;
     let status = vm.wait_exit(Duration::from_secs(60)).await?;
     if !status.success() {
         bail!("restored husk-vmm exited with {status}");
+    }
+    let daemon = fs.wait_exit(Duration::from_secs(10)).await?;
+    if !daemon.success() {
+        bail!("the restored VM's virtio-fs daemon exited with {daemon}");
     }
     Ok(sample)
 }
@@ -270,6 +280,7 @@ struct Report {
     restored_idle_rss_median_kib: f64,
     restored_idle_pss_median_kib: f64,
     restored_guest_mem_allocated_median_kib: f64,
+    restored_fs_daemon_pss_median_kib: f64,
     restores: Vec<RestoreSample>,
 }
 
@@ -329,7 +340,7 @@ async fn main() -> Result<()> {
     // Template start: one boot makes the template, then restores.
     let store = TestDir::new("bench-template")?;
     let started = Instant::now();
-    let template = make_template(&a, store.path(), args.mem_mib)?;
+    let template = make_template(&a, store.path(), args.mem_mib).await?;
     let template_build_s = started.elapsed().as_secs_f64();
     println!("template built in {template_build_s:.2} s");
     let mut restores = Vec::new();
@@ -338,12 +349,13 @@ async fn main() -> Result<()> {
             .await
             .context("restore")?;
         println!(
-            "run {}: husk restore  answered {:6.2} s  idle RSS {:7} KiB  PSS {:7} KiB  guest memory allocated {:7} KiB",
+            "run {}: husk restore  answered {:6.2} s  idle RSS {:7} KiB  PSS {:7} KiB  guest memory allocated {:7} KiB  virtio-fs daemon PSS {:7} KiB",
             i + 1,
             r.answered_s,
             r.rss_kib,
             r.pss_kib,
-            r.guest_mem_allocated_kib
+            r.guest_mem_allocated_kib,
+            r.fs_daemon_pss_kib
         );
         restores.push(r);
     }
@@ -364,6 +376,12 @@ async fn main() -> Result<()> {
         &mut restores
             .iter()
             .map(|r| r.guest_mem_allocated_kib as f64)
+            .collect::<Vec<_>>(),
+    );
+    let rfs = median(
+        &mut restores
+            .iter()
+            .map(|r| r.fs_daemon_pss_kib as f64)
             .collect::<Vec<_>>(),
     );
 
@@ -387,6 +405,7 @@ async fn main() -> Result<()> {
         restored_idle_rss_median_kib: rrss,
         restored_idle_pss_median_kib: rpss,
         restored_guest_mem_allocated_median_kib: ralloc,
+        restored_fs_daemon_pss_median_kib: rfs,
         restores,
     };
     println!(
@@ -402,7 +421,7 @@ async fn main() -> Result<()> {
         "median template start (restore to the agent's first answer): {rm:.2} s; cold boot to readiness {hr:.2} s; restore/cold {:.3}",
         report.ratio_restore_over_cold_ready
     );
-    println!("median restored idle VMM memory: RSS {rrss:.0} KiB, PSS {rpss:.0} KiB, guest memory allocated {ralloc:.0} KiB");
+    println!("median restored idle VMM memory: RSS {rrss:.0} KiB, PSS {rpss:.0} KiB, guest memory allocated {ralloc:.0} KiB; its virtio-fs daemon PSS {rfs:.0} KiB");
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

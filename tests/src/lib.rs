@@ -168,10 +168,15 @@ impl VmOptions {
 }
 
 /// Makes a template snapshot of the default guest with one boot
-/// (`husk-vmm --make-template`); returns its path in `dir`.
-pub fn make_template(artifacts: &Artifacts, dir: &Path, mem_mib: u64) -> Result<PathBuf> {
+/// (`husk-vmm --make-template`), with the devices every pod has (vsock and
+/// virtio-fs, served by a daemon of its own); returns its path in `dir`.
+/// Nothing but the template is left in `dir`.
+pub async fn make_template(artifacts: &Artifacts, dir: &Path, mem_mib: u64) -> Result<PathBuf> {
     let template = dir.join("template.snap");
-    let out = std::process::Command::new(&artifacts.vmm)
+    let fs_dir = dir.join("template-fs");
+    std::fs::create_dir_all(&fs_dir)?;
+    let mut fs = FsDaemon::spawn(artifacts, &fs_dir).await?;
+    let out = Command::new(&artifacts.vmm)
         .arg("--kernel")
         .arg(&artifacts.kernel)
         .arg("--initramfs")
@@ -179,16 +184,26 @@ pub fn make_template(artifacts: &Artifacts, dir: &Path, mem_mib: u64) -> Result<
         .args(["--mem-mib", &mem_mib.to_string()])
         .arg("--vsock-uds")
         .arg(dir.join("t.sock"))
+        .args(fs.vmm_args())
         .arg("--make-template")
         .arg(&template)
+        .kill_on_drop(true)
         .output()
+        .await
         .context("running husk-vmm --make-template")?;
+    let daemon = fs.wait_exit(Duration::from_secs(10)).await;
+    std::fs::remove_dir(&fs.shared)?;
+    std::fs::remove_dir(&fs_dir)?;
     if !out.status.success() || !template.exists() {
         bail!(
             "making the template failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    let daemon = daemon?;
+    if !daemon.success() {
+        bail!("the template's virtio-fs daemon failed: {daemon}");
     }
     Ok(template)
 }
@@ -199,6 +214,50 @@ pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `pid` and all its descendants (from /proc's parent links).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces and parens.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((p, ppid));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Proportional set size of `pid` and its descendants, in KiB.
+pub fn tree_pss_kib(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(|p| proc_kib(p, "smaps_rollup", "Pss"))
+        .sum()
 }
 
 impl Default for VmOptions {
@@ -385,6 +444,163 @@ impl Drop for VmProcess {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_file(&self.ready_path);
     }
+}
+
+/// A real `husk-virtiofsd` serving `<dir>/shared` on `<dir>/fs.sock`
+/// (killed if dropped while running).
+#[derive(Debug)]
+pub struct FsDaemon {
+    child: Child,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// The directory it serves.
+    pub shared: PathBuf,
+}
+
+impl FsDaemon {
+    /// Starts the daemon and waits until it listens.
+    pub async fn spawn(artifacts: &Artifacts, dir: &Path) -> Result<Self> {
+        let shared = dir.join("shared");
+        let socket = dir.join("fs.sock");
+        std::fs::create_dir_all(&shared)?;
+        let child = Command::new(&artifacts.virtiofsd)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(&shared)
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", artifacts.virtiofsd.display()))?;
+        let mut daemon = Self {
+            child,
+            socket,
+            shared,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.socket.exists() {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("husk-virtiofsd exited before listening: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("husk-virtiofsd did not listen within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(daemon)
+    }
+
+    /// husk-vmm arguments that attach this daemon.
+    pub fn vmm_args(&self) -> Vec<String> {
+        vec!["--fs-socket".into(), self.socket.display().to_string()]
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the daemon to exit (it does when its VMM goes away).
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<ExitStatus> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .context("husk-virtiofsd did not exit")?
+            .context("waiting for husk-virtiofsd")
+    }
+}
+
+/// Checks the pod's shared directory through the agent: mounts virtio-fs
+/// (tag `husk`) at /run/husk/shared, the guest reads a file the host wrote
+/// and writes one the host reads (byte-equal), and paths outside /run/husk
+/// are refused. Removes its files afterwards.
+pub async fn shared_directory_round_trip(
+    client: &husk_protocols::agent_ttrpc::AgentClient,
+    vsock: &Path,
+    shared: &Path,
+) -> Result<()> {
+    use husk_protocols::{
+        agent::{stream_check_request::Direction, MountSharedRequest, StreamCheckRequest},
+        hybrid_vsock, pattern,
+    };
+    use tokio::io::AsyncWriteExt;
+    let ctx = || ttrpc::context::with_timeout(120_000_000_000);
+
+    let mut mount = MountSharedRequest::new();
+    mount.tag = "husk".into();
+    mount.target = "/run/husk/shared".into();
+    client
+        .mount_shared(ctx(), &mount)
+        .await
+        .context("MountShared")?;
+    let mut bad = MountSharedRequest::new();
+    bad.tag = "husk".into();
+    bad.target = "/etc".into();
+    if client.mount_shared(ctx(), &bad).await.is_ok() {
+        bail!("a mount outside /run/husk was accepted");
+    }
+
+    // The guest reads a host file.
+    let host_text = b"written on the host\n".repeat(1000);
+    std::fs::write(shared.join("from-host.txt"), &host_text)?;
+    let port = 6201;
+    let path = port_socket_path(vsock, port);
+    let listener = UnixListener::bind(&path)?;
+    let mut req = StreamCheckRequest::new();
+    req.direction = Direction::FROM_GUEST.into();
+    req.port = port;
+    req.path = "/run/husk/shared/from-host.txt".into();
+    let (resp, got) = tokio::join!(client.stream_check(ctx(), &req), async {
+        let (mut s, _) = listener.accept().await?;
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await?;
+        Ok::<_, std::io::Error>(v)
+    });
+    let _ = std::fs::remove_file(&path);
+    let resp = resp.context("StreamCheck from a shared file")?;
+    let got = got?;
+    if resp.bytes != host_text.len() as u64 || got != host_text {
+        bail!(
+            "the guest read {} bytes of the host's {}-byte file, {} arrived intact",
+            resp.bytes,
+            host_text.len(),
+            if got == host_text { "they" } else { "not" }
+        );
+    }
+
+    // The guest writes a file the host reads.
+    let mut data = vec![0u8; 1 << 20];
+    pattern::fill(&mut data, 31);
+    let port = 6202;
+    let mut req = StreamCheckRequest::new();
+    req.direction = Direction::TO_GUEST.into();
+    req.port = port;
+    req.path = "/run/husk/shared/from-guest.bin".into();
+    let (resp, sent) = tokio::join!(client.stream_check(ctx(), &req), async {
+        let mut s = hybrid_vsock::connect_retry(vsock, port, Duration::from_secs(30)).await?;
+        s.write_all(&data).await?;
+        s.shutdown().await?;
+        Ok::<_, anyhow::Error>(())
+    });
+    sent?;
+    let resp = resp.context("StreamCheck into a shared file")?;
+    if resp.bytes != data.len() as u64 {
+        bail!("the guest wrote {} of {} bytes", resp.bytes, data.len());
+    }
+    if std::fs::read(shared.join("from-guest.bin"))? != data {
+        bail!("the host read something else than the guest wrote");
+    }
+
+    let mut outside = StreamCheckRequest::new();
+    outside.direction = Direction::FROM_GUEST.into();
+    outside.port = 6203;
+    outside.path = "/run/husk/../../etc/shadow".into();
+    if client.stream_check(ctx(), &outside).await.is_ok() {
+        bail!("a path outside /run/husk was accepted");
+    }
+    std::fs::remove_file(shared.join("from-host.txt"))?;
+    std::fs::remove_file(shared.join("from-guest.bin"))?;
+    Ok(())
 }
 
 /// Processes whose command line mentions `needle` (to check nothing of a

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use husk_e2e::{processes_mentioning, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_e2e::{
+    processes_mentioning, require_kvm, shared_directory_round_trip, Artifacts, FsDaemon, TestDir,
+    VmOptions, VmProcess,
+};
 use husk_protocols::{
     agent::{
         health_response::Status, stream_check_request::Direction, HealthRequest, ShutdownRequest,
@@ -103,111 +106,18 @@ async fn from_guest(
     assert_eq!(got, pattern_bytes(bytes, seed));
 }
 
-async fn shared_directory_round_trip(
-    client: &AgentClient,
-    vsock: &std::path::Path,
-    shared: &std::path::Path,
-) {
-    let mut mount = husk_protocols::agent::MountSharedRequest::new();
-    mount.tag = "husk".into();
-    mount.target = "/run/husk/shared".into();
-    client
-        .mount_shared(ctx(), &mount)
-        .await
-        .expect("MountShared");
-    let mut bad = husk_protocols::agent::MountSharedRequest::new();
-    bad.tag = "husk".into();
-    bad.target = "/etc".into();
-    assert!(
-        client.mount_shared(ctx(), &bad).await.is_err(),
-        "mounts outside /run/husk are refused"
-    );
-
-    // Guest reads a host file.
-    let host_text = b"written on the host\n".repeat(1000);
-    std::fs::write(shared.join("from-host.txt"), &host_text).expect("write host file");
-    let port = 6201;
-    let path = hybrid_vsock::port_socket_path(vsock, port);
-    let listener = UnixListener::bind(&path).expect("bind");
-    let mut req = StreamCheckRequest::new();
-    req.direction = Direction::FROM_GUEST.into();
-    req.port = port;
-    req.path = "/run/husk/shared/from-host.txt".into();
-    let (resp, got) = tokio::join!(client.stream_check(ctx(), &req), async {
-        let (mut s, _) = listener.accept().await.expect("accept");
-        let mut v = Vec::new();
-        s.read_to_end(&mut v).await.expect("read");
-        v
-    });
-    let _ = std::fs::remove_file(&path);
-    assert_eq!(
-        resp.expect("StreamCheck from a shared file").bytes,
-        host_text.len() as u64
-    );
-    assert_eq!(
-        got, host_text,
-        "the guest read the host's file through virtio-fs"
-    );
-
-    // Guest writes a file the host reads.
-    let data = pattern_bytes(MIB, 31);
-    let port = 6202;
-    let mut req = StreamCheckRequest::new();
-    req.direction = Direction::TO_GUEST.into();
-    req.port = port;
-    req.path = "/run/husk/shared/from-guest.bin".into();
-    let (resp, _) = tokio::join!(client.stream_check(ctx(), &req), async {
-        let mut s = hybrid_vsock::connect_retry(vsock, port, Duration::from_secs(30))
-            .await
-            .expect("connect");
-        s.write_all(&data).await.expect("write");
-        s.shutdown().await.expect("shutdown");
-        s
-    });
-    assert_eq!(resp.expect("StreamCheck into a shared file").bytes, MIB);
-    assert_eq!(
-        std::fs::read(shared.join("from-guest.bin")).expect("host reads the guest's file"),
-        data
-    );
-
-    let mut outside = StreamCheckRequest::new();
-    outside.direction = Direction::FROM_GUEST.into();
-    outside.port = 6203;
-    outside.path = "/run/husk/../../etc/shadow".into();
-    assert!(
-        client.stream_check(ctx(), &outside).await.is_err(),
-        "paths outside /run/husk are refused"
-    );
-    std::fs::remove_file(shared.join("from-host.txt")).expect("cleanup");
-    std::fs::remove_file(shared.join("from-guest.bin")).expect("cleanup");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
     require_kvm();
     let artifacts = Artifacts::locate().expect("artifacts");
     let dir = TestDir::new("e2e-boot").expect("dir");
     // A virtio-fs daemon for the VM's shared directory.
-    let shared = dir.path().join("shared");
-    std::fs::create_dir(&shared).expect("shared dir");
-    let fs_socket = dir.path().join("fs.sock");
-    let mut fs_daemon = std::process::Command::new(&artifacts.virtiofsd)
-        .arg("--socket")
-        .arg(&fs_socket)
-        .arg("--shared-dir")
-        .arg(&shared)
-        .args(["--log", "warn"])
-        .spawn()
-        .expect("spawn husk-virtiofsd");
-    for _ in 0..500 {
-        if fs_socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut fs_daemon = FsDaemon::spawn(&artifacts, dir.path())
+        .await
+        .expect("husk-virtiofsd");
     let opts = VmOptions {
         serial: true,
-        vmm_args: vec!["--fs-socket".into(), fs_socket.display().to_string()],
+        vmm_args: fs_daemon.vmm_args(),
         ..Default::default()
     };
     let mut vm = VmProcess::spawn(&artifacts, dir.path(), &opts).expect("spawn");
@@ -312,7 +222,9 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
 
     // The pod's shared directory over virtio-fs: the guest reads a file the
     // host wrote and writes one the host then reads.
-    shared_directory_round_trip(&client, &vm.vsock, &shared).await;
+    shared_directory_round_trip(&client, &vm.vsock, &fs_daemon.shared)
+        .await
+        .expect("shared directory over virtio-fs");
 
     // The control API reports the VM, and pauses and resumes its vCPUs:
     // a paused guest does not answer, a resumed one does.
@@ -348,19 +260,12 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
     );
     let pid = vm.pid();
     // The VMM was the daemon's one client: it exits with it and removes its socket.
-    let mut daemon_status = None;
-    for _ in 0..500 {
-        daemon_status = fs_daemon.try_wait().expect("daemon");
-        if daemon_status.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let daemon_status = fs_daemon.wait_exit(Duration::from_secs(10)).await;
     assert!(
-        daemon_status.is_some_and(|s| s.success()),
+        daemon_status.as_ref().is_ok_and(|s| s.success()),
         "virtio-fs daemon: {daemon_status:?}"
     );
-    let _ = std::fs::remove_dir(&shared);
+    let _ = std::fs::remove_dir(&fs_daemon.shared);
     let mut left = dir.entries();
     left.retain(|e| e != "vmm.log" && e != "serial.log");
     assert!(left.is_empty(), "files left behind: {left:?}");

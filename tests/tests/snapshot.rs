@@ -1,14 +1,16 @@
 //! Snapshot and restore of a real guest: boot once, snapshot through the
 //! control API, restore into a new husk-vmm process, and the agent answers
-//! there; a corrupted snapshot is refused with a clear error.
+//! there; a corrupted snapshot is refused with a clear error. The VM has
+//! a virtio-fs device: it can be snapshotted until the guest mounts the
+//! file system (whose session lives in the daemon), not after.
 
 use std::time::Duration;
 
-use husk_e2e::{require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_e2e::{require_kvm, Artifacts, FsDaemon, TestDir, VmOptions, VmProcess};
 use husk_protocols::{
     agent::{
-        health_response::Status, stream_check_request::Direction, HealthRequest, ShutdownRequest,
-        StreamCheckRequest, VersionRequest,
+        health_response::Status, stream_check_request::Direction, HealthRequest,
+        MountSharedRequest, ShutdownRequest, StreamCheckRequest, VersionRequest,
     },
     connect_agent, hybrid_vsock,
 };
@@ -27,19 +29,25 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
 
     // 1. Boot, snapshot, stop.
     let dir_a = TestDir::new("snap-a").expect("dir");
-    let mut a = VmProcess::spawn(&artifacts, dir_a.path(), &VmOptions::default()).expect("spawn");
+    let mut fs_a = FsDaemon::spawn(&artifacts, dir_a.path())
+        .await
+        .expect("husk-virtiofsd");
+    let opts = VmOptions {
+        vmm_args: fs_a.vmm_args(),
+        ..Default::default()
+    };
+    let mut a = VmProcess::spawn(&artifacts, dir_a.path(), &opts).expect("spawn");
     if let Err(e) = a.wait_ready(Duration::from_secs(300)).await {
         panic!("{e:#}\n{}", a.log_text());
     }
-    let uptime_a = {
-        let c = connect_agent(&a.vsock, Duration::from_secs(30))
-            .await
-            .expect("agent");
-        c.version(ctx(), &VersionRequest::new())
-            .await
-            .expect("Version")
-            .uptime_seconds
-    };
+    let client_a = connect_agent(&a.vsock, Duration::from_secs(30))
+        .await
+        .expect("agent");
+    let uptime_a = client_a
+        .version(ctx(), &VersionRequest::new())
+        .await
+        .expect("Version")
+        .uptime_seconds;
     let resp = a
         .api(&format!(
             "{{\"action\":\"snapshot\",\"path\":\"{}\"}}",
@@ -53,16 +61,51 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
         a.log_text()
     );
     assert!(snap.exists());
+
+    // Once the guest has mounted virtio-fs, its FUSE session is in the
+    // daemon: a snapshot is refused, clearly, and the VM keeps running.
+    let mut mount = MountSharedRequest::new();
+    mount.tag = "husk".into();
+    mount.target = "/run/husk/shared".into();
+    client_a
+        .mount_shared(ctx(), &mount)
+        .await
+        .expect("MountShared");
+    let late = keep.path().join("late.snap");
+    let resp = a
+        .api(&format!(
+            "{{\"action\":\"snapshot\",\"path\":\"{}\"}}",
+            late.display()
+        ))
+        .await
+        .expect("api");
+    assert!(
+        resp.contains("\"ok\":false") && resp.contains("has used virtio-fs"),
+        "snapshot after mount: {resp}"
+    );
+    assert!(!late.exists(), "no partial snapshot is left");
+    let health = client_a
+        .health(ctx(), &HealthRequest::new())
+        .await
+        .expect("Health after a refused snapshot");
+    assert_eq!(health.status.enum_value(), Ok(Status::SERVING));
+
     a.api("{\"action\":\"stop\"}").await.expect("stop");
     assert!(a
         .wait_exit(Duration::from_secs(30))
         .await
         .expect("exit")
         .success());
+    let daemon = fs_a.wait_exit(Duration::from_secs(10)).await;
+    assert!(daemon.is_ok_and(|s| s.success()));
 
     // 2. Restore into a new process: the agent answers without a boot.
     let dir_b = TestDir::new("snap-b").expect("dir");
-    let opts = VmOptions::restored_from(&snap);
+    let fs_b = FsDaemon::spawn(&artifacts, dir_b.path())
+        .await
+        .expect("husk-virtiofsd");
+    let mut opts = VmOptions::restored_from(&snap);
+    opts.vmm_args.extend(fs_b.vmm_args());
     let mut b = VmProcess::spawn(&artifacts, dir_b.path(), &opts).expect("spawn");
     let client = match connect_agent(&b.vsock, Duration::from_secs(60)).await {
         Ok(c) => c,
@@ -124,7 +167,11 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
     let bad = keep.path().join("bad.snap");
     std::fs::write(&bad, &bytes).expect("write");
     let dir_c = TestDir::new("snap-c").expect("dir");
-    let opts = VmOptions::restored_from(&bad);
+    let fs_c = FsDaemon::spawn(&artifacts, dir_c.path())
+        .await
+        .expect("husk-virtiofsd");
+    let mut opts = VmOptions::restored_from(&bad);
+    opts.vmm_args.extend(fs_c.vmm_args());
     let mut c = VmProcess::spawn(&artifacts, dir_c.path(), &opts).expect("spawn");
     let status = c.wait_exit(Duration::from_secs(60)).await.expect("exit");
     assert_eq!(status.code(), Some(2), "{}", c.log_text());

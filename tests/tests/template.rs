@@ -1,10 +1,15 @@
 //! Template start: one boot makes a template snapshot; every later microVM
-//! restores from it, gets its own identity (fresh entropy, hostname), and
-//! answers — one after another and several at once.
+//! restores from it with a fresh virtio-fs daemon of its own, gets its own
+//! identity (fresh entropy, hostname), answers, and reads and writes its
+//! host directory through the new daemon — one after another and several at
+//! once.
 
 use std::{collections::HashSet, io::Read, time::Duration};
 
-use husk_e2e::{make_template, require_kvm, Artifacts, TestDir, VmOptions, VmProcess};
+use husk_e2e::{
+    make_template, require_kvm, shared_directory_round_trip, Artifacts, FsDaemon, TestDir,
+    VmOptions, VmProcess,
+};
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
     connect_agent,
@@ -22,15 +27,20 @@ fn host_entropy() -> Vec<u8> {
     b
 }
 
-/// Restores one VM from `template`, personalizes it, checks it, shuts it
-/// down; returns the guest's random sample and the time to its first answer.
+/// Restores one VM from `template` with a fresh virtio-fs daemon,
+/// personalizes it, uses its shared directory, shuts it down; returns the
+/// guest's random sample and the time to its first answer.
 async fn restore_one(
     artifacts: &Artifacts,
     template: &std::path::Path,
     name: &str,
 ) -> (Vec<u8>, Duration) {
     let dir = TestDir::new(name).expect("dir");
-    let opts = VmOptions::restored_from(template);
+    let mut fs = FsDaemon::spawn(artifacts, dir.path())
+        .await
+        .expect("husk-virtiofsd");
+    let mut opts = VmOptions::restored_from(template);
+    opts.vmm_args.extend(fs.vmm_args());
     let mut vm = VmProcess::spawn(artifacts, dir.path(), &opts).expect("spawn");
     let client = match connect_agent(&vm.vsock, Duration::from_secs(60)).await {
         Ok(c) => c,
@@ -51,12 +61,23 @@ async fn restore_one(
         .health(ctx(), &HealthRequest::new())
         .await
         .expect("Health");
+    // The template never mounted virtio-fs; this guest does, through its
+    // own daemon.
+    if let Err(e) = shared_directory_round_trip(&client, &vm.vsock, &fs.shared).await {
+        panic!("{name}: shared directory: {e:#}\n{}", vm.log_text());
+    }
     client
         .shutdown(ctx(), &ShutdownRequest::new())
         .await
         .expect("Shutdown");
     let status = vm.wait_exit(Duration::from_secs(60)).await.expect("exit");
     assert!(status.success(), "{name}: {status}\n{}", vm.log_text());
+    let daemon = fs.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        daemon.as_ref().is_ok_and(|s| s.success()),
+        "{name}: virtio-fs daemon {daemon:?}"
+    );
+    std::fs::remove_dir(&fs.shared).expect("the shared directory is empty again");
     let mut left = dir.entries();
     left.retain(|e| e != "vmm.log");
     assert!(left.is_empty(), "{name}: left behind {left:?}");
@@ -70,7 +91,9 @@ async fn template_restores_sequentially_and_concurrently_with_distinct_identitie
     let store = TestDir::new("template-store").expect("dir");
 
     // One boot makes the template; husk-vmm exits 0 once it is written.
-    let template = make_template(&artifacts, store.path(), 128).expect("template");
+    let template = make_template(&artifacts, store.path(), 128)
+        .await
+        .expect("template");
     assert!(template.exists());
     assert_eq!(
         store.entries(),
@@ -109,10 +132,14 @@ async fn template_dir_makes_the_template_once_then_restores() {
     let artifacts = Artifacts::locate().expect("artifacts");
     let store = TestDir::new("template-dir").expect("dir");
     let templates = store.path().join("templates");
-    let opts = VmOptions {
-        vmm_args: vec!["--template-dir".into(), templates.display().to_string()],
-        await_ready: false,
-        ..Default::default()
+    let opts = |fs: &FsDaemon| {
+        let mut vmm_args = vec!["--template-dir".into(), templates.display().to_string()];
+        vmm_args.extend(fs.vmm_args());
+        VmOptions {
+            vmm_args,
+            await_ready: false,
+            ..Default::default()
+        }
     };
     let snaps = || -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&templates)
@@ -137,7 +164,10 @@ async fn template_dir_makes_the_template_once_then_restores() {
             std::fs::write(&t, bytes).expect("write");
         }
         let dir = TestDir::new(&format!("tdir{round}")).expect("dir");
-        let mut vm = VmProcess::spawn(&artifacts, dir.path(), &opts).expect("spawn");
+        let mut fs = FsDaemon::spawn(&artifacts, dir.path())
+            .await
+            .expect("husk-virtiofsd");
+        let mut vm = VmProcess::spawn(&artifacts, dir.path(), &opts(&fs)).expect("spawn");
         let client = match connect_agent(&vm.vsock, Duration::from_secs(300)).await {
             Ok(c) => c,
             Err(e) => panic!("round {round}: {e}\n{}", vm.log_text()),
@@ -145,6 +175,9 @@ async fn template_dir_makes_the_template_once_then_restores() {
         let mut req = PersonalizeRequest::new();
         req.entropy = host_entropy();
         client.personalize(ctx(), &req).await.expect("Personalize");
+        if let Err(e) = shared_directory_round_trip(&client, &vm.vsock, &fs.shared).await {
+            panic!("round {round}: shared directory: {e:#}\n{}", vm.log_text());
+        }
         client
             .shutdown(ctx(), &ShutdownRequest::new())
             .await
@@ -152,6 +185,11 @@ async fn template_dir_makes_the_template_once_then_restores() {
         let status = vm.wait_exit(Duration::from_secs(60)).await.expect("exit");
         let log = vm.log_text();
         assert!(status.success(), "round {round}: {status}\n{log}");
+        let daemon = fs.wait_exit(Duration::from_secs(10)).await;
+        assert!(
+            daemon.as_ref().is_ok_and(|s| s.success()),
+            "round {round}: virtio-fs daemon {daemon:?}"
+        );
         seen.push((snaps(), log));
     }
     // Round 0 made exactly one template and restored from it; round 1 reused it.

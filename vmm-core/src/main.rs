@@ -8,7 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use husk_vmm_core::{config::guest_dir, vmm::take_termination_signals, VmConfig, Vmm, VsockConfig};
+use husk_vmm_core::{
+    config::guest_dir,
+    vmm::{take_termination_signals, Backends},
+    VmConfig, Vmm, VsockConfig,
+};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Run one husk microVM")]
@@ -70,6 +74,11 @@ struct Args {
     /// be used is removed and the VM boots cold.
     #[arg(long, conflicts_with_all = ["restore_from", "make_template"])]
     template_dir: Option<PathBuf>,
+    /// The virtio-fs daemon a template VM gets when this VM has a virtio-fs
+    /// device (--template-dir with --fs-socket) [default: husk-virtiofsd
+    /// next to husk-vmm].
+    #[arg(long)]
+    virtiofsd: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -134,15 +143,18 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
     let mut config = config;
     let template = match &args.template_dir {
         Some(dir) => {
-            let path = ensure_template(&config, dir)?;
+            let path = ensure_template(&config, dir, args.virtiofsd.as_deref())?;
             config.restore_from = Some(path.clone());
             Some(path)
         }
         None => None,
     };
     // A snapshot is refused before any guest state exists, so falling back
-    // to a cold boot with the same devices is safe.
-    let vmm = match Vmm::build(config.clone(), signals) {
+    // to a cold boot with the same devices (and the same daemon
+    // connections) is safe.
+    config.validate()?;
+    let backends = Backends::connect(&config)?;
+    let vmm = match Vmm::build_with(config.clone(), signals, &backends) {
         Err(husk_vmm_core::VmmError::Restore(e)) if !args.no_cold_boot_fallback => {
             tracing::warn!(
                 "snapshot refused, booting cold instead: {}",
@@ -156,7 +168,7 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
                 restore_from: None,
                 ..config
             };
-            Vmm::build(cold, take_termination_signals())?
+            Vmm::build_with(cold, take_termination_signals(), &backends)?
         }
         other => other?,
     };
@@ -171,7 +183,11 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
 
 /// The template for `config` in `dir`, made first if it does not exist.
 /// Concurrent starts serialize on a lock file, so a template is built once.
-fn ensure_template(config: &VmConfig, dir: &std::path::Path) -> Result<PathBuf> {
+fn ensure_template(
+    config: &VmConfig,
+    dir: &std::path::Path,
+    virtiofsd: Option<&std::path::Path>,
+) -> Result<PathBuf> {
     use anyhow::Context;
     use std::os::fd::AsRawFd;
     let uds = config
@@ -221,10 +237,102 @@ fn ensure_template(config: &VmConfig, dir: &std::path::Path) -> Result<PathBuf> 
         cmd.arg("--serial-log")
             .arg(serial.with_extension("template.log"));
     }
-    let status = cmd.status().context("starting the template VM")?;
+    // The template has the same devices as the VMs restored from it: a
+    // virtio-fs device needs a daemon, here one serving an empty directory
+    // the template guest never mounts.
+    let fs_daemon = match &config.fs {
+        Some(fs) => {
+            let binary = match virtiofsd {
+                Some(p) => p.to_path_buf(),
+                None => std::env::current_exe()
+                    .context("locating husk-vmm")?
+                    .with_file_name("husk-virtiofsd"),
+            };
+            let daemon = TemplateFsDaemon::start(&binary, dir, &key)?;
+            cmd.arg("--fs-socket")
+                .arg(&daemon.socket)
+                .args(["--fs-tag", &fs.tag]);
+            Some(daemon)
+        }
+        None => None,
+    };
+    let status = cmd.status().context("starting the template VM");
+    if let Some(daemon) = fs_daemon {
+        daemon.finish();
+    }
+    let status = status?;
     let _ = std::fs::remove_file(&lock_path);
     if !status.success() || !path.exists() {
         anyhow::bail!("making the template {} failed ({status})", path.display());
     }
     Ok(path)
+}
+
+/// The virtio-fs daemon of a template VM, with its empty shared directory.
+struct TemplateFsDaemon {
+    child: std::process::Child,
+    socket: PathBuf,
+    share: PathBuf,
+}
+
+impl TemplateFsDaemon {
+    /// How long the daemon may take to listen, and to leave after its VMM.
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn start(binary: &std::path::Path, dir: &std::path::Path, key: &str) -> Result<Self> {
+        use anyhow::Context;
+        let share = dir.join(format!("{key}.share"));
+        let socket = dir.join(format!("{key}.fs.sock"));
+        let _ = std::fs::remove_file(&socket);
+        std::fs::create_dir_all(&share).with_context(|| format!("creating {}", share.display()))?;
+        let child = std::process::Command::new(binary)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(&share)
+            .args(["--log", "warn"])
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut daemon = Self {
+            child,
+            socket,
+            share,
+        };
+        let deadline = std::time::Instant::now() + Self::WAIT;
+        while !daemon.socket.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                daemon.finish();
+                anyhow::bail!("the template's virtio-fs daemon exited: {status}");
+            }
+            if std::time::Instant::now() > deadline {
+                daemon.finish();
+                anyhow::bail!(
+                    "the template's virtio-fs daemon did not listen within {:?}",
+                    Self::WAIT
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+
+    /// Waits for the daemon to leave (it does when its VMM is gone), kills
+    /// it if it does not, and removes its socket and directory.
+    fn finish(mut self) {
+        let deadline = std::time::Instant::now() + Self::WAIT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if std::time::Instant::now() > deadline => {
+                    tracing::warn!("the template's virtio-fs daemon did not exit; killing it");
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir(&self.share);
+    }
 }

@@ -142,15 +142,6 @@ impl Persist {
     /// `path` is either the old content or a complete new snapshot). vCPUs
     /// that were running run again afterwards.
     pub fn snapshot(&self, path: &Path) -> Result<Stats, PersistError> {
-        let all_capturable = self
-            .transports
-            .iter()
-            .all(|t| t.lock().unwrap_or_else(|e| e.into_inner()).can_snapshot());
-        if !all_capturable {
-            return Err(PersistError::Devices(
-                "a vhost-user device (virtio-fs) cannot be snapshotted yet".into(),
-            ));
-        }
         let was_running: Vec<bool> = self
             .vcpus
             .iter()
@@ -172,6 +163,15 @@ impl Persist {
         for (i, v) in self.vcpus.iter().enumerate() {
             if !v.wait_for(RunState::Paused, WAIT) {
                 return Err(PersistError::Vcpu(i, "pause"));
+            }
+        }
+        for t in self.transports.iter() {
+            if let Some(why) = t
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .snapshot_blocker()
+            {
+                return Err(PersistError::Devices(why));
             }
         }
         let mut vcpus = Vec::new();

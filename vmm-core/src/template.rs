@@ -181,6 +181,15 @@ pub fn key(
         u8::from(config.vsock.is_some()),
         u8::from(config.serial_log.is_some()),
     ]);
+    // The guest keeps the virtio-fs tag it probed.
+    match &config.fs {
+        Some(fs) => {
+            h.update(b"fs\0");
+            h.update(fs.tag.as_bytes());
+            h.update([0]);
+        }
+        None => h.update(b"no fs\0"),
+    }
     let digest = h.finalize();
     Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
 }
@@ -227,6 +236,24 @@ mod tests {
             })
         );
         assert_ne!(k0, key(&base, CpuProfile::Emulated).expect("key"));
+        let with_fs = |tag: &str| VmConfig {
+            fs: Some(crate::config::FsConfig {
+                socket: "/run/one.sock".into(),
+                tag: tag.into(),
+            }),
+            ..base.clone()
+        };
+        assert_ne!(k0, k(&with_fs("husk")), "the device set names the template");
+        assert_ne!(k(&with_fs("husk")), k(&with_fs("other")));
+        let mut elsewhere = with_fs("husk");
+        if let Some(fs) = elsewhere.fs.as_mut() {
+            fs.socket = "/run/two.sock".into();
+        }
+        assert_eq!(
+            k(&with_fs("husk")),
+            k(&elsewhere),
+            "each VM has its own daemon socket; the template is the same"
+        );
         std::fs::write(&kernel, b"kernel two").expect("write");
         assert_ne!(k0, k(&base), "a new kernel names a new template");
         let _ = std::fs::remove_dir_all(&dir);

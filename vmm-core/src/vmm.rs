@@ -47,7 +47,7 @@ use crate::{
     devices::{
         legacy::{EventFdTrigger, ResetLine, SerialConsole},
         virtio::{
-            fs::VhostUserFs,
+            fs::{FsBackend, VhostUserFs},
             mmio::MmioTransport,
             vsock::{muxer::Muxer, Vsock},
             Interrupt,
@@ -279,12 +279,45 @@ pub fn take_termination_signals() -> Option<nix::sys::signalfd::SignalFd> {
     .ok()
 }
 
+/// Connections to device backends (daemons) that a VM's devices use. They
+/// are made before the VM is built and outlive a failed build, so a VM
+/// whose snapshot is refused can boot cold on the same daemons (each serves
+/// a single connection).
+#[derive(Debug, Default)]
+pub struct Backends {
+    fs: Option<FsBackend>,
+}
+
+impl Backends {
+    /// Connects to every backend `config` names.
+    pub fn connect(config: &VmConfig) -> Result<Self, VmmError> {
+        let fs = match &config.fs {
+            Some(fs_cfg) => Some(
+                FsBackend::connect(&fs_cfg.socket).map_err(device_err("the virtio-fs device"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { fs })
+    }
+}
+
 impl Vmm {
     /// Builds the VM described by `config` (see the module docs for steps).
     /// `signals`, if given, ends the VM on SIGTERM/SIGINT.
     pub fn build(
         config: VmConfig,
         signals: Option<nix::sys::signalfd::SignalFd>,
+    ) -> Result<Self, VmmError> {
+        config.validate()?;
+        let backends = Backends::connect(&config)?;
+        Self::build_with(config, signals, &backends)
+    }
+
+    /// Builds the VM described by `config` on already connected `backends`.
+    pub fn build_with(
+        config: VmConfig,
+        signals: Option<nix::sys::signalfd::SignalFd>,
+        backends: &Backends,
     ) -> Result<Self, VmmError> {
         // 1. Configuration.
         config.validate()?;
@@ -359,7 +392,13 @@ impl Vmm {
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
         }
         if let Some(fs_cfg) = &config.fs {
-            let fs = VhostUserFs::connect(&fs_cfg.socket, &fs_cfg.tag)
+            let backend = backends.fs.as_ref().ok_or_else(|| {
+                VmmError::Device(
+                    "the virtio-fs device",
+                    "no connection to its daemon was made".into(),
+                )
+            })?;
+            let fs = VhostUserFs::new(backend, &fs_cfg.tag)
                 .map_err(device_err("the virtio-fs device"))?;
             let handler = fs.handler().map_err(device_err("the virtio-fs device"))?;
             cmdline.push(virtio.attach(

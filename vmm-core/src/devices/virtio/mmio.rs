@@ -227,9 +227,13 @@ impl MmioTransport {
         &self.interrupt
     }
 
-    /// Whether the device can be captured in a snapshot.
-    pub fn can_snapshot(&self) -> bool {
-        self.device.can_snapshot()
+    /// Why the device cannot be captured in a snapshot now (vCPUs
+    /// paused), or `None`.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        if !self.activated {
+            return None;
+        }
+        self.device.snapshot_blocker()
     }
 
     /// The transport's state for a snapshot (vCPUs paused).

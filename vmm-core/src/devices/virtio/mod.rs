@@ -170,10 +170,10 @@ pub trait VirtioDevice: Send {
     fn save_device_state(&self) -> Vec<u8> {
         Vec::new()
     }
-    /// Whether the device's state can be captured in a snapshot (a
-    /// vhost-user device's rings live in its daemon).
-    fn can_snapshot(&self) -> bool {
-        true
+    /// Why the active device cannot be captured in a snapshot right now
+    /// (asked with the vCPUs paused), or `None` if it can.
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
     }
     /// Puts device-specific state back (before activation).
     fn restore_device_state(&mut self, _state: &[u8]) -> Result<(), String> {

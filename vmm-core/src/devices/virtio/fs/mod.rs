@@ -12,6 +12,15 @@
 //! a driver activates the device from a vCPU (an MMIO write), and vCPU
 //! threads are not allowed to talk on sockets (see `seccomp`), so
 //! activation and reset only hand the work over.
+//!
+//! Snapshots: the rings' indices live in the daemon, and so does the FUSE
+//! session (inode numbers, open files) once the guest has mounted the file
+//! system. A session cannot move to another daemon, so a snapshot is taken
+//! only while the guest has never sent a request — which is when templates
+//! are made (the agent mounts virtio-fs only when a pod asks). The indices
+//! are then zero by construction, checked in guest memory with the vCPUs
+//! paused; a restore replays memory table, ring addresses and indices to the
+//! new VM's fresh daemon through the same path as a driver's activation.
 
 use std::{
     os::fd::AsRawFd,
@@ -25,7 +34,7 @@ use vhost::{
     VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, Interrupt, VirtioDevice, INT_VRING};
@@ -83,6 +92,12 @@ pub struct VhostUserFs {
     tag: String,
     backend_features: u64,
     acked: u64,
+    /// What the driver asked for (a restored driver may ask for features
+    /// this daemon does not offer).
+    requested: u64,
+    /// Guest memory and each queue's available ring while active, to tell
+    /// whether the guest has used the device.
+    rings: Option<(GuestMemory, Vec<GuestAddress>)>,
     inner: Arc<Mutex<Inner>>,
     work_evt: EventFd,
 }
@@ -95,12 +110,28 @@ impl std::fmt::Debug for VhostUserFs {
     }
 }
 
-impl VhostUserFs {
-    /// Connects to the daemon listening on `socket`.
-    pub fn connect(socket: &Path, tag: &str) -> Result<Self, FsError> {
-        if tag.is_empty() || tag.len() > TAG_LEN {
-            return Err(FsError::Tag(tag.to_string()));
-        }
+/// A negotiated connection to a virtio-fs daemon, not yet used by a
+/// device. The daemon serves one connection only, so this outlives a VM
+/// build that fails (a refused snapshot) and is handed to the cold-boot
+/// build that follows.
+#[derive(Clone)]
+pub struct FsBackend {
+    inner: Arc<Mutex<Inner>>,
+    backend_features: u64,
+}
+
+impl std::fmt::Debug for FsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsBackend")
+            .field("backend_features", &self.backend_features)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FsBackend {
+    /// Connects to the daemon listening on `socket` and negotiates what
+    /// husk needs.
+    pub fn connect(socket: &Path) -> Result<Self, FsError> {
         let vu = |what| move |e| FsError::VhostUser(what, e);
         let mut frontend =
             Frontend::connect(socket, NUM_QUEUES as u64).map_err(vu("connecting"))?;
@@ -123,9 +154,6 @@ impl VhostUserFs {
             .collect::<Result<Vec<_>, _>>()
             .map_err(FsError::EventFd)?;
         Ok(Self {
-            tag: tag.to_string(),
-            backend_features,
-            acked: 0,
             inner: Arc::new(Mutex::new(Inner {
                 frontend,
                 backend_features,
@@ -134,6 +162,40 @@ impl VhostUserFs {
                 interrupt: None,
                 pending: Vec::new(),
             })),
+            backend_features,
+        })
+    }
+}
+
+impl VhostUserFs {
+    /// Connects to the daemon listening on `socket`.
+    pub fn connect(socket: &Path, tag: &str) -> Result<Self, FsError> {
+        Self::new(&FsBackend::connect(socket)?, tag)
+    }
+
+    /// The device on an established daemon connection. Whatever a
+    /// previous (failed) build left in it is dropped: the queues were
+    /// never handed to the daemon, since that happens on the event loop.
+    pub fn new(backend: &FsBackend, tag: &str) -> Result<Self, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(FsError::Tag(tag.to_string()));
+        }
+        {
+            let mut inner = backend.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.acked = 0;
+            inner.interrupt = None;
+            inner.pending.clear();
+            for evt in &inner.call_evts {
+                let _ = evt.read();
+            }
+        }
+        Ok(Self {
+            tag: tag.to_string(),
+            backend_features: backend.backend_features,
+            acked: 0,
+            requested: 0,
+            rings: None,
+            inner: backend.inner.clone(),
             work_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?,
         })
     }
@@ -247,6 +309,7 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn ack_features(&mut self, features: u64) {
+        self.requested = features;
         self.acked = features & self.features();
         let acked = self.acked;
         self.lock().acked = acked;
@@ -277,6 +340,19 @@ impl VirtioDevice for VhostUserFs {
                 got: queues.len(),
             });
         }
+        let missing = self.requested & !self.features();
+        if missing != 0 {
+            return Err(ActivateError::Device(format!(
+                "the virtio-fs daemon does not offer features {missing:#x} the guest driver uses"
+            )));
+        }
+        self.rings = Some((
+            mem.clone(),
+            queues
+                .iter()
+                .map(|q| GuestAddress(q.avail_ring()))
+                .collect(),
+        ));
         self.post(Pending::Activate {
             mem,
             interrupt,
@@ -287,18 +363,52 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn reset(&mut self) -> Option<Vec<EventFd>> {
+        self.rings = None;
         self.post(Pending::Reset);
         None
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        // The daemon owns the ring indices; snapshots of a VM with virtio-fs
-        // are refused (see `can_snapshot`).
+        // Snapshots happen only before the first request (see
+        // `snapshot_blocker`), so the transport's copies are current.
         None
     }
 
-    fn can_snapshot(&self) -> bool {
-        false
+    fn snapshot_blocker(&self) -> Option<String> {
+        let (mem, avail_rings) = self.rings.as_ref()?;
+        let mut sent = 0u64;
+        for (i, ring) in avail_rings.iter().enumerate() {
+            // struct virtq_avail { le16 flags; le16 idx; ... }
+            let idx = ring
+                .checked_add(2)
+                .and_then(|a| mem.read_obj::<u16>(a).ok());
+            match idx {
+                Some(idx) => sent += u64::from(u16::from_le(idx)),
+                None => return Some(format!("virtio-fs queue {i}: available ring unreadable")),
+            }
+        }
+        (sent != 0).then(|| {
+            format!(
+                "the guest has used virtio-fs ({sent} requests): its FUSE session lives in the \
+                 daemon and cannot move to another; snapshot before the guest mounts it \
+                 (templates are)"
+            )
+        })
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        self.tag.as_bytes().to_vec()
+    }
+
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state != self.tag.as_bytes() {
+            return Err(format!(
+                "the snapshot's virtio-fs tag is {:?}, this VM's is {:?}",
+                String::from_utf8_lossy(state),
+                self.tag
+            ));
+        }
+        Ok(())
     }
 }
 
