@@ -20,7 +20,6 @@ use nix::{
         reboot::{reboot, RebootMode},
         signal::{kill, Signal},
         stat::Mode,
-        wait::{waitpid, WaitPidFlag, WaitStatus},
     },
     unistd::{dup2, sync, Pid},
 };
@@ -158,19 +157,14 @@ pub fn spawn_reaper() -> std::io::Result<()> {
     let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     tokio::spawn(async move {
         while sigchld.recv().await.is_some() {
-            reap_all();
+            crate::reaper::Reaper::global().reap_all();
         }
     });
     Ok(())
 }
 
 fn reap_all() {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(status) => tracing::debug!(?status, "reaped"),
-        }
-    }
+    crate::reaper::Reaper::global().reap_all();
 }
 
 /// Sends SIGTERM to every other process, waits up to a second for them to

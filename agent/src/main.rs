@@ -8,9 +8,12 @@
 //! PID 1 must never exit (the kernel panics when it does): every fatal error
 //! is logged and turned into an orderly VM reset instead.
 
+mod containers;
 mod identity;
 mod init;
+mod reaper;
 mod rpc;
+mod runtime;
 mod settings;
 
 use std::time::Duration;
@@ -26,6 +29,11 @@ use crate::settings::Settings;
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("runtime") {
+        // The container runtime helper (see `runtime`), started by the agent.
+        std::process::exit(runtime::main(&argv[2..]));
+    }
     let is_init = std::process::id() == 1;
     if is_init {
         init::early_setup();
@@ -70,9 +78,9 @@ fn init_logging(settings: &Settings) {
 }
 
 async fn run(settings: Settings, is_init: bool) -> Result<()> {
-    if is_init {
-        init::spawn_reaper().context("installing the SIGCHLD reaper")?;
-    }
+    // PID 1 inherits every orphan; outside a VM the agent still reaps its
+    // own children (the runtime helper) this way.
+    init::spawn_reaper().context("installing the SIGCHLD reaper")?;
 
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
     let service = rpc::AgentService::new(shutdown_tx);

@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use husk_protocols::{
     agent::{
-        stream_check_request::Direction, HealthRequest, HealthResponse, MountSharedRequest,
-        MountSharedResponse, PersonalizeRequest, PersonalizeResponse, ShutdownRequest,
-        ShutdownResponse, StreamCheckRequest, StreamCheckResponse, VersionRequest, VersionResponse,
+        stream_check_request::Direction, ContainerRequest, CreateContainerRequest,
+        CreateContainerResponse, DeleteContainerRequest, Empty, ExecProcessRequest,
+        ExecProcessResponse, HealthRequest, HealthResponse, ListPidsResponse, MountSharedRequest,
+        MountSharedResponse, PersonalizeRequest, PersonalizeResponse, ProcessRequest,
+        ResizePtyRequest, ShutdownRequest, ShutdownResponse, SignalProcessRequest,
+        StartContainerResponse, StreamCheckRequest, StreamCheckResponse, VersionRequest,
+        VersionResponse, WaitProcessResponse,
     },
     agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
@@ -20,19 +24,37 @@ use tokio::{
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 use ttrpc::{r#async::TtrpcContext, Code};
 
-use crate::AGENT_VERSION;
+use crate::{
+    containers::{ContainerError, Containers},
+    AGENT_VERSION,
+};
 
 /// Serves the agent API.
 #[derive(Debug)]
 pub struct AgentService {
     shutdown: mpsc::Sender<()>,
+    containers: Containers,
 }
 
 impl AgentService {
     /// `shutdown` receives one message when the host asks for a shutdown.
     pub fn new(shutdown: mpsc::Sender<()>) -> Self {
-        Self { shutdown }
+        Self {
+            shutdown,
+            containers: Containers::default(),
+        }
     }
+}
+
+fn container_err(e: ContainerError) -> ttrpc::Error {
+    let code = match &e {
+        ContainerError::NotFound(_) => Code::NOT_FOUND,
+        ContainerError::Exists(_) => Code::ALREADY_EXISTS,
+        ContainerError::Invalid(_) => Code::INVALID_ARGUMENT,
+        ContainerError::State(_) => Code::FAILED_PRECONDITION,
+        ContainerError::Failed(_) => Code::UNKNOWN,
+    };
+    status(code, e.to_string())
 }
 
 fn status(code: Code, msg: String) -> ttrpc::Error {
@@ -313,7 +335,9 @@ impl agent_ttrpc::Agent for AgentService {
             Some(req.tag.as_str()),
             &target,
             Some("virtiofs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            // Container root file systems live here: set-uid programs in
+            // them work as they do under runc; device nodes do not.
+            nix::mount::MsFlags::MS_NODEV,
             None::<&str>,
         )
         .map_err(|e| {
@@ -369,5 +393,165 @@ impl agent_ttrpc::Agent for AgentService {
         // which is fine: one is enough.
         let _ = self.shutdown.try_send(());
         Ok(ShutdownResponse::new())
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let bundle = husk_path(&req.bundle)?;
+        let stdio = req.stdio.into_option().unwrap_or_default();
+        let pid = self
+            .containers
+            .create(&req.container_id, &bundle, &stdio)
+            .await
+            .map_err(container_err)?;
+        let mut resp = CreateContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StartContainerResponse> {
+        let pid = self
+            .containers
+            .start(&req.container_id)
+            .await
+            .map_err(container_err)?;
+        let mut resp = StartContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        let stdio = req.stdio.into_option().unwrap_or_default();
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json, &stdio)
+            .await
+            .map_err(container_err)?;
+        let mut resp = ExecProcessResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| status(Code::INVALID_ARGUMENT, "signal out of range".into()))?;
+        self.containers
+            .signal(&req.container_id, &req.exec_id, signal, req.all)
+            .await
+            .map_err(container_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let proc = self
+            .containers
+            .process(&req.container_id, &req.exec_id)
+            .map_err(container_err)?;
+        let mut resp = WaitProcessResponse::new();
+        resp.exit_status = proc.wait().await;
+        Ok(resp)
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .process(&req.container_id, &req.exec_id)
+            .map_err(container_err)?
+            .close_stdin();
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let (Ok(w), Ok(h)) = (u16::try_from(req.width), u16::try_from(req.height)) else {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("window size {}x{} out of range", req.width, req.height),
+            ));
+        };
+        self.containers
+            .process(&req.container_id, &req.exec_id)
+            .map_err(container_err)?
+            .resize(w, h)
+            .map_err(container_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        let mut resp = ListPidsResponse::new();
+        resp.pids = self
+            .containers
+            .pids(&req.container_id)
+            .await
+            .map_err(container_err)?;
+        Ok(resp)
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .set_paused(&req.container_id, true)
+            .await
+            .map_err(container_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .set_paused(&req.container_id, false)
+            .await
+            .map_err(container_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn delete_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .delete(&req.container_id, req.force)
+            .await
+            .map_err(container_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn delete_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove_exec(&req.container_id, &req.exec_id)
+            .map_err(container_err)?;
+        Ok(Empty::new())
     }
 }

@@ -1,0 +1,768 @@
+//! The guest's containers and their processes.
+//!
+//! Each container is created by the runtime helper ([`crate::runtime`])
+//! from an OCI bundle on the shared file system. Each process (a
+//! container's init, or an exec) gets its stdio on vsock streams of its
+//! own, which the agent opens to host ports the shim listens on: pipes
+//! between process and agent (a program that opens `/dev/stdout` works, as
+//! with runc) and a copy task per stream, or a terminal whose master side
+//! the container's init sends over a console socket. A process's exit
+//! status comes from the agent's reaper; waiting for a process returns once
+//! it has exited and its output streams are drained, so everything it
+//! wrote reaches the host before the exit is reported.
+
+use std::{
+    collections::HashMap,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    process::Stdio as ProcStdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use husk_protocols::{agent::Stdio, HOST_CID};
+use nix::{
+    fcntl::OFlag,
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use tokio::{
+    io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt, Interest},
+    net::UnixListener,
+    sync::watch,
+    task::JoinHandle,
+};
+use tokio_vsock::{VsockAddr, VsockStream};
+
+use crate::{reaper::Reaper, runtime::Outcome};
+
+/// Scratch files of the runtime helper (results, exec process specs).
+const RT_DIR: &str = "/run/husk/rt";
+/// Console sockets for terminals.
+const CONSOLE_DIR: &str = "/run/husk/console";
+/// How long a runtime helper run may take.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long output may keep flowing after a process exited (a child it
+/// left behind may hold its stdout open).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting a stdio stream to the host may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CHUNK: usize = 32 * 1024;
+
+/// Why a container operation failed; the RPC layer maps it to a ttrpc code.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// No such container or process.
+    #[error("{0}")]
+    NotFound(String),
+    /// It exists already.
+    #[error("{0}")]
+    Exists(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// Not in a state that allows this.
+    #[error("{0}")]
+    State(String),
+    /// The operation itself failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, ContainerError>;
+
+/// One process: a container's init or an exec.
+#[derive(Debug)]
+pub struct Process {
+    pid: u32,
+    exit: watch::Receiver<Option<i32>>,
+    outputs: Mutex<Vec<JoinHandle<()>>>,
+    stdin: Mutex<Option<JoinHandle<()>>>,
+    pty: Option<Arc<AsyncFd<OwnedFd>>>,
+}
+
+impl Process {
+    /// The exit status, if it has exited.
+    pub fn exited(&self) -> Option<i32> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for the exit, then for its output to drain.
+    pub async fn wait(&self) -> i32 {
+        let mut rx = self.exit.clone();
+        let code = loop {
+            if let Some(code) = *rx.borrow_and_update() {
+                break code;
+            }
+            if rx.changed().await.is_err() {
+                // The watcher is gone without a status: cannot happen while
+                // the agent runs; report a failure rather than hang.
+                break 255;
+            }
+        };
+        let outputs: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.outputs.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        for mut h in outputs {
+            if tokio::time::timeout_at(deadline, &mut h).await.is_err() {
+                tracing::warn!(pid = self.pid, "output still open after exit; cutting it");
+                h.abort();
+            }
+        }
+        code
+    }
+
+    /// Stops feeding stdin (the process sees EOF unless it has a terminal).
+    pub fn close_stdin(&self) {
+        if let Some(h) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+    }
+
+    /// Sets the terminal's window size.
+    pub fn resize(&self, width: u16, height: u16) -> Result<()> {
+        let pty = self
+            .pty
+            .as_ref()
+            .ok_or_else(|| ContainerError::State("the process has no terminal".into()))?;
+        let ws = libc::winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a winsize struct that lives across the
+        // call; the descriptor is the terminal master we own.
+        let rc = unsafe { libc::ioctl(pty.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc != 0 {
+            return Err(ContainerError::Failed(format!(
+                "resizing the terminal: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    fn abort_io(&self) {
+        self.close_stdin();
+        for h in self
+            .outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    init: Arc<Process>,
+    execs: HashMap<String, Arc<Process>>,
+}
+
+/// All containers of this guest.
+#[derive(Debug, Default)]
+pub struct Containers {
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+fn valid_id(kind: &str, id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ContainerError::Invalid(format!("invalid {kind} id {id:?}")))
+    }
+}
+
+impl Containers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The process `exec_id` ("" for init) of `container_id`.
+    pub fn process(&self, container_id: &str, exec_id: &str) -> Result<Arc<Process>> {
+        let map = self.lock();
+        let entry = map
+            .get(container_id)
+            .ok_or_else(|| ContainerError::NotFound(format!("no container {container_id}")))?;
+        if exec_id.is_empty() {
+            return Ok(entry.init.clone());
+        }
+        entry.execs.get(exec_id).cloned().ok_or_else(|| {
+            ContainerError::NotFound(format!("no process {exec_id} in container {container_id}"))
+        })
+    }
+
+    /// Creates a container from the bundle at `bundle` (a guest path).
+    pub async fn create(&self, id: &str, bundle: &Path, stdio: &Stdio) -> Result<u32> {
+        valid_id("container", id)?;
+        if self.lock().contains_key(id) {
+            return Err(ContainerError::Exists(format!("container {id} exists")));
+        }
+        let config = bundle.join("config.json");
+        let text = std::fs::read(&config)
+            .map_err(|e| ContainerError::Invalid(format!("reading {}: {e}", config.display())))?;
+        let spec: oci_spec::runtime::Spec = serde_json::from_slice(&text).map_err(|e| {
+            ContainerError::Invalid(format!("{} is not a valid OCI spec: {e}", config.display()))
+        })?;
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        if terminal != stdio.terminal {
+            return Err(ContainerError::Invalid(format!(
+                "the spec says terminal={terminal}, the request terminal={}",
+                stdio.terminal
+            )));
+        }
+        let bundle_arg = bundle.display().to_string();
+        let proc = spawn_process(id, "", stdio, |extra| {
+            let mut args = vec!["create", "--id", id, "--bundle", bundle_arg.as_str()];
+            args.extend(extra.iter().map(String::as_str));
+            args.into_iter().map(String::from).collect()
+        })
+        .await?;
+        let pid = proc.pid;
+        let mut map = self.lock();
+        if map.contains_key(id) {
+            proc.abort_io();
+            return Err(ContainerError::Exists(format!("container {id} exists")));
+        }
+        map.insert(
+            id.to_string(),
+            Entry {
+                init: Arc::new(proc),
+                execs: HashMap::new(),
+            },
+        );
+        Ok(pid)
+    }
+
+    /// Starts a created container's init process.
+    pub async fn start(&self, id: &str) -> Result<u32> {
+        let init = self.process(id, "")?;
+        run_helper(&["start", "--id", id]).await?;
+        Ok(init.pid)
+    }
+
+    /// Starts process `exec_id` described by `process_json` (an OCI
+    /// Process) in container `id`.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: &Stdio,
+    ) -> Result<u32> {
+        valid_id("exec", exec_id)?;
+        {
+            let map = self.lock();
+            let entry = map
+                .get(id)
+                .ok_or_else(|| ContainerError::NotFound(format!("no container {id}")))?;
+            if entry.execs.contains_key(exec_id) {
+                return Err(ContainerError::Exists(format!(
+                    "process {exec_id} exists in container {id}"
+                )));
+            }
+            if entry.init.exited().is_some() {
+                return Err(ContainerError::State(format!(
+                    "container {id} is not running"
+                )));
+            }
+        }
+        let process: oci_spec::runtime::Process = serde_json::from_slice(process_json)
+            .map_err(|e| ContainerError::Invalid(format!("invalid OCI process: {e}")))?;
+        if process.terminal().unwrap_or(false) != stdio.terminal {
+            return Err(ContainerError::Invalid(
+                "the process's terminal setting and the request's differ".into(),
+            ));
+        }
+        std::fs::create_dir_all(RT_DIR)
+            .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
+        let spec_path = Path::new(RT_DIR).join(format!("{id}.{exec_id}.process.json"));
+        std::fs::write(&spec_path, process_json)
+            .map_err(|e| ContainerError::Failed(format!("writing the process spec: {e}")))?;
+        let spec_arg = spec_path.display().to_string();
+        let result = spawn_process(id, exec_id, stdio, |extra| {
+            let mut args = vec!["exec", "--id", id, "--process", spec_arg.as_str()];
+            args.extend(extra.iter().map(String::as_str));
+            args.into_iter().map(String::from).collect()
+        })
+        .await;
+        let _ = std::fs::remove_file(&spec_path);
+        let proc = result?;
+        let pid = proc.pid;
+        let mut map = self.lock();
+        match map.get_mut(id) {
+            Some(entry) => {
+                entry.execs.insert(exec_id.to_string(), Arc::new(proc));
+                Ok(pid)
+            }
+            None => {
+                proc.abort_io();
+                Err(ContainerError::NotFound(format!(
+                    "container {id} went away"
+                )))
+            }
+        }
+    }
+
+    /// Sends `signal` to a process, or with `all` (init only) to every
+    /// process of the container.
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<()> {
+        let proc = self.process(id, exec_id)?;
+        let sig = Signal::try_from(signal)
+            .map_err(|_| ContainerError::Invalid(format!("invalid signal {signal}")))?;
+        if all && exec_id.is_empty() {
+            let signal = signal.to_string();
+            run_helper(&["kill", "--id", id, "--signal", &signal, "--all"]).await?;
+            return Ok(());
+        }
+        if proc.exited().is_some() {
+            return Err(ContainerError::State(format!(
+                "process {} has exited",
+                if exec_id.is_empty() { id } else { exec_id }
+            )));
+        }
+        let pid = i32::try_from(proc.pid)
+            .map_err(|_| ContainerError::Failed("pid out of range".into()))?;
+        kill(Pid::from_raw(pid), sig)
+            .map_err(|e| ContainerError::Failed(format!("signalling pid {pid}: {e}")))
+    }
+
+    /// The pids of the container's processes.
+    pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.process(id, "")?;
+        Ok(run_helper(&["pids", "--id", id]).await?.pids)
+    }
+
+    /// Freezes or thaws the container.
+    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+        self.process(id, "")?;
+        let op = if paused { "pause" } else { "resume" };
+        run_helper(&[op, "--id", id]).await.map(|_| ())
+    }
+
+    /// Removes a container; with `force`, kills what still runs first.
+    pub async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let init = self.process(id, "")?;
+        if init.exited().is_none() && !force {
+            return Err(ContainerError::State(format!(
+                "container {id} is still running"
+            )));
+        }
+        let mut args = vec!["delete", "--id", id];
+        if force {
+            args.push("--force");
+        }
+        run_helper(&args).await?;
+        if let Some(entry) = self.lock().remove(id) {
+            entry.init.abort_io();
+            for p in entry.execs.values() {
+                p.abort_io();
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets an exec process once its exit has been collected.
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<()> {
+        let proc = self.process(id, exec_id)?;
+        if exec_id.is_empty() {
+            return Err(ContainerError::Invalid(
+                "the init process goes with its container".into(),
+            ));
+        }
+        if proc.exited().is_none() {
+            return Err(ContainerError::State(format!(
+                "process {exec_id} is still running"
+            )));
+        }
+        if let Some(entry) = self.lock().get_mut(id) {
+            if let Some(p) = entry.execs.remove(exec_id) {
+                p.abort_io();
+            }
+        }
+        Ok(())
+    }
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+fn unique(prefix: &str) -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    Path::new(RT_DIR).join(format!("{prefix}-{n}"))
+}
+
+/// Runs `husk-agent runtime <args> --result F` with `stdio` as its standard
+/// streams and returns its outcome.
+async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcome, Instant)> {
+    std::fs::create_dir_all(RT_DIR)
+        .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
+    let result = unique("result").with_extension("json");
+    let [stdin, stdout, stderr] = stdio;
+    let since = Instant::now();
+    let child = std::process::Command::new("/proc/self/exe")
+        .arg("runtime")
+        .args(args)
+        .arg("--result")
+        .arg(&result)
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| ContainerError::Failed(format!("starting the runtime helper: {e}")))?;
+    let pid = i32::try_from(child.id())
+        .map_err(|_| ContainerError::Failed("helper pid out of range".into()))?;
+    drop(child);
+    let exited = Reaper::global().watch(pid, since);
+    let code = match tokio::time::timeout(HELPER_TIMEOUT, exited).await {
+        Ok(Ok(code)) => code,
+        Ok(Err(_)) => 255,
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = std::fs::remove_file(&result);
+            return Err(ContainerError::Failed(format!(
+                "the runtime helper ({}) did not finish within {HELPER_TIMEOUT:?}",
+                args.first().unwrap_or(&"?")
+            )));
+        }
+    };
+    let text = std::fs::read(&result);
+    let _ = std::fs::remove_file(&result);
+    let outcome: Outcome = match text.ok().and_then(|t| serde_json::from_slice(&t).ok()) {
+        Some(o) => o,
+        None => {
+            return Err(ContainerError::Failed(format!(
+                "the runtime helper ({}) died with status {code} without an answer",
+                args.first().unwrap_or(&"?")
+            )))
+        }
+    };
+    if !outcome.ok {
+        let why = outcome.error.unwrap_or_else(|| "unknown error".into());
+        return Err(ContainerError::Failed(why));
+    }
+    Ok((outcome, since))
+}
+
+async fn run_helper(args: &[&str]) -> Result<Outcome> {
+    let null = || ProcStdio::null();
+    run_helper_with(args, [null(), null(), null()])
+        .await
+        .map(|(o, _)| o)
+}
+
+async fn connect_host(port: u32) -> Result<Option<VsockStream>> {
+    if port == 0 {
+        return Ok(None);
+    }
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        VsockStream::connect(VsockAddr::new(HOST_CID, port)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => Ok(Some(s)),
+        Ok(Err(e)) => Err(ContainerError::Failed(format!(
+            "connecting stdio to host port {port}: {e}"
+        ))),
+        Err(_) => Err(ContainerError::Failed(format!(
+            "connecting stdio to host port {port}: timed out"
+        ))),
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| ContainerError::Failed(format!("creating a pipe: {e}")))
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<()> {
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(|e| ContainerError::Failed(format!("fcntl: {e}")))?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(|e| ContainerError::Failed(format!("fcntl: {e}")))?;
+    Ok(())
+}
+
+/// Copies from the host stream into a pipe; EOF closes the pipe.
+fn feed_stdin(mut from: tokio::io::ReadHalf<VsockStream>, to: OwnedFd) -> Result<JoinHandle<()>> {
+    let mut to = tokio::net::unix::pipe::Sender::from_owned_fd(to)
+        .map_err(|e| ContainerError::Failed(format!("stdin pipe: {e}")))?;
+    Ok(tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+    }))
+}
+
+/// Copies a pipe to the host stream until the pipe's writers are gone,
+/// then closes the stream's sending side.
+fn drain_output(
+    from: OwnedFd,
+    mut to: impl tokio::io::AsyncWrite + Unpin + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    let mut from = tokio::net::unix::pipe::Receiver::from_owned_fd(from)
+        .map_err(|e| ContainerError::Failed(format!("output pipe: {e}")))?;
+    Ok(tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from, &mut to).await;
+        let _ = to.shutdown().await;
+    }))
+}
+
+/// Reads from the terminal master; EIO means the last slave closed.
+async fn pty_read(pty: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        let mut guard = pty.ready(Interest::READABLE).await?;
+        match guard.try_io(|fd| {
+            nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(std::io::Error::from)
+        }) {
+            Ok(Ok(n)) => return Ok(n),
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn pty_write_all(pty: &AsyncFd<OwnedFd>, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let mut guard = pty.ready(Interest::WRITABLE).await?;
+        match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(std::io::Error::from))
+        {
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Receives the terminal master the container's init sends over the
+/// console socket.
+async fn receive_pty(listener: &UnixListener) -> Result<OwnedFd> {
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .map_err(|_| ContainerError::Failed("no terminal arrived on the console socket".into()))?
+        .map_err(|e| ContainerError::Failed(format!("console socket: {e}")))?;
+    let std_stream = stream
+        .into_std()
+        .map_err(|e| ContainerError::Failed(format!("console socket: {e}")))?;
+    std_stream
+        .set_nonblocking(false)
+        .map_err(|e| ContainerError::Failed(format!("console socket: {e}")))?;
+    let fd = std_stream.as_raw_fd();
+    let mut buf = [0u8; 4096];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| ContainerError::Failed(format!("receiving the terminal: {e}")))?;
+    let cmsgs = msg
+        .cmsgs()
+        .map_err(|e| ContainerError::Failed(format!("receiving the terminal: {e}")))?;
+    for c in cmsgs {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&first) = fds.first() {
+                for &extra in &fds[1..] {
+                    // SAFETY: descriptors received with SCM_RIGHTS are ours
+                    // to close.
+                    drop(unsafe { OwnedFd::from_raw_fd(extra) });
+                }
+                // SAFETY: as above; this one is kept.
+                return Ok(unsafe { OwnedFd::from_raw_fd(first) });
+            }
+        }
+    }
+    Err(ContainerError::Failed(
+        "the console socket carried no terminal".into(),
+    ))
+}
+
+/// Connects the stdio streams, runs the helper with `args(extra)` (extra:
+/// the console socket flags, if any) and wires the process's I/O.
+async fn spawn_process(
+    id: &str,
+    exec_id: &str,
+    stdio: &Stdio,
+    args: impl FnOnce(&[String]) -> Vec<String>,
+) -> Result<Process> {
+    let stdin = connect_host(stdio.stdin_port).await?;
+    let stdout = connect_host(stdio.stdout_port).await?;
+    let stderr = if stdio.terminal {
+        None
+    } else {
+        connect_host(stdio.stderr_port).await?
+    };
+    let mut outputs = Vec::new();
+    let mut stdin_task = None;
+
+    if stdio.terminal {
+        std::fs::create_dir_all(CONSOLE_DIR)
+            .map_err(|e| ContainerError::Failed(format!("creating {CONSOLE_DIR}: {e}")))?;
+        let sock =
+            Path::new(CONSOLE_DIR).join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)
+            .map_err(|e| ContainerError::Failed(format!("console socket: {e}")))?;
+        let extra = vec!["--console-socket".to_string(), sock.display().to_string()];
+        let argv = args(&extra);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let null = || ProcStdio::null();
+        let result = match run_helper_with(&argv, [null(), null(), null()]).await {
+            Ok(v) => match receive_pty(&listener).await {
+                Ok(pty) => Ok((v, pty)),
+                Err(e) => {
+                    // Created, but without its terminal: take it away again.
+                    if exec_id.is_empty() {
+                        let _ = run_helper(&["delete", "--id", id, "--force"]).await;
+                    } else if let Some(pid) = v.0.pid.and_then(|p| i32::try_from(p).ok()) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&sock);
+        let ((outcome, since), pty) = result?;
+        set_nonblocking(&pty)?;
+        // SAFETY: an OwnedFd keeps its descriptor open and unchanged for
+        // as long as the AsyncFd owns it.
+        let pty = unsafe { AsyncFd::register(pty) }
+            .map_err(|e| ContainerError::Failed(format!("terminal: {e}")))?;
+        let pty = Arc::new(pty);
+        if let Some(mut out) = stdout {
+            let pty = pty.clone();
+            outputs.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(n) = pty_read(&pty, &mut buf).await {
+                    if n == 0 || out.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = AsyncWriteExt::shutdown(&mut out).await;
+            }));
+        }
+        if let Some(mut input) = stdin {
+            let pty = pty.clone();
+            stdin_task = Some(tokio::spawn(async move {
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(n) = input.read(&mut buf).await {
+                    if n == 0 || pty_write_all(&pty, &buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        return Ok(finish(
+            outcome,
+            since,
+            outputs,
+            stdin_task,
+            Some(pty),
+            id,
+            exec_id,
+        ));
+    }
+
+    // Pipes: the process gets one end, the agent copies the other.
+    let devnull = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(|e| ContainerError::Failed(format!("opening /dev/null: {e}")))
+    };
+    let child_stdin = match stdin {
+        Some(s) => {
+            let (r, w) = pipe()?;
+            let (read_half, _write_half) = tokio::io::split(s);
+            stdin_task = Some(feed_stdin(read_half, w)?);
+            r
+        }
+        None => devnull()?,
+    };
+    let mut child_out = |stream: Option<VsockStream>| -> Result<OwnedFd> {
+        match stream {
+            Some(s) => {
+                let (r, w) = pipe()?;
+                outputs.push(drain_output(r, s)?);
+                Ok(w)
+            }
+            None => devnull(),
+        }
+    };
+    let child_stdout = child_out(stdout)?;
+    let child_stderr = child_out(stderr)?;
+    let argv = args(&[]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let helper = run_helper_with(
+        &argv,
+        [
+            ProcStdio::from(child_stdin),
+            ProcStdio::from(child_stdout),
+            ProcStdio::from(child_stderr),
+        ],
+    )
+    .await;
+    let (outcome, since) = match helper {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(h) = stdin_task {
+                h.abort();
+            }
+            for h in outputs {
+                h.abort();
+            }
+            return Err(e);
+        }
+    };
+    Ok(finish(
+        outcome, since, outputs, stdin_task, None, id, exec_id,
+    ))
+}
+
+fn finish(
+    outcome: Outcome,
+    since: Instant,
+    outputs: Vec<JoinHandle<()>>,
+    stdin: Option<JoinHandle<()>>,
+    pty: Option<Arc<AsyncFd<OwnedFd>>>,
+    id: &str,
+    exec_id: &str,
+) -> Process {
+    let pid = outcome.pid.unwrap_or(0);
+    let (tx, rx) = watch::channel(None);
+    let exited = Reaper::global().watch(i32::try_from(pid).unwrap_or(-1), since);
+    tokio::spawn(async move {
+        let code = exited.await.unwrap_or(255);
+        let _ = tx.send(Some(code));
+    });
+    tracing::info!(container = id, exec = exec_id, pid, "process created");
+    Process {
+        pid,
+        exit: rx,
+        outputs: Mutex::new(outputs),
+        stdin: Mutex::new(stdin),
+        pty,
+    }
+}

@@ -1,0 +1,315 @@
+//! The container runtime helper: `husk-agent runtime <op> ...`.
+//!
+//! Container operations run youki's `libcontainer` in a short-lived child
+//! process of the agent, not in PID 1 itself, for three reasons: creating
+//! a container forks and runs Rust code in the children, which is only
+//! sound from a single-threaded process (the agent has an async runtime);
+//! a panic or abort in that code must not take PID 1, and with it the
+//! guest kernel, down; and the helper's own stdin/stdout/stderr become the
+//! container's, exactly as with a runtime binary.
+//!
+//! Every operation writes its outcome as one JSON object to the file named
+//! by `--result` (`{"ok":true,...}` or `{"ok":false,"error":"..."}`): the
+//! helper's standard streams belong to the container.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use libcontainer::{
+    container::{builder::ContainerBuilder, Container, ContainerStatus},
+    signal::Signal,
+    syscall::syscall::SyscallType,
+};
+use serde::{Deserialize, Serialize};
+
+/// Where libcontainer keeps container state in the guest.
+pub const STATE_ROOT: &str = "/run/husk/containers";
+
+/// The outcome of one helper run.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the operation succeeded.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The pid a create or exec made (guest root pid namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The container's processes (pids).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
+    /// The container's status after the operation (libcontainer's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
+/// Parsed `--flag value` arguments.
+#[derive(Debug)]
+struct Args {
+    op: String,
+    flags: HashMap<String, String>,
+    switches: Vec<String>,
+}
+
+/// Flags that take no value.
+const SWITCHES: &[&str] = &["--all", "--force"];
+
+fn parse(argv: &[String]) -> Result<Args, String> {
+    let mut it = argv.iter();
+    let op = it.next().ok_or("no operation")?.clone();
+    let mut flags = HashMap::new();
+    let mut switches = Vec::new();
+    while let Some(a) = it.next() {
+        if SWITCHES.contains(&a.as_str()) {
+            switches.push(a.clone());
+        } else if a.starts_with("--") {
+            let v = it.next().ok_or_else(|| format!("{a} needs a value"))?;
+            flags.insert(a.clone(), v.clone());
+        } else {
+            return Err(format!("unexpected argument {a:?}"));
+        }
+    }
+    Ok(Args {
+        op,
+        flags,
+        switches,
+    })
+}
+
+impl Args {
+    fn get(&self, flag: &str) -> Result<&str, String> {
+        self.flags
+            .get(flag)
+            .map(String::as_str)
+            .ok_or_else(|| format!("{} needs {flag}", self.op))
+    }
+
+    fn has(&self, switch: &str) -> bool {
+        self.switches.iter().any(|s| s == switch)
+    }
+}
+
+/// Entry point of `husk-agent runtime ...`; returns the process exit code.
+pub fn main(argv: &[String]) -> i32 {
+    let result_path = argv
+        .windows(2)
+        .find(|w| w[0] == "--result")
+        .map(|w| PathBuf::from(&w[1]));
+    let outcome = match parse(argv).and_then(|a| run(&a)) {
+        Ok(o) => o,
+        Err(error) => Outcome {
+            ok: false,
+            error: Some(error),
+            ..Outcome::default()
+        },
+    };
+    let code = i32::from(!outcome.ok);
+    match result_path {
+        Some(p) => {
+            let text = serde_json::to_vec(&outcome).unwrap_or_default();
+            if std::fs::write(&p, text).is_err() {
+                return 2;
+            }
+        }
+        None => {
+            if let Some(e) = &outcome.error {
+                eprintln!("husk-agent runtime: {e}");
+            }
+        }
+    }
+    code
+}
+
+fn builder(id: &str, console_socket: Option<&str>) -> Result<ContainerBuilder, String> {
+    let b = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .validate_id()
+        .map_err(|e| format!("container id {id:?}: {e}"))?
+        .with_root_path(STATE_ROOT)
+        .map_err(|e| format!("state directory {STATE_ROOT}: {e}"))?
+        .with_console_socket(console_socket);
+    Ok(b)
+}
+
+fn load(id: &str) -> Result<Container, String> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(format!("invalid container id {id:?}"));
+    }
+    let path = Path::new(STATE_ROOT).join(id);
+    if !path.exists() {
+        return Err(format!("container {id} does not exist"));
+    }
+    Container::load(path).map_err(|e| format!("loading container {id}: {e}"))
+}
+
+fn done(c: Option<&Container>) -> Outcome {
+    Outcome {
+        ok: true,
+        status: c.map(|c| c.status().to_string()),
+        ..Outcome::default()
+    }
+}
+
+fn run(a: &Args) -> Result<Outcome, String> {
+    let id = a.get("--id")?;
+    match a.op.as_str() {
+        "create" => {
+            let bundle = a.get("--bundle")?;
+            let console = a.flags.get("--console-socket").map(String::as_str);
+            let c = builder(id, console)?
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| format!("creating container {id}: {e}"))?;
+            let pid = c.pid().map(|p| p.as_raw()).unwrap_or(0);
+            Ok(Outcome {
+                pid: u32::try_from(pid).ok(),
+                ..done(Some(&c))
+            })
+        }
+        "start" => {
+            let mut c = load(id)?;
+            c.start()
+                .map_err(|e| format!("starting container {id}: {e}"))?;
+            Ok(done(Some(&c)))
+        }
+        "exec" => {
+            let process = a.get("--process")?;
+            let console = a.flags.get("--console-socket").map(String::as_str);
+            let pid = builder(id, console)?
+                .as_tenant()
+                .with_process(Some(process))
+                .with_detach(true)
+                .build()
+                .map_err(|e| format!("exec in container {id}: {e}"))?;
+            Ok(Outcome {
+                pid: u32::try_from(pid.as_raw()).ok(),
+                ..done(None)
+            })
+        }
+        "kill" => {
+            let signal: i32 = a
+                .get("--signal")?
+                .parse()
+                .map_err(|_| "--signal needs a number".to_string())?;
+            let signal = Signal::try_from(signal).map_err(|e| format!("signal {signal}: {e}"))?;
+            let mut c = load(id)?;
+            c.kill(signal, a.has("--all"))
+                .map_err(|e| format!("signalling container {id}: {e}"))?;
+            Ok(done(Some(&c)))
+        }
+        "pause" => {
+            let mut c = load(id)?;
+            c.pause()
+                .map_err(|e| format!("pausing container {id}: {e}"))?;
+            Ok(done(Some(&c)))
+        }
+        "resume" => {
+            let mut c = load(id)?;
+            c.resume()
+                .map_err(|e| format!("resuming container {id}: {e}"))?;
+            Ok(done(Some(&c)))
+        }
+        "delete" => {
+            let mut c = load(id)?;
+            c.delete(a.has("--force"))
+                .map_err(|e| format!("deleting container {id}: {e}"))?;
+            Ok(done(None))
+        }
+        "pids" => {
+            let c = load(id)?;
+            let pids = container_pids(&c)?;
+            Ok(Outcome {
+                pids,
+                ..done(Some(&c))
+            })
+        }
+        "state" => {
+            let mut c = load(id)?;
+            c.refresh_status()
+                .map_err(|e| format!("container {id}: {e}"))?;
+            let running = c.status() != ContainerStatus::Stopped;
+            Ok(Outcome {
+                pid: c
+                    .pid()
+                    .filter(|_| running)
+                    .and_then(|p| u32::try_from(p.as_raw()).ok()),
+                ..done(Some(&c))
+            })
+        }
+        other => Err(format!("unknown runtime operation {other:?}")),
+    }
+}
+
+/// Every pid in the container's cgroup (and its sub-cgroups).
+fn container_pids(c: &Container) -> Result<Vec<u32>, String> {
+    let spec = c.spec().map_err(|e| format!("container spec: {e}"))?;
+    let rel = spec
+        .cgroup_path
+        .strip_prefix("/")
+        .unwrap_or(&spec.cgroup_path);
+    let root = Path::new("/sys/fs/cgroup").join(rel);
+    let mut pids = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
+            .map_err(|e| format!("reading {}: {e}", dir.join("cgroup.procs").display()))?;
+        pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            dirs.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_flags_and_switches() {
+        let a = parse(&argv("kill --id c1 --signal 9 --all --result /tmp/r")).expect("parse");
+        assert_eq!(a.op, "kill");
+        assert_eq!(a.get("--id").ok(), Some("c1"));
+        assert_eq!(a.get("--signal").ok(), Some("9"));
+        assert!(a.has("--all"));
+        assert!(!a.has("--force"));
+    }
+
+    #[test]
+    fn refuses_bad_arguments() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&argv("kill --id")).is_err());
+        assert!(parse(&argv("kill stray")).is_err());
+        let a = parse(&argv("kill --id c1")).expect("parse");
+        assert!(run(&a).is_err(), "no --signal");
+        let a = parse(&argv("fly --id c1")).expect("parse");
+        assert!(run(&a).unwrap_err().contains("unknown runtime operation"));
+        assert!(load("../etc").is_err());
+        assert!(load("").is_err());
+    }
+
+    #[test]
+    fn outcome_is_written_to_the_result_file() {
+        let path = std::env::temp_dir().join(format!("husk-rt-{}.json", std::process::id()));
+        let code = main(&argv(&format!("fly --id c1 --result {}", path.display())));
+        assert_eq!(code, 1);
+        let o: Outcome =
+            serde_json::from_slice(&std::fs::read(&path).expect("result")).expect("json");
+        assert!(!o.ok);
+        assert!(o.error.expect("error").contains("fly"));
+        let _ = std::fs::remove_file(&path);
+    }
+}
