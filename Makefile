@@ -45,7 +45,7 @@ kernel: deps
 	./guest-image/build-kernel.sh
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile agent -p husk-agent --target $(AGENT_TARGET)
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile agent -p husk-agent --target $(AGENT_TARGET)
 
 initramfs: agent vmm
 	$(BIN_DIR)/husk-guest-image --agent $(AGENT_BIN) --output $(HUSK_GUEST_DIR)/initramfs.cpio

@@ -99,8 +99,37 @@ pub fn check_agent(agent: &[u8]) -> Result<(), Error> {
                 "dynamically linked (has PT_INTERP); build it with +crt-static",
             ));
         }
+        // A static-pie has a dynamic section for its own relocations, but
+        // must not need shared libraries (a library linked as a dylib makes
+        // rustc fall back to exactly that).
+        if p_type == 2u32.to_le_bytes() && needs_libraries(agent, at)? {
+            return Err(Error::BadAgent(
+                "needs shared libraries (DT_NEEDED); link every library statically",
+            ));
+        }
     }
     Ok(())
+}
+
+/// Whether the PT_DYNAMIC program header at `ph` lists a DT_NEEDED entry.
+fn needs_libraries(elf: &[u8], ph: usize) -> Result<bool, Error> {
+    let u64_at = |at: usize| -> Result<u64, Error> {
+        at.checked_add(8)
+            .and_then(|end| elf.get(at..end))
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or(Error::BadAgent("truncated dynamic section"))
+    };
+    let offset = usize::try_from(u64_at(ph + 8)?).map_err(|_| Error::BadAgent("bad offset"))?;
+    let size = usize::try_from(u64_at(ph + 32)?).map_err(|_| Error::BadAgent("bad size"))?;
+    for entry in (0..size / 16).map(|i| offset + i * 16) {
+        match u64_at(entry)? {
+            0 => break,           // DT_NULL
+            1 => return Ok(true), // DT_NEEDED
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 fn entry(name: &str, ino: u32, mode: u32) -> Builder {
@@ -230,6 +259,32 @@ mod tests {
         dynamic[64..68].copy_from_slice(&3u32.to_le_bytes());
         assert!(
             matches!(check_agent(&dynamic), Err(Error::BadAgent(m)) if m.contains("PT_INTERP"))
+        );
+    }
+
+    #[test]
+    fn static_pie_must_not_need_libraries() {
+        // One PT_DYNAMIC program header at 64 whose section (at 256, 48
+        // bytes) holds `tags`.
+        let elf_with = |tags: &[u64]| {
+            let mut elf = fake_static_elf();
+            elf.resize(512, 0);
+            elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+            elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+            elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+            elf[64..68].copy_from_slice(&2u32.to_le_bytes());
+            elf[72..80].copy_from_slice(&256u64.to_le_bytes());
+            elf[96..104].copy_from_slice(&48u64.to_le_bytes());
+            for (i, tag) in tags.iter().enumerate() {
+                elf[256 + i * 16..264 + i * 16].copy_from_slice(&tag.to_le_bytes());
+            }
+            elf
+        };
+        // DT_RELA (7), then DT_NULL: a static-pie.
+        assert!(check_agent(&elf_with(&[7, 0])).is_ok());
+        // DT_RELA, DT_NEEDED (1): needs libseccomp.so, say.
+        assert!(
+            matches!(check_agent(&elf_with(&[7, 1, 0])), Err(Error::BadAgent(m)) if m.contains("DT_NEEDED"))
         );
     }
 }
