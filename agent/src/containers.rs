@@ -413,6 +413,7 @@ async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcom
     std::fs::create_dir_all(RT_DIR)
         .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
     let result = unique("result").with_extension("json");
+    let log = result.with_extension("log");
     let [stdin, stdout, stderr] = stdio;
     let since = Instant::now();
     let child = std::process::Command::new("/proc/self/exe")
@@ -420,6 +421,8 @@ async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcom
         .args(args)
         .arg("--result")
         .arg(&result)
+        .arg("--log")
+        .arg(&log)
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
@@ -443,6 +446,7 @@ async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcom
     };
     let text = std::fs::read(&result);
     let _ = std::fs::remove_file(&result);
+    let _ = std::fs::remove_file(&log);
     let outcome: Outcome = match text.ok().and_then(|t| serde_json::from_slice(&t).ok()) {
         Some(o) => o,
         None => {

@@ -105,6 +105,9 @@ const MOUNTS: &[Mount] = &[
 /// agent API is more useful to the host than a VM that stopped over a mount.
 pub fn early_setup() {
     ensure_std_fds();
+    if let Err(e) = leave_initramfs() {
+        eprintln!("husk-agent: moving off the initramfs root: {e} (containers cannot pivot_root)");
+    }
     for mnt in MOUNTS {
         if let Err(e) = fs::create_dir_all(mnt.target) {
             eprintln!("husk-agent: creating {}: {e}", mnt.target);
@@ -132,6 +135,45 @@ pub fn early_setup() {
             }
         }
     }
+}
+
+/// Directories of the guest's own root.
+const ROOT_DIRS: &[&str] = &["dev", "proc", "sys", "run", "tmp", "etc", "mnt"];
+
+/// Makes a tmpfs the root of the guest instead of the initramfs.
+///
+/// The kernel unpacks the initramfs into "rootfs", the root of the mount
+/// tree, and `pivot_root(2)` refuses to move a root that lives there — so
+/// containers could not pivot into their root file systems. Like
+/// `switch_root`, the agent mounts a tmpfs, moves it over `/` and chroots
+/// into it. The agent's binary stays in the hidden initramfs (exec through
+/// /proc/self/exe still reaches it), so nothing is copied.
+fn leave_initramfs() -> nix::Result<()> {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let st = nix::sys::statfs::statfs("/")?;
+    #[allow(clippy::useless_conversion)] // f_type's width differs per libc
+    let magic = i64::from(st.filesystem_type().0);
+    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let new_root = "/newroot";
+    fs::create_dir_all(new_root).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    for d in ROOT_DIRS {
+        let _ = fs::create_dir(Path::new(new_root).join(d));
+    }
+    nix::unistd::chdir(new_root)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    nix::unistd::chdir("/")?;
+    Ok(())
 }
 
 /// The kernel opens `/dev/console` as PID 1's descriptors 0-2, but only if a

@@ -92,20 +92,61 @@ impl Args {
     }
 }
 
+/// Sends libcontainer's log (its processes inherit the file) to `path`.
+fn log_to(path: &str) {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .without_time()
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}
+
+/// The warnings and errors libcontainer logged, one line each.
+fn logged(path: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(8)..];
+    tail.join("; ")
+}
+
 /// Entry point of `husk-agent runtime ...`; returns the process exit code.
 pub fn main(argv: &[String]) -> i32 {
-    let result_path = argv
-        .windows(2)
-        .find(|w| w[0] == "--result")
-        .map(|w| PathBuf::from(&w[1]));
+    let flag = |name: &str| argv.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
+    let result_path = flag("--result").map(PathBuf::from);
+    let log = flag("--log");
+    if let Some(l) = &log {
+        log_to(l);
+    }
     let outcome = match parse(argv).and_then(|a| run(&a)) {
         Ok(o) => o,
-        Err(error) => Outcome {
-            ok: false,
-            error: Some(error),
-            ..Outcome::default()
-        },
+        Err(mut error) => {
+            let details = log.as_deref().map(logged).unwrap_or_default();
+            if !details.is_empty() {
+                error = format!("{error} ({details})");
+            }
+            Outcome {
+                ok: false,
+                error: Some(error),
+                ..Outcome::default()
+            }
+        }
     };
+    if let Some(l) = &log {
+        let _ = std::fs::remove_file(l);
+    }
     let code = i32::from(!outcome.ok);
     match result_path {
         Some(p) => {

@@ -510,6 +510,54 @@ impl FsDaemon {
     }
 }
 
+/// Applets the test root file systems link to busybox.
+const APPLETS: &[&str] = &[
+    "sh",
+    "echo",
+    "cat",
+    "sleep",
+    "true",
+    "false",
+    "ls",
+    "id",
+    "wc",
+    "head",
+    "sha256sum",
+    "dd",
+    "env",
+    "pwd",
+    "hostname",
+    "stty",
+    "tr",
+    "kill",
+    "ps",
+    "mkdir",
+    "rm",
+    "touch",
+    "seq",
+    "yes",
+];
+
+/// Makes a minimal root file system in `rootfs`: Debian's busybox-static
+/// as /bin/busybox with links for common applets, and the usual top-level
+/// directories.
+pub fn busybox_rootfs(rootfs: &Path) -> Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root", "run"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::copy(busybox, bin.join("busybox"))
+        .with_context(|| format!("copying {} (package busybox-static)", busybox.display()))?;
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    Ok(())
+}
+
 /// Checks the pod's shared directory through the agent: mounts virtio-fs
 /// (tag `husk`) at /run/husk/shared, the guest reads a file the host wrote
 /// and writes one the host reads (byte-equal), and paths outside /run/husk
