@@ -337,7 +337,9 @@ mod tests {
         let a = parse(&argv("kill --id c1")).expect("parse");
         assert!(run(&a).is_err(), "no --signal");
         let a = parse(&argv("fly --id c1")).expect("parse");
-        assert!(run(&a).unwrap_err().contains("unknown runtime operation"));
+        assert!(run(&a)
+            .expect_err("unknown op")
+            .contains("unknown runtime operation"));
         assert!(load("../etc").is_err());
         assert!(load("").is_err());
     }
