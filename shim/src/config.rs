@@ -1,0 +1,218 @@
+//! `husk.toml`: the shim's settings.
+//!
+//! Looked up in this order: the path in the runtime options containerd
+//! passes (`ConfigPath` of the runtime's `options`), `/etc/husk/husk.toml`,
+//! else built-in defaults. A file that exists but does not parse, or names
+//! an unknown key, is an error: a typo must not silently change how pods
+//! are isolated.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the shim looks when containerd names no file.
+pub const DEFAULT_PATH: &str = "/etc/husk/husk.toml";
+
+/// Errors loading the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The file is not valid husk.toml.
+    #[error("parsing {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// A value is out of range.
+    #[error("{0}: {1}")]
+    Invalid(PathBuf, String),
+}
+
+/// The shim's settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The VMM binary [default: husk-vmm next to the shim].
+    pub vmm: Option<PathBuf>,
+    /// The virtio-fs daemon [default: husk-virtiofsd next to the shim].
+    pub virtiofsd: Option<PathBuf>,
+    /// Guest kernel [default: husk-vmm's, /var/lib/husk/guest/vmlinux].
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs [default: husk-vmm's].
+    pub initramfs: Option<PathBuf>,
+    /// vCPUs per pod VM.
+    pub vcpus: u8,
+    /// Guest memory per pod VM, MiB.
+    pub mem_mib: u64,
+    /// Extra guest kernel command line.
+    pub kernel_cmdline: String,
+    /// Start pod VMs from a template snapshot (made on first use) instead
+    /// of booting each one.
+    pub template_start: bool,
+    /// Where templates are kept.
+    pub template_dir: PathBuf,
+    /// Per-pod runtime state (sockets, shared directory).
+    pub state_dir: PathBuf,
+    /// How long the agent of a new VM may take to answer, seconds (a cold
+    /// boot, or the first template build, takes tens of seconds on hosts
+    /// whose KVM emulates guest kernel code).
+    pub agent_timeout_secs: u64,
+    /// The shim's log level (tracing filter syntax).
+    pub log_level: String,
+    /// Keep the guest's serial console in the pod directory (debugging).
+    pub serial_console: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            vmm: None,
+            virtiofsd: None,
+            kernel: None,
+            initramfs: None,
+            vcpus: 1,
+            mem_mib: 128,
+            kernel_cmdline: String::new(),
+            template_start: true,
+            template_dir: PathBuf::from("/var/lib/husk/templates"),
+            state_dir: PathBuf::from("/run/husk"),
+            agent_timeout_secs: 300,
+            log_level: "info".into(),
+            serial_console: false,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `explicit` if given, else the default file if it exists,
+    /// else the defaults.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_PATH).exists() => PathBuf::from(DEFAULT_PATH),
+            None => return Ok(Self::default()),
+        };
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| ConfigError::Read(path.clone(), e))?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses husk.toml text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        let invalid = |m: &str| Err(ConfigError::Invalid(path.into(), m.into()));
+        if cfg.vcpus == 0 || cfg.vcpus > 16 {
+            return invalid("vcpus must be 1 to 16");
+        }
+        if cfg.mem_mib < 64 || cfg.mem_mib > 64 * 1024 {
+            return invalid("mem_mib must be 64 to 65536");
+        }
+        if cfg.agent_timeout_secs == 0 {
+            return invalid("agent_timeout_secs must be positive");
+        }
+        for (name, p) in [
+            ("template_dir", &cfg.template_dir),
+            ("state_dir", &cfg.state_dir),
+        ] {
+            if !p.is_absolute() {
+                return invalid(&format!("{name} must be an absolute path"));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// A binary next to the running shim, unless configured.
+    fn sibling(configured: &Option<PathBuf>, name: &str) -> PathBuf {
+        if let Some(p) = configured {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join(name)))
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// The VMM binary.
+    pub fn vmm_binary(&self) -> PathBuf {
+        Self::sibling(&self.vmm, "husk-vmm")
+    }
+
+    /// The virtio-fs daemon binary.
+    pub fn virtiofsd_binary(&self) -> PathBuf {
+        Self::sibling(&self.virtiofsd, "husk-virtiofsd")
+    }
+}
+
+/// The `ConfigPath` of containerd's runtime options
+/// (`runtimeoptions.v1.Options { string type_url = 1; string config_path = 2; }`),
+/// if the options are of that type.
+pub fn config_path_from_options(type_url: &str, value: &[u8]) -> Option<PathBuf> {
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return None;
+    }
+    let mut input = protobuf::CodedInputStream::from_bytes(value);
+    let mut found = None;
+    while let Ok(Some(tag)) = input.read_raw_tag_or_eof() {
+        let (field, wire) = (tag >> 3, tag & 7);
+        match (field, wire) {
+            (2, 2) => found = input.read_string().ok(),
+            (_, 2) => {
+                if input.read_bytes().is_err() {
+                    break;
+                }
+            }
+            (_, 0) => {
+                if input.read_raw_varint64().is_err() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    found.filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let p = Path::new("husk.toml");
+        assert_eq!(Config::parse("", p).expect("empty"), Config::default());
+        let c = Config::parse("mem_mib = 256\ntemplate_start = false\n", p).expect("parse");
+        assert_eq!(c.mem_mib, 256);
+        assert!(!c.template_start);
+        assert_eq!(c.vcpus, 1);
+    }
+
+    #[test]
+    fn refuses_typos_and_bad_values() {
+        let p = Path::new("husk.toml");
+        let e = Config::parse("mem_mb = 256\n", p).expect_err("unknown key");
+        assert!(format!("{:?}", e).contains("mem_mb"));
+        assert!(Config::parse("vcpus = 0\n", p).is_err());
+        assert!(Config::parse("mem_mib = 1\n", p).is_err());
+        assert!(Config::parse("state_dir = \"relative\"\n", p).is_err());
+        assert!(Config::parse("vcpus = \"two\"\n", p).is_err());
+        assert!(matches!(
+            Config::load(Some(Path::new("/nonexistent/husk.toml"))),
+            Err(ConfigError::Read(..))
+        ));
+    }
+
+    #[test]
+    fn reads_config_path_from_runtime_options() {
+        // field 1 "x", field 2 "/etc/husk/pod.toml"
+        let mut v = vec![0x0a, 1, b'x', 0x12, 18];
+        v.extend_from_slice(b"/etc/husk/pod.toml");
+        assert_eq!(
+            config_path_from_options("type.googleapis.com/runtimeoptions.v1.Options", &v),
+            Some(PathBuf::from("/etc/husk/pod.toml"))
+        );
+        assert_eq!(config_path_from_options("other.Type", &v), None);
+        assert_eq!(
+            config_path_from_options("runtimeoptions.v1.Options", &[0xff, 0xff]),
+            None
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! A container's files on the host side of the pod's shared directory.
+//!
+//! `<shared>/<container id>/` holds `rootfs/` (the root file system
+//! containerd's snapshotter prepared, mounted here), `mounts/<n>` (each host
+//! file or directory the spec bind-mounts, bind-mounted here) and
+//! `config.json`: the bundle's spec rewritten for the guest — root path
+//! relative to the bundle, bind-mount sources pointing into the share,
+//! namespace paths of the host dropped (they mean nothing in the guest).
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::api::Mount as RootfsMount;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::Spec;
+
+use crate::vm::GUEST_SHARED;
+
+/// Errors preparing a container's files.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// The bundle's config.json is missing or invalid.
+    #[error("the bundle's config.json: {0}")]
+    Spec(String),
+    /// A mount failed.
+    #[error("mounting {what} on {target}: {why}")]
+    Mount {
+        /// What was mounted.
+        what: String,
+        /// Where.
+        target: String,
+        /// Why it failed.
+        why: String,
+    },
+    /// A file operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// The host directory of container `id`.
+pub fn container_dir(shared: &Path, id: &str) -> PathBuf {
+    shared.join(id)
+}
+
+/// Reads and parses `<bundle>/config.json`.
+pub fn read_spec(bundle: &Path) -> Result<Spec, RootfsError> {
+    let path = bundle.join("config.json");
+    let text =
+        std::fs::read(&path).map_err(|e| RootfsError::Spec(format!("{}: {e}", path.display())))?;
+    serde_json::from_slice(&text).map_err(|e| RootfsError::Spec(format!("{}: {e}", path.display())))
+}
+
+fn mount_err(what: &str, target: &Path, why: impl std::fmt::Display) -> RootfsError {
+    RootfsError::Mount {
+        what: what.to_string(),
+        target: target.display().to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// Mounts the root file system and the spec's bind mounts under the
+/// container's directory, writes the guest's config.json, and returns the
+/// bundle path the guest sees. On failure nothing stays mounted.
+pub fn prepare(
+    shared: &Path,
+    id: &str,
+    bundle: &Path,
+    rootfs: &[RootfsMount],
+    mut spec: Spec,
+) -> Result<String, RootfsError> {
+    let dir = container_dir(shared, id);
+    let io = |what: String| move |e| RootfsError::Io(what, e);
+    std::fs::create_dir_all(dir.join("rootfs"))
+        .map_err(io(format!("creating {}", dir.display())))?;
+    let result = (|| {
+        mount_rootfs(&dir.join("rootfs"), bundle, rootfs, &spec)?;
+        rewrite_spec(&mut spec, &dir, id)?;
+        let text = serde_json::to_vec(&spec).map_err(|e| RootfsError::Spec(e.to_string()))?;
+        std::fs::write(dir.join("config.json"), text)
+            .map_err(io("writing the guest's config.json".into()))?;
+        Ok(format!("{GUEST_SHARED}/{id}"))
+    })();
+    if result.is_err() {
+        release(shared, id);
+    }
+    result
+}
+
+fn mount_rootfs(
+    target: &Path,
+    bundle: &Path,
+    rootfs: &[RootfsMount],
+    spec: &Spec,
+) -> Result<(), RootfsError> {
+    if rootfs.is_empty() {
+        // The bundle brings its root file system (e.g. `ctr run --rootfs`).
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let src = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        if !src.is_dir() {
+            return Err(RootfsError::Spec(format!(
+                "root file system {} is not a directory",
+                src.display()
+            )));
+        }
+        return mount(
+            Some(&src),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| mount_err(&src.display().to_string(), target, e));
+    }
+    for m in rootfs {
+        let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
+        let source = (!m.source.is_empty()).then_some(m.source.as_str());
+        containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, target)
+            .map_err(|e| mount_err(&format!("{} {}", m.type_, m.source), target, e))?;
+    }
+    Ok(())
+}
+
+fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError> {
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(PathBuf::from("rootfs"));
+    spec.set_root(Some(root));
+
+    if let Some(mounts) = spec.mounts().clone() {
+        let mut out = Vec::with_capacity(mounts.len());
+        for (n, mut m) in mounts.into_iter().enumerate() {
+            let is_bind = m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            let source = m.source().clone();
+            if let (true, Some(src)) = (is_bind, source) {
+                if !src.exists() {
+                    return Err(RootfsError::Spec(format!(
+                        "bind mount source {} does not exist",
+                        src.display()
+                    )));
+                }
+                let host = dir.join("mounts").join(n.to_string());
+                if src.is_dir() {
+                    std::fs::create_dir_all(&host)
+                } else {
+                    std::fs::create_dir_all(dir.join("mounts"))
+                        .and_then(|()| std::fs::File::create(&host).map(drop))
+                }
+                .map_err(|e| RootfsError::Io(format!("creating {}", host.display()), e))?;
+                mount(
+                    Some(&src),
+                    &host,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
+                m.set_source(Some(PathBuf::from(format!(
+                    "{GUEST_SHARED}/{id}/mounts/{n}"
+                ))));
+            }
+            out.push(m);
+        }
+        spec.set_mounts(Some(out));
+    }
+
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces().clone() {
+            let ns = namespaces
+                .into_iter()
+                .map(|mut n| {
+                    // A host namespace path (CRI's /proc/<pid>/ns/net) means
+                    // nothing in the guest: the container gets a new one.
+                    n.set_path(None);
+                    n
+                })
+                .collect();
+            linux.set_namespaces(Some(ns));
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts everything of container `id` and removes its directory. Safe
+/// to repeat.
+pub fn release(shared: &Path, id: &str) {
+    let dir = container_dir(shared, id);
+    if let Some(s) = dir.to_str() {
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(s), libc::MNT_DETACH) {
+            tracing::warn!("unmounting below {s}: {e}");
+        }
+    }
+    let _ = umount2(&dir.join("rootfs"), MntFlags::MNT_DETACH);
+    let left = crate::vm::mounts_below(&dir);
+    if !left.is_empty() {
+        tracing::error!("not removing {}: still mounted: {left:?}", dir.display());
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! One pod's microVM: its directory, virtio-fs daemon, VMM and agent.
+//!
+//! Layout of `<state_dir>/<namespace>/<sandbox id>/`:
+//! `shared/` (served to the guest over virtio-fs; each container's root
+//! file system and bind mounts are mounted below it), `fs.sock` (the
+//! daemon's vhost-user socket), `vsock.sock` (hybrid vsock), `api.sock`
+//! (the VMM's control socket), `pids` (VMM and daemon, for cleanup after
+//! a dead shim), and the two processes' logs.
+//!
+//! `shared/` is made a shared mount before the daemon starts: the daemon's
+//! sandbox holds a copy of the mount tree, and only mounts that propagate
+//! (root file systems mounted later, per container) reach it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use husk_protocols::{
+    agent::{MountSharedRequest, PersonalizeRequest, ShutdownRequest},
+    agent_ttrpc::AgentClient,
+    connect_agent,
+};
+use nix::{
+    mount::{mount, umount2, MntFlags, MsFlags},
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use tokio::sync::watch;
+
+use crate::{config::Config, exits::Exits};
+
+/// The guest path of the shared directory.
+pub const GUEST_SHARED: &str = "/run/husk/shared";
+/// The virtio-fs tag.
+const FS_TAG: &str = "husk";
+/// First host vsock port handed out for stdio streams.
+const FIRST_STDIO_PORT: u32 = 10_000;
+
+/// Errors starting or talking to a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Host-side setup failed.
+    #[error("{0}: {1}")]
+    Setup(String, #[source] std::io::Error),
+    /// A process could not be started.
+    #[error("starting {0}: {1}")]
+    Spawn(String, #[source] std::io::Error),
+    /// The VM did not come up.
+    #[error("{0}")]
+    Boot(String),
+    /// The agent refused or failed a call.
+    #[error("agent: {0}")]
+    Agent(String),
+}
+
+/// A running pod VM.
+pub struct Vm {
+    /// The pod directory.
+    pub dir: PathBuf,
+    /// The host side of the guest's /run/husk/shared.
+    pub shared: PathBuf,
+    /// The hybrid vsock socket.
+    pub vsock: PathBuf,
+    /// The agent.
+    pub agent: AgentClient,
+    vmm_pid: i32,
+    daemon_pid: i32,
+    next_port: AtomicU32,
+    /// Becomes `Some(status)` when the VMM exits.
+    pub vmm_exit: watch::Receiver<Option<i32>>,
+    daemon_exit: watch::Receiver<Option<i32>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("dir", &self.dir)
+            .field("vmm_pid", &self.vmm_pid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |e| VmError::Setup(what, e)
+}
+
+fn nix_io(e: nix::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// The pod directory of sandbox `id` in `namespace`.
+pub fn pod_dir(cfg: &Config, namespace: &str, id: &str) -> PathBuf {
+    cfg.state_dir.join(namespace).join(id)
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
+    std::fs::File::create(path).map_err(setup(format!("creating {}", path.display())))
+}
+
+async fn wait_for_path(
+    path: &Path,
+    exit: &watch::Receiver<Option<i32>>,
+    what: &str,
+) -> Result<(), VmError> {
+    for _ in 0..1000 {
+        if path.exists() {
+            return Ok(());
+        }
+        if let Some(code) = *exit.borrow() {
+            return Err(VmError::Boot(format!("{what} exited with status {code}")));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(VmError::Boot(format!(
+        "{what} did not create {}",
+        path.display()
+    )))
+}
+
+impl Vm {
+    /// Starts the pod VM for sandbox `id` and gets its agent ready: fresh
+    /// identity, shared directory mounted.
+    pub async fn start(
+        cfg: &Config,
+        namespace: &str,
+        id: &str,
+        exits: &Exits,
+    ) -> Result<Self, VmError> {
+        let dir = pod_dir(cfg, namespace, id);
+        if dir.exists() {
+            // Left by a shim that died: take it down first.
+            cleanup_pod_dir(&dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
+        let shared = dir.join("shared");
+        std::fs::create_dir_all(&shared).map_err(setup("creating the shared directory"))?;
+        mount(
+            Some(&shared),
+            &shared,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| VmError::Setup("bind-mounting the shared directory".into(), nix_io(e)))?;
+        mount(
+            None::<&str>,
+            &shared,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            VmError::Setup(
+                "making the shared directory a shared mount".into(),
+                nix_io(e),
+            )
+        })?;
+
+        let fs_sock = dir.join("fs.sock");
+        let daemon = std::process::Command::new(cfg.virtiofsd_binary())
+            .arg("--socket")
+            .arg(&fs_sock)
+            .arg("--shared-dir")
+            .arg(&shared)
+            .args(["--tag", FS_TAG, "--log", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&dir.join("virtiofsd.log"))?)
+            .spawn()
+            .map_err(|e| VmError::Spawn(cfg.virtiofsd_binary().display().to_string(), e))?;
+        let daemon_pid = i32::try_from(daemon.id()).unwrap_or(0);
+        let daemon_exit = exits.watch(daemon_pid);
+        wait_for_path(&fs_sock, &daemon_exit, "the virtio-fs daemon").await?;
+
+        let vsock = dir.join("vsock.sock");
+        let mut cmd = std::process::Command::new(cfg.vmm_binary());
+        if let Some(k) = &cfg.kernel {
+            cmd.arg("--kernel").arg(k);
+        }
+        if let Some(i) = &cfg.initramfs {
+            cmd.arg("--initramfs").arg(i);
+        }
+        cmd.args(["--vcpus", &cfg.vcpus.to_string()])
+            .args(["--mem-mib", &cfg.mem_mib.to_string()])
+            .args(["--cmdline", &cfg.kernel_cmdline])
+            .arg("--vsock-uds")
+            .arg(&vsock)
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .arg("--fs-socket")
+            .arg(&fs_sock)
+            .args(["--fs-tag", FS_TAG, "--log", "info"]);
+        cmd.arg("--virtiofsd").arg(cfg.virtiofsd_binary());
+        if cfg.template_start {
+            cmd.arg("--template-dir").arg(&cfg.template_dir);
+        }
+        if cfg.serial_console {
+            cmd.arg("--serial-log").arg(dir.join("serial.log"));
+        }
+        // A cold boot announces readiness; listen before the VM starts.
+        let ready_path = husk_protocols::hybrid_vsock::port_socket_path(
+            &vsock,
+            husk_protocols::READY_VSOCK_PORT,
+        );
+        let ready = if cfg.template_start {
+            None
+        } else {
+            Some(
+                tokio::net::UnixListener::bind(&ready_path)
+                    .map_err(setup("listening for the agent's readiness"))?,
+            )
+        };
+        let vmm = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&dir.join("vmm.log"))?)
+            .spawn()
+            .map_err(|e| VmError::Spawn(cfg.vmm_binary().display().to_string(), e))?;
+        let vmm_pid = i32::try_from(vmm.id()).unwrap_or(0);
+        let vmm_exit = exits.watch(vmm_pid);
+        std::fs::write(
+            dir.join("pids"),
+            format!("vmm {vmm_pid}\nvirtiofsd {daemon_pid}\n"),
+        )
+        .map_err(setup("writing the pid file"))?;
+
+        let within = Duration::from_secs(cfg.agent_timeout_secs);
+        let vm_log = || std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
+        let connected = async {
+            if let Some(listener) = ready {
+                let _ = listener.accept().await;
+                let _ = std::fs::remove_file(&ready_path);
+            }
+            connect_agent(&vsock, within).await
+        };
+        let mut exit_rx = vmm_exit.clone();
+        let agent = tokio::select! {
+            r = tokio::time::timeout(within, connected) => match r {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    let _ = kill(Pid::from_raw(vmm_pid), Signal::SIGKILL);
+                    return Err(VmError::Boot(format!("the agent did not answer: {e}; VMM log: {}", vm_log())));
+                }
+                Err(_) => {
+                    let _ = kill(Pid::from_raw(vmm_pid), Signal::SIGKILL);
+                    return Err(VmError::Boot(format!("the agent did not answer within {within:?}; VMM log: {}", vm_log())));
+                }
+            },
+            _ = exit_rx.wait_for(Option::is_some) => {
+                return Err(VmError::Boot(format!("husk-vmm exited during start: {}", vm_log())));
+            }
+        };
+        let vm = Self {
+            dir,
+            shared,
+            vsock,
+            agent,
+            vmm_pid,
+            daemon_pid,
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            vmm_exit,
+            daemon_exit,
+        };
+        vm.prepare_guest(id).await?;
+        Ok(vm)
+    }
+
+    async fn prepare_guest(&self, id: &str) -> Result<(), VmError> {
+        let ctx = || ttrpc::context::with_timeout(30_000_000_000);
+        let mut req = PersonalizeRequest::new();
+        let mut entropy = vec![0u8; 64];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(setup("opening /dev/urandom"))?,
+            &mut entropy,
+        )
+        .map_err(setup("reading /dev/urandom"))?;
+        req.entropy = entropy;
+        req.hostname = id.chars().take(63).collect();
+        req.sandbox_id = id.to_string();
+        self.agent
+            .personalize(ctx(), &req)
+            .await
+            .map_err(|e| VmError::Agent(format!("Personalize: {e}")))?;
+        let mut mount = MountSharedRequest::new();
+        mount.tag = FS_TAG.into();
+        mount.target = GUEST_SHARED.into();
+        self.agent
+            .mount_shared(ctx(), &mount)
+            .await
+            .map_err(|e| VmError::Agent(format!("MountShared: {e}")))?;
+        Ok(())
+    }
+
+    /// A host vsock port for a stdio stream, unique in this VM.
+    pub fn next_port(&self) -> u32 {
+        self.next_port.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the VMM still runs.
+    pub fn alive(&self) -> bool {
+        self.vmm_exit.borrow().is_none()
+    }
+
+    /// Ends the VM: an orderly agent shutdown, then force if it takes too
+    /// long; removes the pod directory.
+    pub async fn shutdown(&self) {
+        if self.alive() {
+            let ctx = ttrpc::context::with_timeout(5_000_000_000);
+            let _ = self.agent.shutdown(ctx, &ShutdownRequest::new()).await;
+        }
+        let mut vmm = self.vmm_exit.clone();
+        if tokio::time::timeout(Duration::from_secs(10), vmm.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            tracing::warn!("husk-vmm did not exit; killing it");
+            let _ = kill(Pid::from_raw(self.vmm_pid), Signal::SIGKILL);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), vmm.wait_for(Option::is_some)).await;
+        }
+        let mut daemon = self.daemon_exit.clone();
+        if tokio::time::timeout(Duration::from_secs(5), daemon.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            tracing::warn!("husk-virtiofsd did not exit; killing it");
+            let _ = kill(Pid::from_raw(self.daemon_pid), Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(5), daemon.wait_for(Option::is_some))
+                .await;
+        }
+        cleanup_pod_dir(&self.dir);
+    }
+}
+
+/// Whether `pid` runs the program `name` (guards against reused pids).
+fn runs(pid: i32, name: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(name))
+        .unwrap_or(false)
+}
+
+/// Takes down whatever a pod directory still holds: its processes (from
+/// the pid file), every mount below it, the directory itself. Safe to
+/// repeat.
+pub fn cleanup_pod_dir(dir: &Path) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("pids")) {
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some(name), Some(Ok(pid))) = (words.next(), words.next().map(str::parse::<i32>))
+            {
+                let binary = if name == "vmm" {
+                    "husk-vmm"
+                } else {
+                    "husk-virtiofsd"
+                };
+                if pid > 0 && runs(pid, binary) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+    let shared = dir.join("shared");
+    if let Some(s) = shared.to_str() {
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(s), libc::MNT_DETACH) {
+            tracing::warn!("unmounting below {s}: {e}");
+        }
+    }
+    let _ = umount2(&shared, MntFlags::MNT_DETACH);
+    let left = mounts_below(dir);
+    if !left.is_empty() {
+        // Never delete through a mount: it may be a container's snapshot.
+        tracing::error!("not removing {}: still mounted: {left:?}", dir.display());
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Mount points at or below `dir` (from /proc/self/mountinfo).
+pub fn mounts_below(dir: &Path) -> Vec<String> {
+    let Some(prefix) = dir.to_str() else {
+        return Vec::new();
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
+        .map(String::from)
+        .collect()
+}
