@@ -444,6 +444,12 @@ async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcom
             )));
         }
     };
+    tracing::info!(
+        op = args.first().unwrap_or(&"?"),
+        code,
+        ms = since.elapsed().as_millis(),
+        "runtime helper done"
+    );
     let text = std::fs::read(&result);
     let _ = std::fs::remove_file(&result);
     let _ = std::fs::remove_file(&log);
