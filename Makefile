@@ -23,7 +23,7 @@ BENCH_RUNS ?= 3
 
 # Debian packages the build, the tests and the benchmarks need.
 APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
-	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler
+	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler containerd runc
 
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := vsock_packets mmio_transport ready_line

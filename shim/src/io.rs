@@ -8,10 +8,13 @@
 //! exited and its pipes drained; the exit is published only after they
 //! finish, so no output is lost.
 //!
-//! stdin stays open until containerd's `CloseIO` (its client's stdin hit
-//! EOF); the FIFO is opened read-write so the shim never sees a spurious EOF
-//! before the client has even opened it. On `CloseIO` the relay forwards
-//! what is still buffered and then closes the stream: the process reads EOF.
+//! stdin ends when the client closes its end of the FIFO (ctr, at EOF of its
+//! own stdin) or on containerd's `CloseIO` (CRI's stdin-once): the relay
+//! forwards what is still buffered and closes the stream, and the process
+//! reads EOF. The FIFO is opened read-only with a blocking open on a
+//! worker thread — a non-blocking open would report EOF before the client
+//! has even opened its end — and a process whose I/O is torn down before
+//! the client came unblocks that open by opening the other end itself.
 
 use std::{sync::Arc, time::Duration};
 
@@ -179,21 +182,69 @@ async fn relay_output(listener: UnixListener, path: std::path::PathBuf, fifo: &s
     }
 }
 
+/// Opens a stdin FIFO for reading, blocking until the client opened its
+/// end (on a worker thread, so the runtime never blocks).
+async fn open_reader(fifo: &str) -> std::io::Result<pipe::Receiver> {
+    let path = fifo.to_string();
+    let file =
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().read(true).open(&path))
+            .await
+            .map_err(std::io::Error::other)??;
+    pipe::Receiver::from_file(file)
+}
+
+/// Releases a reader still blocked in [`open_reader`]: a reader blocked in
+/// `open` already counts as one, so a non-blocking writer can open, which
+/// wakes it; it then reads EOF at once.
+fn unblock_reader(fifo: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+/// Unblocks the stdin FIFO's open when the relay is dropped before the
+/// client came.
+struct Unblock {
+    fifo: String,
+    opened: bool,
+}
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        if !self.opened {
+            unblock_reader(&self.fifo);
+        }
+    }
+}
+
 async fn relay_stdin(
     fifo: &str,
     listener: UnixListener,
     path: std::path::PathBuf,
     close: Arc<Notify>,
 ) {
-    let mut input = match pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(fifo)
-    {
-        Ok(p) => p,
-        Err(e) => {
+    let mut guard = Unblock {
+        fifo: fifo.to_string(),
+        opened: false,
+    };
+    let opened = tokio::select! {
+        r = open_reader(fifo) => Some(r),
+        // CloseIO before the client ever opened: nothing to forward.
+        _ = close.notified() => None,
+    };
+    let mut input = match opened {
+        Some(Ok(p)) => {
+            guard.opened = true;
+            p
+        }
+        Some(Err(e)) => {
+            guard.opened = true;
             tracing::warn!("opening {fifo}: {e}");
             return;
         }
+        None => return,
     };
     let Some(mut conn) = accept(listener, path).await else {
         return;

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod containerd;
+
 use anyhow::{bail, Context, Result};
 use husk_protocols::{hybrid_vsock::port_socket_path, parse_ready_line, READY_VSOCK_PORT};
 use tokio::{

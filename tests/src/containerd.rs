@@ -1,0 +1,243 @@
+//! A private containerd for end-to-end tests and benchmarks: its own root,
+//! state and socket under a test directory (never the system's), husk's
+//! binaries first on its PATH, the CRI plugin off (ctr does not need it),
+//! and a busybox image built locally and imported — no registry.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::{busybox_rootfs, Artifacts};
+
+/// The containerd namespace tests use.
+pub const NAMESPACE: &str = "husk-e2e";
+/// The runtime name of husk.
+pub const RUNTIME: &str = "io.containerd.husk.v2";
+/// The test image.
+pub const IMAGE: &str = "husk.test/busybox:1";
+
+/// A running private containerd.
+#[derive(Debug)]
+pub struct Containerd {
+    child: std::process::Child,
+    /// Its directory (root, state, sockets, logs, husk.toml).
+    pub dir: PathBuf,
+    /// The gRPC socket.
+    pub socket: PathBuf,
+    /// husk.toml for the shim (passed with --runtime-config-path).
+    pub husk_toml: PathBuf,
+    /// The shim's pod state directory (from husk.toml).
+    pub pods: PathBuf,
+    path_env: String,
+}
+
+impl Containerd {
+    /// Starts containerd in `dir` with husk's binaries on its PATH;
+    /// templates go to `templates`.
+    pub fn start(artifacts: &Artifacts, dir: &Path, templates: &Path) -> Result<Self> {
+        let bin_dir = artifacts
+            .vmm
+            .parent()
+            .context("husk-vmm has no directory")?
+            .to_path_buf();
+        let shim = bin_dir.join("containerd-shim-husk-v2");
+        if !shim.exists() {
+            bail!(
+                "{} is missing (cargo build --workspace --bins)",
+                shim.display()
+            );
+        }
+        let socket = dir.join("containerd.sock");
+        let pods = dir.join("pods");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = socket.display(),
+            ),
+        )?;
+        let husk_toml = dir.join("husk.toml");
+        std::fs::write(
+            &husk_toml,
+            format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\ntemplate_dir = \"{}\"\nstate_dir = \"{}\"\n",
+                artifacts.kernel.display(),
+                artifacts.initramfs.display(),
+                templates.display(),
+                pods.display()
+            ),
+        )?;
+        let path_env = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let log = std::fs::File::create(dir.join("containerd.log"))?;
+        let child = std::process::Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", &path_env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting containerd (package containerd)")?;
+        let c = Self {
+            child,
+            dir: dir.to_path_buf(),
+            socket,
+            husk_toml,
+            pods,
+            path_env,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if c.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
+                return Ok(c);
+            }
+            if Instant::now() > deadline {
+                bail!("containerd did not come up:\n{}", c.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// A `ctr` command against this containerd and namespace.
+    pub fn ctr_command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", NAMESPACE])
+            .args(args)
+            .env("PATH", &self.path_env);
+        cmd
+    }
+
+    /// Runs `ctr` and returns its output.
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        self.ctr_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running ctr")
+    }
+
+    /// `ctr run --runtime husk` arguments (before the image and id).
+    pub fn run_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--runtime".into(),
+            RUNTIME.into(),
+            "--runtime-config-path".into(),
+            self.husk_toml.display().to_string(),
+        ]
+    }
+
+    /// Builds the busybox test image and imports it as [`IMAGE`].
+    pub fn import_test_image(&self) -> Result<()> {
+        let tar = build_image(&self.dir.join("image"))?;
+        let out = self.ctr(&["images", "import", &tar.display().to_string()])?;
+        if !out.status.success() {
+            bail!(
+                "ctr images import: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn blob(dir: &Path, data: &[u8]) -> Result<(String, usize)> {
+    let digest = format!("{:x}", Sha256::digest(data));
+    std::fs::write(dir.join("blobs/sha256").join(&digest), data)?;
+    Ok((format!("sha256:{digest}"), data.len()))
+}
+
+/// Writes an OCI image layout tarball of a busybox root file system in
+/// `dir`; returns its path.
+pub fn build_image(dir: &Path) -> Result<PathBuf> {
+    let rootfs = dir.join("rootfs");
+    busybox_rootfs(&rootfs)?;
+    std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+    let layer = dir.join("layer.tar");
+    let status = std::process::Command::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-C",
+        ])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!("tar failed: {status}");
+    }
+    let layer_bytes = std::fs::read(&layer)?;
+    std::fs::remove_file(&layer)?;
+    let (layer_digest, layer_size) = blob(dir, &layer_bytes)?;
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+    });
+    let (config_digest, config_size) = blob(dir, &serde_json::to_vec(&config)?)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
+    });
+    let (manifest_digest, manifest_size) = blob(dir, &serde_json::to_vec(&manifest)?)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "annotations": {"org.opencontainers.image.ref.name": IMAGE},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let tar = dir.join("image.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-cf")
+        .arg(&tar)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .context("running tar")?;
+    if !status.success() {
+        bail!("tar failed: {status}");
+    }
+    Ok(tar)
+}

@@ -1,0 +1,189 @@
+//! containerd drives husk through the real `ctr`: a private containerd
+//! (own root, state and socket), a busybox image built and imported
+//! locally, and `ctr run --runtime io.containerd.husk.v2`. Each `ctr run`
+//! is a pod VM restored from the template, so the suite keeps their number
+//! small and checks several things per container.
+
+use std::{
+    io::Write,
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use husk_e2e::{
+    containerd::{Containerd, IMAGE},
+    processes_mentioning, require_kvm, Artifacts, TestDir,
+};
+use sha2::{Digest, Sha256};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout).chars().take(2000).collect::<String>(),
+        text(&o.stderr)
+    )
+}
+
+fn run(c: &Containerd, extra: &[&str], id: &str, cmd: &[&str]) -> Output {
+    let mut args: Vec<String> = c.run_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push(IMAGE.into());
+    args.push(id.into());
+    args.extend(cmd.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ctr(&args).expect("ctr run")
+}
+
+fn task_status(c: &Containerd, id: &str) -> String {
+    let o = c.ctr(&["task", "ls"]).expect("ctr task ls");
+    text(&o.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+        .unwrap_or_default()
+}
+
+#[test]
+fn ctr_runs_containers_in_husk_microvms() {
+    require_kvm();
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let dir = TestDir::new("containerd").expect("dir");
+    let templates = TestDir::new("containerd-templates").expect("dir");
+    let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
+    c.import_test_image().expect("image");
+
+    // 1. Output and a clean exit (the first run also makes the template).
+    let started = Instant::now();
+    let o = run(&c, &["--rm"], "c1", &["echo", "hello"]);
+    assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
+    assert_eq!(text(&o.stdout), "hello\n");
+    eprintln!("first ctr run (template made): {:?}", started.elapsed());
+
+    // 2. stdin to EOF, 16 MiB of stdout intact, stderr, an exit code.
+    let started = Instant::now();
+    let mut args = c.run_args();
+    args.extend(["--rm", IMAGE, "c2", "sh", "-c"].map(String::from));
+    args.push(
+        "cat; head -c 16777216 /dev/urandom > /tmp/big; sha256sum /tmp/big >&2; cat /tmp/big; exit 42"
+            .into(),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = c
+        .ctr_command(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run -i");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"piped\n")
+        .expect("write stdin");
+    let o = child.wait_with_output().expect("ctr run -i");
+    eprintln!("ctr run with 16 MiB out: {:?}", started.elapsed());
+    assert_eq!(o.status.code(), Some(42), "{}", describe(&o));
+    assert!(o.stdout.starts_with(b"piped\n"), "{}", describe(&o));
+    let big = &o.stdout[6..];
+    assert_eq!(big.len(), 16 << 20, "all of stdout arrived");
+    let want = text(&o.stderr);
+    assert_eq!(
+        want.split_whitespace().next(),
+        Some(format!("{:x}", Sha256::digest(big)).as_str()),
+        "stdout arrived intact"
+    );
+
+    // 3. A detached container: exec, exit codes, ps, pause/resume, a bind
+    //    mount both ways, kill, delete.
+    let host_dir = dir.path().join("bind");
+    std::fs::create_dir(&host_dir).expect("bind dir");
+    std::fs::write(host_dir.join("from-host"), "host says hi\n").expect("write");
+    let mount = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        host_dir.display()
+    );
+    let o = run(&c, &["-d", "--mount", &mount], "c4", &["sleep", "1000"]);
+    assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
+    assert_eq!(task_status(&c, "c4"), "RUNNING");
+    let exec = |id: &str, script: &str| {
+        c.ctr(&["task", "exec", "--exec-id", id, "c4", "sh", "-c", script])
+            .expect("ctr task exec")
+    };
+    let o = exec(
+        "e1",
+        "cat /data/from-host; echo from-guest > /data/from-guest",
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(text(&o.stdout), "host says hi\n");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.join("from-guest")).expect("written inside"),
+        "from-guest\n"
+    );
+    assert_eq!(exec("e2", "exit 42").status.code(), Some(42));
+    assert_eq!(exec("e3", "kill -9 $$").status.code(), Some(137));
+    let o = c.ctr(&["task", "ps", "c4"]).expect("ps");
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(text(&o.stdout).lines().count() >= 2, "{}", describe(&o));
+    let o = c.ctr(&["task", "pause", "c4"]).expect("pause");
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(task_status(&c, "c4"), "PAUSED");
+    let o = c.ctr(&["task", "resume", "c4"]).expect("resume");
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(task_status(&c, "c4"), "RUNNING");
+    let o = c.ctr(&["task", "kill", "-s", "KILL", "c4"]).expect("kill");
+    assert!(o.status.success(), "{}", describe(&o));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while task_status(&c, "c4") != "STOPPED" {
+        assert!(Instant::now() < deadline, "c4 did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = c.ctr(&["task", "rm", "c4"]).expect("task rm");
+    assert!(o.status.success(), "{}", describe(&o));
+    let o = c.ctr(&["container", "rm", "c4"]).expect("container rm");
+    assert!(o.status.success(), "{}", describe(&o));
+
+    // 4. A missing binary: a clear error, nothing left.
+    let o = run(&c, &["--rm"], "c5", &["/nonexistent"]);
+    assert!(!o.status.success(), "{}", describe(&o));
+    assert!(
+        describe(&o).contains("nonexistent"),
+        "the error names the binary: {}",
+        describe(&o)
+    );
+    let _ = c.ctr(&["task", "rm", "-f", "c5"]);
+    let _ = c.ctr(&["container", "rm", "c5"]);
+
+    // Nothing of any container is left: processes, mounts, pod directories.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let procs: Vec<u32> = processes_mentioning(&c.pods.display().to_string());
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&*c.pods.display().to_string()))
+            .map(String::from)
+            .collect();
+        let pods: Vec<String> = std::fs::read_dir(c.pods.join(husk_e2e::containerd::NAMESPACE))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if procs.is_empty() && mounts.is_empty() && pods.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: processes {procs:?}, mounts {mounts:?}, pods {pods:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.ctr(&["version"]).expect("ctr").status.success());
+}
