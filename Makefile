@@ -1,7 +1,7 @@
 # husk — build, test, demo, benchmarks.
 #
-#   make demo   builds everything (guest kernel and image included) and boots
-#               a husk microVM whose agent reports its version
+#   make demo   builds everything (guest kernel and image included), starts a
+#               private containerd and runs a container in a husk microVM
 #   make test   runs the whole test suite (unit + end-to-end on real KVM)
 #
 # The guest kernel is cached in $(HUSK_CACHE_DIR) (default /var/cache/husk),
@@ -45,7 +45,7 @@ kernel: deps
 	./guest-image/build-kernel.sh
 
 agent:
-	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile agent -p husk-agent --target $(AGENT_TARGET)
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile agent -p husk-agent -p husk-testprog --target $(AGENT_TARGET)
 
 initramfs: agent vmm
 	$(BIN_DIR)/husk-guest-image --agent $(AGENT_BIN) --output $(HUSK_GUEST_DIR)/initramfs.cpio

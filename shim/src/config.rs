@@ -186,6 +186,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_husk_toml_is_the_defaults() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/husk.toml"));
+        let text = std::fs::read_to_string(p).expect("deploy/husk.toml");
+        assert_eq!(Config::parse(&text, p).expect("parse"), Config::default());
+        // The commented-out paths are the real defaults too.
+        assert!(text.contains("# kernel = \"/var/lib/husk/guest/vmlinux\""));
+    }
+
+    #[test]
     fn refuses_typos_and_bad_values() {
         let p = Path::new("husk.toml");
         let e = Config::parse("mem_mb = 256\n", p).expect_err("unknown key");

@@ -34,6 +34,7 @@ pub struct Containerd {
     /// The shim's pod state directory (from husk.toml).
     pub pods: PathBuf,
     path_env: String,
+    artifacts: Artifacts,
 }
 
 impl Containerd {
@@ -99,6 +100,7 @@ impl Containerd {
             husk_toml,
             pods,
             path_env,
+            artifacts: artifacts.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -149,7 +151,7 @@ impl Containerd {
 
     /// Builds the busybox test image and imports it as [`IMAGE`].
     pub fn import_test_image(&self) -> Result<()> {
-        let tar = build_image(&self.dir.join("image"))?;
+        let tar = build_image(&self.artifacts, &self.dir.join("image"))?;
         let out = self.ctr(&["images", "import", &tar.display().to_string()])?;
         if !out.status.success() {
             bail!(
@@ -174,11 +176,31 @@ fn blob(dir: &Path, data: &[u8]) -> Result<(String, usize)> {
     Ok((format!("sha256:{digest}"), data.len()))
 }
 
-/// Writes an OCI image layout tarball of a busybox root file system in
-/// `dir`; returns its path.
-pub fn build_image(dir: &Path) -> Result<PathBuf> {
+/// The static `husk-testprog` (built by `make agent` beside the agent):
+/// `HUSK_TESTPROG`, else found from husk-vmm's target directory.
+pub fn testprog(artifacts: &Artifacts) -> Result<PathBuf> {
+    let p = match std::env::var_os("HUSK_TESTPROG") {
+        Some(p) => PathBuf::from(p),
+        None => artifacts
+            .vmm
+            .parent()
+            .and_then(Path::parent)
+            .context("husk-vmm is not in a target directory")?
+            .join("x86_64-unknown-linux-gnu/agent/husk-testprog"),
+    };
+    if !p.exists() {
+        bail!("{} is missing (run `make agent`)", p.display());
+    }
+    Ok(p)
+}
+
+/// Writes an OCI image layout tarball of a busybox root file system with
+/// `husk-testprog` in /bin, in `dir`; returns its path.
+pub fn build_image(artifacts: &Artifacts, dir: &Path) -> Result<PathBuf> {
     let rootfs = dir.join("rootfs");
     busybox_rootfs(&rootfs)?;
+    std::fs::copy(testprog(artifacts)?, rootfs.join("bin/husk-testprog"))
+        .context("copying husk-testprog into the image")?;
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
     let layer = dir.join("layer.tar");
     let status = std::process::Command::new("tar")

@@ -538,6 +538,12 @@ const APPLETS: &[&str] = &[
     "touch",
     "seq",
     "yes",
+    "uname",
+    "free",
+    "grep",
+    "nproc",
+    "mount",
+    "cut",
 ];
 
 /// Makes a minimal root file system in `rootfs`: Debian's busybox-static

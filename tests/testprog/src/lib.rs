@@ -1,0 +1,21 @@
+//! The data `husk-testprog rand` writes, shared with the tests on the host
+//! so they can check every byte that came out of a container.
+
+/// The byte stream `husk-testprog rand` writes: xorshift64* from `seed`,
+/// 8 little-endian bytes per step.
+pub fn stream(seed: u64) -> impl Iterator<Item = [u8; 8]> {
+    let mut x = seed | 1;
+    std::iter::repeat_with(move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes()
+    })
+}
+
+/// The first `len` bytes of [`stream`] for `seed`.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = stream(seed).take(len.div_ceil(8)).flatten().collect();
+    v.truncate(len);
+    v
+}

@@ -1,0 +1,74 @@
+//! `husk-testprog`: what the end-to-end tests need inside a container that
+//! busybox cannot do cheaply. It is built statically (no shared libraries)
+//! so it runs in any image.
+//!
+//! Why not busybox: on a PVM host, guest *kernel* code is emulated, so
+//! `head -c 16M /dev/urandom` spends minutes in the kernel's random
+//! generator. `rand` makes the same amount of data in user space, which runs
+//! at full speed, from a seed the test knows, so the host can check every
+//! byte that arrives.
+//!
+//! Commands:
+//! - `rand BYTES SEED`: writes BYTES bytes of `husk_testprog::stream` to
+//!   stdout.
+//! - `alloc MIB`: touches MIB MiB of memory, then sleeps forever (memory
+//!   limits and OOM events).
+
+use std::io::Write;
+
+use husk_testprog::stream;
+
+fn rand(bytes: u64, seed: u64) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut left = bytes;
+    let mut words = stream(seed);
+    while left > 0 {
+        buf.clear();
+        while buf.len() < 64 * 1024 && (buf.len() as u64) < left {
+            buf.extend_from_slice(&words.next().unwrap_or_default());
+        }
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    out.flush()
+}
+
+fn alloc(mib: usize) -> ! {
+    let mut chunks = Vec::new();
+    for _ in 0..mib {
+        // Touch every page so it is really resident.
+        chunks.push(vec![1u8; 1 << 20]);
+    }
+    println!("allocated {mib} MiB");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+        std::hint::black_box(&chunks);
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB");
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |i: usize| -> u64 {
+        args.get(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| usage())
+    };
+    match args.first().map(String::as_str) {
+        Some("rand") => {
+            if let Err(e) = rand(num(1), num(2)) {
+                eprintln!("husk-testprog: {e}");
+                std::process::exit(1);
+            }
+        }
+        Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
+        _ => usage(),
+    }
+}
