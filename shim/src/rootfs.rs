@@ -85,6 +85,38 @@ pub fn prepare(
     result
 }
 
+/// The root file system a bundle brings itself (no rootfs mounts, e.g.
+/// `ctr run --rootfs`): the spec's root path, relative to the bundle unless
+/// absolute. It must be a directory.
+fn bundle_root(bundle: &Path, spec: &Spec) -> Result<PathBuf, RootfsError> {
+    let root = spec
+        .root()
+        .as_ref()
+        .map(|r| r.path().clone())
+        .unwrap_or_else(|| PathBuf::from("rootfs"));
+    let src = if root.is_absolute() {
+        root
+    } else {
+        bundle.join(root)
+    };
+    match std::fs::read_dir(&src) {
+        Ok(_) => Ok(src),
+        Err(e) => Err(RootfsError::Spec(format!(
+            "root file system {}: {e}",
+            src.display()
+        ))),
+    }
+}
+
+/// Checks what can be checked before a VM is started for the container: a
+/// root file system the bundle brings must be a readable directory.
+pub fn check(bundle: &Path, rootfs: &[RootfsMount], spec: &Spec) -> Result<(), RootfsError> {
+    if rootfs.is_empty() {
+        bundle_root(bundle, spec)?;
+    }
+    Ok(())
+}
+
 fn mount_rootfs(
     target: &Path,
     bundle: &Path,
@@ -92,23 +124,7 @@ fn mount_rootfs(
     spec: &Spec,
 ) -> Result<(), RootfsError> {
     if rootfs.is_empty() {
-        // The bundle brings its root file system (e.g. `ctr run --rootfs`).
-        let root = spec
-            .root()
-            .as_ref()
-            .map(|r| r.path().clone())
-            .unwrap_or_else(|| PathBuf::from("rootfs"));
-        let src = if root.is_absolute() {
-            root
-        } else {
-            bundle.join(root)
-        };
-        if !src.is_dir() {
-            return Err(RootfsError::Spec(format!(
-                "root file system {} is not a directory",
-                src.display()
-            )));
-        }
+        let src = bundle_root(bundle, spec)?;
         return mount(
             Some(&src),
             target,

@@ -299,6 +299,16 @@ impl HuskTask {
             })?;
         let vm = Arc::new(vm);
         st.vm = Some(vm.clone());
+        let watched = vm.clone();
+        tokio::spawn(async move {
+            let who = watched.watch_death().await;
+            if !watched.stopping() {
+                tracing::error!(
+                    pod = %watched.dir.display(),
+                    "{who} exited unexpectedly; the pod VM is gone and its processes with it"
+                );
+            }
+        });
         Ok(vm)
     }
 }
@@ -352,6 +362,8 @@ impl Task for HuskTask {
         let cfg = load_config(req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
         let spec = rootfs::read_spec(&bundle)
+            .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        rootfs::check(&bundle, &req.rootfs, &spec)
             .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         let sandbox = sandbox_of(&spec, &req.id);
         let vm = self.ensure_vm(&cfg, &sandbox).await?;

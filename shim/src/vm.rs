@@ -14,7 +14,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -72,6 +72,7 @@ pub struct Vm {
     /// Becomes `Some(status)` when the VMM exits.
     pub vmm_exit: watch::Receiver<Option<i32>>,
     daemon_exit: watch::Receiver<Option<i32>>,
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -264,6 +265,7 @@ impl Vm {
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             vmm_exit,
             daemon_exit,
+            stopping: AtomicBool::new(false),
         };
         vm.prepare_guest(id).await?;
         Ok(vm)
@@ -300,6 +302,35 @@ impl Vm {
         self.next_port.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Waits until the VMM or the virtio-fs daemon exits and takes the
+    /// other one down with it: a VM whose daemon died cannot reach its
+    /// containers' files, and a daemon without its VM serves no one. The
+    /// agent connection breaks with the VMM, which ends every pending
+    /// `WaitProcess`, so each process's exit is published. Returns which
+    /// one went first (also after an orderly shutdown, which callers tell
+    /// apart with [`Vm::stopping`]).
+    pub async fn watch_death(&self) -> &'static str {
+        let mut vmm = self.vmm_exit.clone();
+        let mut daemon = self.daemon_exit.clone();
+        let who = tokio::select! {
+            _ = vmm.wait_for(Option::is_some) => "husk-vmm",
+            _ = daemon.wait_for(Option::is_some) => "husk-virtiofsd",
+        };
+        // Only signal a process not yet reaped (its pid cannot be reused).
+        if self.vmm_exit.borrow().is_none() {
+            let _ = kill(Pid::from_raw(self.vmm_pid), Signal::SIGKILL);
+        }
+        if self.daemon_exit.borrow().is_none() {
+            let _ = kill(Pid::from_raw(self.daemon_pid), Signal::SIGKILL);
+        }
+        who
+    }
+
+    /// Whether [`Vm::shutdown`] was called.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     /// Whether the VMM still runs.
     pub fn alive(&self) -> bool {
         self.vmm_exit.borrow().is_none()
@@ -308,6 +339,7 @@ impl Vm {
     /// Ends the VM: an orderly agent shutdown, then force if it takes too
     /// long; removes the pod directory.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         if self.alive() {
             let ctx = ttrpc::context::with_timeout(5_000_000_000);
             let _ = self.agent.shutdown(ctx, &ShutdownRequest::new()).await;

@@ -38,6 +38,37 @@ fn run(c: &Containerd, extra: &[&str], id: &str, cmd: &[&str]) -> Output {
     c.ctr(&args).expect("ctr run")
 }
 
+/// Nothing of any container is left: processes, mounts, pod directories;
+/// containerd still answers.
+fn assert_nothing_left(c: &Containerd) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let procs: Vec<u32> = processes_mentioning(&c.pods.display().to_string());
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&*c.pods.display().to_string()))
+            .map(String::from)
+            .collect();
+        let pods: Vec<String> = std::fs::read_dir(c.pods.join(husk_e2e::containerd::NAMESPACE))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if procs.is_empty() && mounts.is_empty() && pods.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: processes {procs:?}, mounts {mounts:?}, pods {pods:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.ctr(&["version"]).expect("ctr").status.success());
+}
+
 fn task_status(c: &Containerd, id: &str) -> String {
     let o = c.ctr(&["task", "ls"]).expect("ctr task ls");
     text(&o.stdout)
@@ -159,31 +190,164 @@ fn ctr_runs_containers_in_husk_microvms() {
     let _ = c.ctr(&["task", "rm", "-f", "c5"]);
     let _ = c.ctr(&["container", "rm", "c5"]);
 
-    // Nothing of any container is left: processes, mounts, pod directories.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    assert_nothing_left(&c);
+    assert!(c.ctr(&["version"]).expect("ctr").status.success());
+}
+
+/// The pid of `what` ("vmm" or "virtiofsd") of pod `id`, from its pid file.
+fn pod_pid(c: &Containerd, id: &str, what: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let procs: Vec<u32> = processes_mentioning(&c.pods.display().to_string());
-        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
+        let pids = std::fs::read_to_string(
+            c.pods
+                .join(husk_e2e::containerd::NAMESPACE)
+                .join(id)
+                .join("pids"),
+        )
+        .unwrap_or_default();
+        if let Some(pid) = pids
             .lines()
-            .filter(|l| l.contains(&*c.pods.display().to_string()))
-            .map(String::from)
-            .collect();
-        let pods: Vec<String> = std::fs::read_dir(c.pods.join(husk_e2e::containerd::NAMESPACE))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if procs.is_empty() && mounts.is_empty() && pods.is_empty() {
-            break;
+            .find_map(|l| l.strip_prefix(&format!("{what} ")))
+            .and_then(|p| p.trim().parse().ok())
+        {
+            return pid;
         }
+        assert!(Instant::now() < deadline, "no {what} pid for {id}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_running(c: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while task_status(c, id) != "RUNNING" {
         assert!(
             Instant::now() < deadline,
-            "left behind: processes {procs:?}, mounts {mounts:?}, pods {pods:?}"
+            "{id} did not start:\n{}",
+            c.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(c.ctr(&["version"]).expect("ctr").status.success());
+}
+
+#[test]
+fn failures_are_clear_and_contained() {
+    require_kvm();
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let dir = TestDir::new("containerd-fail").expect("dir");
+    let templates = TestDir::new("containerd-fail-templates").expect("dir");
+    let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
+    c.import_test_image().expect("image");
+
+    // A bystander that must keep running through everything below.
+    let o = run(&c, &["-d"], "keep", &["sleep", "1000"]);
+    assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
+
+    // A config.json that is JSON but not a valid OCI spec.
+    let spec = c.ctr(&["oci", "spec"]).expect("ctr oci spec");
+    let mut spec: serde_json::Value = serde_json::from_slice(&spec.stdout).expect("spec");
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .expect("namespaces")
+        .push(serde_json::json!({"type": "bogus"}));
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, serde_json::to_vec(&spec).expect("json")).expect("write");
+    let mut args = c.run_args();
+    args.extend([
+        "--rm".into(),
+        "-c".into(),
+        bad.display().to_string(),
+        "bad1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = c.ctr(&args).expect("ctr run -c");
+    assert!(!o.status.success(), "{}", describe(&o));
+    let e = text(&o.stderr);
+    assert!(e.contains("config.json") && e.contains("bogus"), "{e}");
+
+    // Root file systems that are missing or not directories.
+    for (id, rootfs, why) in [
+        ("bad2", "/nonexistent-rootfs", "No such file or directory"),
+        ("bad3", "/etc/hostname", "Not a directory"),
+    ] {
+        let mut args = c.run_args();
+        args.extend(["--rm", "--rootfs", rootfs, id, "true"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = c.ctr(&args).expect("ctr run --rootfs");
+        assert!(!o.status.success(), "{}", describe(&o));
+        let e = text(&o.stderr);
+        assert!(e.contains(rootfs) && e.contains(why), "{e}");
+    }
+
+    // The VMM or the virtio-fs daemon killed: the task exits non-zero
+    // within seconds, and --rm cleans up.
+    for (id, victim) in [("d1", "vmm"), ("d2", "virtiofsd")] {
+        let mut args = c.run_args();
+        args.extend(["--rm", IMAGE, id, "sleep", "1000"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = c
+            .ctr_command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr run");
+        wait_running(&c, id);
+        let pid = pod_pid(&c, id, victim);
+        // SAFETY: plain kill(2) of a process this test's containerd started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let killed = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "ctr run {id} did not end after {victim} was killed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        eprintln!(
+            "{victim} killed: ctr run ended after {:?} with {status}",
+            killed.elapsed()
+        );
+        assert!(!status.success(), "the task of {id} exits non-zero");
+        assert!(
+            !c.pods
+                .join(husk_e2e::containerd::NAMESPACE)
+                .join(id)
+                .exists(),
+            "pod directory of {id} removed"
+        );
+    }
+
+    // The bystander is untouched.
+    assert_eq!(task_status(&c, "keep"), "RUNNING");
+    let o = c
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "keep",
+            "echo",
+            "still here",
+        ])
+        .expect("exec");
+    assert_eq!(text(&o.stdout), "still here\n", "{}", describe(&o));
+    let o = c
+        .ctr(&["task", "kill", "-s", "KILL", "keep"])
+        .expect("kill");
+    assert!(o.status.success(), "{}", describe(&o));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while task_status(&c, "keep") != "STOPPED" {
+        assert!(Instant::now() < deadline, "keep did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.ctr(&["task", "rm", "keep"]).expect("rm").status.success());
+    assert!(c
+        .ctr(&["container", "rm", "keep"])
+        .expect("rm")
+        .status
+        .success());
+    assert_nothing_left(&c);
 }
