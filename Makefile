@@ -20,6 +20,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/husk-agent
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,--profile $(PROFILE))
 BIN_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 BENCH_RUNS ?= 3
+SOAK_CYCLES ?= 50
 
 # Debian packages the build, the tests and the benchmarks need.
 APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
@@ -28,7 +29,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := vsock_packets mmio_transport ready_line
 
-.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot fuzz-smoke clean
+.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot soak fuzz-smoke clean
 
 all: build
 
@@ -62,6 +63,11 @@ unit-test:
 
 test: build
 	$(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) --workspace --no-fail-fast
+
+## 50 container run/delete cycles under a private containerd: nothing left
+## behind, host memory flat.
+soak: build
+	HUSK_CYCLES=$(SOAK_CYCLES) $(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) -p husk-e2e --no-capture -E 'test(run_delete_cycles_leave_nothing_behind)'
 
 lint:
 	$(CARGO) fmt --all -- --check

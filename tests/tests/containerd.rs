@@ -69,6 +69,37 @@ fn assert_nothing_left(c: &Containerd) {
     assert!(c.ctr(&["version"]).expect("ctr").status.success());
 }
 
+/// A shell command line running `ctr` with `args` against `c`.
+fn ctr_line(c: &Containerd, args: &[String]) -> String {
+    let cmd = c.ctr_command(&[]);
+    let mut line: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    line.extend(args.iter().cloned());
+    line.join(" ")
+}
+
+/// Runs shell `line` in a fresh pseudo-terminal of 45 rows and 123 columns
+/// (util-linux `script`), returning its output and exit status.
+fn in_terminal(c: &Containerd, line: &str) -> Output {
+    let mut cmd = c.ctr_command(&[]);
+    let path = cmd
+        .get_envs()
+        .find(|(k, _)| *k == "PATH")
+        .and_then(|(_, v)| v.map(|v| v.to_os_string()))
+        .unwrap_or_default();
+    cmd = std::process::Command::new("script");
+    cmd.args([
+        "-qec",
+        &format!("stty cols 123 rows 45; {line}"),
+        "/dev/null",
+    ])
+    .env("PATH", path)
+    .stdin(Stdio::null());
+    cmd.output().expect("script (package bsdutils)")
+}
+
 fn task_status(c: &Containerd, id: &str) -> String {
     let o = c.ctr(&["task", "ls"]).expect("ctr task ls");
     text(&o.stdout)
@@ -130,7 +161,22 @@ fn ctr_runs_containers_in_husk_microvms() {
         "stdout arrived intact"
     );
 
-    // 3. A detached container: exec, exit codes, ps, pause/resume, a bind
+    // 3. A terminal: `ctr run -t` under `script` (ctr needs a terminal of
+    //    its own); the size set on the outer terminal reaches the container
+    //    through ResizePty.
+    let o = in_terminal(
+        &c,
+        &format!(
+            "{} -t --rm {IMAGE} c3 sh -c 'tty; stty size; exit 3'",
+            ctr_line(&c, &c.run_args())
+        ),
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", describe(&o));
+    let out = text(&o.stdout);
+    assert!(out.contains("/dev/pts/0"), "a terminal inside: {out}");
+    assert!(out.contains("45 123"), "the size arrived: {out}");
+
+    // 4. A detached container: exec, exit codes, ps, pause/resume, a bind
     //    mount both ways, kill, delete.
     let host_dir = dir.path().join("bind");
     std::fs::create_dir(&host_dir).expect("bind dir");
@@ -157,6 +203,15 @@ fn ctr_runs_containers_in_husk_microvms() {
         "from-guest\n"
     );
     assert_eq!(exec("e2", "exit 42").status.code(), Some(42));
+    let o = in_terminal(
+        &c,
+        &format!(
+            "{} -t --exec-id t1 c4 sh -c 'tty; stty size'",
+            ctr_line(&c, &["task".into(), "exec".into()])
+        ),
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(text(&o.stdout).contains("45 123"), "{}", describe(&o));
     assert_eq!(exec("e3", "kill -9 $$").status.code(), Some(137));
     let o = c.ctr(&["task", "ps", "c4"]).expect("ps");
     assert!(o.status.success(), "{}", describe(&o));
@@ -179,7 +234,7 @@ fn ctr_runs_containers_in_husk_microvms() {
     let o = c.ctr(&["container", "rm", "c4"]).expect("container rm");
     assert!(o.status.success(), "{}", describe(&o));
 
-    // 4. A missing binary: a clear error, nothing left.
+    // 5. A missing binary: a clear error, nothing left.
     let o = run(&c, &["--rm"], "c5", &["/nonexistent"]);
     assert!(!o.status.success(), "{}", describe(&o));
     assert!(
@@ -350,4 +405,58 @@ fn failures_are_clear_and_contained() {
         .status
         .success());
     assert_nothing_left(&c);
+}
+
+/// Anonymous plus shared (memfd, tmpfs) memory of the host, KiB: what a
+/// leaked VM, daemon or shim would hold.
+fn host_anon_shmem_kib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    meminfo
+        .lines()
+        .filter(|l| l.starts_with("AnonPages:") || l.starts_with("Shmem:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `HUSK_CYCLES` (default 5; `make soak` sets 50) create/run/delete cycles
+/// leave nothing behind, and host memory does not grow across them.
+#[test]
+fn run_delete_cycles_leave_nothing_behind() {
+    require_kvm();
+    let cycles: usize = std::env::var("HUSK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let dir = TestDir::new("containerd-cycles").expect("dir");
+    let templates = TestDir::new("containerd-cycles-templates").expect("dir");
+    let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
+    c.import_test_image().expect("image");
+    let mut baseline = None;
+    for i in 0..cycles {
+        let id = format!("cycle{i}");
+        let started = Instant::now();
+        let o = run(&c, &["--rm"], &id, &["sh", "-c", "echo $((6 * 7))"]);
+        assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
+        assert_eq!(text(&o.stdout), "42\n");
+        assert_nothing_left(&c);
+        let mem = host_anon_shmem_kib();
+        eprintln!(
+            "cycle {i}: {:?}, host anon+shmem {} MiB",
+            started.elapsed(),
+            mem / 1024
+        );
+        // The first cycle makes the template and warms caches.
+        let base = *baseline.get_or_insert(mem);
+        if i + 1 == cycles {
+            let grown = mem.saturating_sub(base);
+            assert!(
+                grown < 64 * 1024,
+                "host memory grew by {} MiB over {cycles} cycles",
+                grown / 1024
+            );
+        }
+    }
+    let o = c.ctr(&["containers", "ls", "-q"]).expect("ls");
+    assert_eq!(text(&o.stdout), "", "no containers left");
 }
