@@ -29,7 +29,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := vsock_packets mmio_transport ready_line
 
-.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot soak fuzz-smoke clean
+.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run soak fuzz-smoke clean
 
 all: build
 
@@ -63,6 +63,10 @@ unit-test:
 
 test: build
 	$(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) --workspace --no-fail-fast
+
+## husk vs runc on one private containerd: ctr run, exec, idle memory.
+bench-run: build
+	$(BIN_DIR)/husk-bench-run --runs $(BENCH_RUNS)
 
 ## 50 container run/delete cycles under a private containerd: nothing left
 ## behind, host memory flat.

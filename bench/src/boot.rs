@@ -20,8 +20,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use husk_e2e::{
-    make_template, median, proc_kib, require_kvm, tree_pss_kib, Artifacts, FsDaemon, TestDir,
-    VmOptions, VmProcess,
+    guest_mem_allocated_kib, make_template, median, proc_kib, require_kvm, tree_pss_kib, Artifacts,
+    FsDaemon, TestDir, VmOptions, VmProcess,
 };
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
@@ -193,23 +193,6 @@ struct RestoreSample {
     guest_mem_allocated_kib: u64,
     /// PSS of the VM's virtio-fs daemon (its processes) at the same time.
     fs_daemon_pss_kib: u64,
-}
-
-/// Allocated size of the guest-memory memfd of process `pid`.
-fn guest_mem_allocated_kib(pid: u32) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
-    fds.flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path())
-                .is_ok_and(|l| l.to_string_lossy().contains("memfd:husk-guest-ram"))
-        })
-        .filter_map(|e| std::fs::metadata(e.path()).ok())
-        .map(|m| m.blocks() * 512 / 1024)
-        .max()
-        .unwrap_or(0)
 }
 
 fn pss_kib(pid: u32) -> u64 {

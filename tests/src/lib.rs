@@ -218,6 +218,23 @@ pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Allocated size of the guest-memory memfd of process `pid`.
+pub fn guest_mem_allocated_kib(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| l.to_string_lossy().contains("memfd:husk-guest-ram"))
+        })
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.blocks() * 512 / 1024)
+        .max()
+        .unwrap_or(0)
+}
+
 /// `pid` and all its descendants (from /proc's parent links).
 pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents = Vec::new();

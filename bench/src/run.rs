@@ -1,0 +1,302 @@
+//! `husk-bench-run` (`make bench-run`): husk and runc side by side on one
+//! private containerd, the same image, alternating run by run:
+//!
+//! - `ctr run --rm IMG ID /bin/true`, start to exit;
+//! - `ctr task exec` of `/bin/true` in a running container;
+//! - host memory of one idle container: the PSS of the shim and everything
+//!   it started (runc: the container's processes; husk: husk-vmm and
+//!   husk-virtiofsd) without guest RAM, plus for husk the guest RAM resident
+//!   on the host (the memfd's allocated pages: restored pages the VMM wrote
+//!   with pwrite are resident but not in its page tables, so PSS alone would
+//!   undercount them).
+//!
+//! husk starts pod VMs from its template; the template is made before the
+//! measured runs (it is cached in `--template-dir` between runs). The last
+//! line of output is one JSON object.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use husk_e2e::{
+    containerd::{Containerd, IMAGE, RUNTIME},
+    guest_mem_allocated_kib, median, process_tree, require_kvm, tree_pss_kib, Artifacts, TestDir,
+};
+use serde::Serialize;
+
+const RUNC: &str = "io.containerd.runc.v2";
+
+#[derive(Debug, Parser)]
+#[command(about = "husk and runc side by side on one containerd")]
+struct Args {
+    /// Measured runs of each runtime (and execs per runtime).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where husk's VM template is kept between benchmark runs.
+    #[arg(long, default_value = "/var/lib/husk/templates")]
+    template_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    Husk,
+    Runc,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Husk => "husk",
+            Self::Runc => "runc",
+        }
+    }
+
+    fn shim(self) -> &'static str {
+        match self {
+            Self::Husk => "containerd-shim-husk-v2",
+            Self::Runc => "containerd-shim-runc-v2",
+        }
+    }
+
+    fn run_args(self, c: &Containerd) -> Vec<String> {
+        match self {
+            Self::Husk => c.run_args(),
+            Self::Runc => vec!["run".into(), "--runtime".into(), RUNC.into()],
+        }
+    }
+}
+
+fn ctr_ok(c: &Containerd, args: &[String]) -> Result<()> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = c.ctr(&args)?;
+    if !o.status.success() {
+        bail!(
+            "ctr {}: {}\n{}",
+            args.join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Seconds `ctr run --rm` of /bin/true takes.
+fn run_true(c: &Containerd, rt: Runtime, id: &str) -> Result<f64> {
+    let mut args = rt.run_args(c);
+    args.extend(["--rm", IMAGE, id, "/bin/true"].map(String::from));
+    let t = Instant::now();
+    ctr_ok(c, &args)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The shim process serving container `id`.
+fn shim_pid(rt: Runtime, id: &str) -> Option<u32> {
+    let rd = std::fs::read_dir("/proc").ok()?;
+    rd.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| a.ends_with(rt.shim().as_bytes()));
+        let serves = args
+            .windows(2)
+            .any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
+        (is_shim && serves).then_some(pid)
+    })
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Idle {
+    /// Host memory of the container: `processes_pss_kib` plus
+    /// `guest_resident_kib`, KiB.
+    total_kib: u64,
+    /// PSS of the shim and all it started, without guest memory, KiB.
+    processes_pss_kib: u64,
+    /// Processes counted.
+    processes: usize,
+    /// husk: guest memory resident on the host (the guest-RAM memfd's
+    /// allocated pages, whether or not the VMM has them mapped), KiB.
+    guest_resident_kib: u64,
+}
+
+/// PSS of the guest-RAM mapping of `pid`, KiB (from smaps).
+fn guest_mapping_pss_kib(pid: u32) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let mut in_guest = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode path".
+            in_guest = line.contains("memfd:husk-guest-ram");
+        } else if in_guest {
+            if let Some(v) = line.strip_prefix("Pss:") {
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// Starts an idle container, measures exec latency and its memory, removes
+/// it.
+fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<(Vec<f64>, Idle)> {
+    let id = format!("{}-idle", rt.name());
+    let mut args = rt.run_args(c);
+    args.extend(["-d", IMAGE, &id, "sleep", "100000"].map(String::from));
+    ctr_ok(c, &args)?;
+    let mut execs = Vec::new();
+    for i in 0..runs {
+        let exec_id = format!("x{i}");
+        let t = Instant::now();
+        ctr_ok(
+            c,
+            &["task", "exec", "--exec-id", &exec_id, &id, "/bin/true"].map(String::from),
+        )?;
+        execs.push(t.elapsed().as_secs_f64());
+    }
+    // Let start-up work settle before measuring memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let shim = shim_pid(rt, &id).with_context(|| format!("no {} for {id}", rt.shim()))?;
+    let tree = process_tree(shim);
+    let guest_resident_kib: u64 = tree.iter().map(|p| guest_mem_allocated_kib(*p)).sum();
+    let guest_mapped: u64 = tree.iter().map(|p| guest_mapping_pss_kib(*p)).sum();
+    let processes_pss_kib = tree_pss_kib(shim).saturating_sub(guest_mapped);
+    let idle = Idle {
+        total_kib: processes_pss_kib + guest_resident_kib,
+        processes_pss_kib,
+        processes: tree.len(),
+        guest_resident_kib,
+    };
+    ctr_ok(c, &["task", "kill", "-s", "KILL", &id].map(String::from))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c
+        .ctr(&["task", "rm", &id])
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+    {
+        if Instant::now() > deadline {
+            bail!("{id} could not be removed");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ctr_ok(c, &["container", "rm", &id].map(String::from))?;
+    Ok((execs, idle))
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    bench: &'static str,
+    runs: usize,
+    husk_run_true_median_s: f64,
+    runc_run_true_median_s: f64,
+    run_true_ratio_husk_over_runc: f64,
+    husk_exec_median_s: f64,
+    runc_exec_median_s: f64,
+    exec_ratio_husk_over_runc: f64,
+    husk_idle: Idle,
+    runc_idle: Idle,
+    idle_memory_ratio_husk_over_runc: f64,
+    husk_run_true_s: Vec<f64>,
+    runc_run_true_s: Vec<f64>,
+    husk_exec_s: Vec<f64>,
+    runc_exec_s: Vec<f64>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    require_kvm();
+    let artifacts = Artifacts::locate()?;
+    let dir = TestDir::new("bench-run")?;
+    std::fs::create_dir_all(&args.template_dir)?;
+    let c = Containerd::start(&artifacts, dir.path(), &args.template_dir)?;
+    c.import_test_image()?;
+    println!(
+        "run benchmark: husk ({RUNTIME}) vs runc ({RUNC}), {} runs each, one private containerd, image {IMAGE}",
+        args.runs
+    );
+    // Warm-up, not measured: husk's template, both runtimes' first start.
+    let t = Instant::now();
+    run_true(&c, Runtime::Husk, "warm-husk")?;
+    println!(
+        "warm-up husk run (makes the template if missing): {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    run_true(&c, Runtime::Runc, "warm-runc")?;
+
+    let (mut husk_runs, mut runc_runs) = (Vec::new(), Vec::new());
+    for i in 0..args.runs {
+        let h = run_true(&c, Runtime::Husk, &format!("husk-{i}"))?;
+        let r = run_true(&c, Runtime::Runc, &format!("runc-{i}"))?;
+        println!("run {i}: ctr run --rm /bin/true: husk {h:.3} s, runc {r:.3} s");
+        husk_runs.push(h);
+        runc_runs.push(r);
+    }
+    let (husk_exec, husk_idle) = idle_container(&c, Runtime::Husk, args.runs)?;
+    let (runc_exec, runc_idle) = idle_container(&c, Runtime::Runc, args.runs)?;
+
+    let report = Report {
+        bench: "run",
+        runs: args.runs,
+        husk_run_true_median_s: median(&mut husk_runs.clone()),
+        runc_run_true_median_s: median(&mut runc_runs.clone()),
+        run_true_ratio_husk_over_runc: ratio(
+            median(&mut husk_runs.clone()),
+            median(&mut runc_runs.clone()),
+        ),
+        husk_exec_median_s: median(&mut husk_exec.clone()),
+        runc_exec_median_s: median(&mut runc_exec.clone()),
+        exec_ratio_husk_over_runc: ratio(
+            median(&mut husk_exec.clone()),
+            median(&mut runc_exec.clone()),
+        ),
+        idle_memory_ratio_husk_over_runc: ratio(
+            husk_idle.total_kib as f64,
+            runc_idle.total_kib as f64,
+        ),
+        husk_idle,
+        runc_idle,
+        husk_run_true_s: husk_runs,
+        runc_run_true_s: runc_runs,
+        husk_exec_s: husk_exec,
+        runc_exec_s: runc_exec,
+    };
+    println!(
+        "ctr run --rm /bin/true: husk {:.3} s, runc {:.3} s (median), husk/runc {:.2}",
+        report.husk_run_true_median_s,
+        report.runc_run_true_median_s,
+        report.run_true_ratio_husk_over_runc
+    );
+    println!(
+        "ctr task exec /bin/true: husk {:.3} s, runc {:.3} s (median), husk/runc {:.2}",
+        report.husk_exec_median_s, report.runc_exec_median_s, report.exec_ratio_husk_over_runc
+    );
+    println!(
+        "idle container host memory: husk {} KiB (PSS of {} processes {} KiB + guest resident {} KiB), runc {} KiB (PSS of {} processes), husk/runc {:.2}",
+        report.husk_idle.total_kib,
+        report.husk_idle.processes,
+        report.husk_idle.processes_pss_kib,
+        report.husk_idle.guest_resident_kib,
+        report.runc_idle.total_kib,
+        report.runc_idle.processes,
+        report.idle_memory_ratio_husk_over_runc
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
