@@ -76,18 +76,8 @@ impl Shim for HuskShim {
         // Containers of one pod share its shim (and VM): CRI names the
         // sandbox in the annotations; without them the container is alone.
         let grouping = rootfs::read_spec(&self.bundle)
-            .ok()
-            .and_then(|spec| {
-                let a = spec.annotations().clone()?;
-                match a
-                    .get("io.kubernetes.cri.container-type")
-                    .map(String::as_str)
-                {
-                    Some("container") => a.get("io.kubernetes.cri.sandbox-id").cloned(),
-                    _ => None,
-                }
-            })
-            .unwrap_or_else(|| opts.id.clone());
+            .map(|spec| task::sandbox_of(&spec, &opts.id))
+            .unwrap_or_else(|_| opts.id.clone());
         spawn(opts, &grouping, Vec::new()).await
     }
 

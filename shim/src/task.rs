@@ -315,7 +315,7 @@ impl HuskTask {
 
 /// The sandbox a container belongs to: CRI names it; otherwise (ctr) the
 /// container is its own sandbox.
-fn sandbox_of(spec: &oci_spec::runtime::Spec, id: &str) -> String {
+pub fn sandbox_of(spec: &oci_spec::runtime::Spec, id: &str) -> String {
     spec.annotations()
         .as_ref()
         .and_then(|a| {
@@ -912,4 +912,41 @@ pub fn pod_of_bundle(bundle: &Path) -> Option<PathBuf> {
         .ok()
         .map(|s| PathBuf::from(s.trim()))
         .filter(|p| p.is_absolute())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotations: &[(&str, &str)]) -> oci_spec::runtime::Spec {
+        let mut s = oci_spec::runtime::Spec::default();
+        s.set_annotations(Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        s
+    }
+
+    #[test]
+    fn cri_containers_join_their_sandbox_and_others_stand_alone() {
+        // ctr: no annotations, its own pod.
+        assert_eq!(sandbox_of(&oci_spec::runtime::Spec::default(), "c1"), "c1");
+        // The CRI sandbox (pause) container is the pod.
+        let pause = spec(&[
+            ("io.kubernetes.cri.container-type", "sandbox"),
+            ("io.kubernetes.cri.sandbox-id", "pod1"),
+        ]);
+        assert_eq!(sandbox_of(&pause, "pod1"), "pod1");
+        // An app container joins the sandbox's VM.
+        let app = spec(&[
+            ("io.kubernetes.cri.container-type", "container"),
+            ("io.kubernetes.cri.sandbox-id", "pod1"),
+        ]);
+        assert_eq!(sandbox_of(&app, "app1"), "pod1");
+        // An app container without a sandbox id stays alone.
+        let orphan = spec(&[("io.kubernetes.cri.container-type", "container")]);
+        assert_eq!(sandbox_of(&orphan, "app2"), "app2");
+    }
 }
