@@ -16,11 +16,12 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use husk_e2e::{
     containerd::{Containerd, IMAGE, RUNTIME},
-    guest_mem_allocated_kib, median, process_tree, require_kvm, tree_pss_kib, Artifacts, TestDir,
+    guest_mem_allocated_kib, kib_value, median, process_tree, require_kvm, tree_pss_kib, Artifacts,
+    TestDir,
 };
 use serde::Serialize;
 
@@ -66,26 +67,12 @@ impl Runtime {
     }
 }
 
-fn ctr_ok(c: &Containerd, args: &[String]) -> Result<()> {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = c.ctr(&args)?;
-    if !o.status.success() {
-        bail!(
-            "ctr {}: {}\n{}",
-            args.join(" "),
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// Seconds `ctr run --rm` of /bin/true takes.
 fn run_true(c: &Containerd, rt: Runtime, id: &str) -> Result<f64> {
     let mut args = rt.run_args(c);
     args.extend(["--rm", IMAGE, id, "/bin/true"].map(String::from));
     let t = Instant::now();
-    ctr_ok(c, &args)?;
+    c.ctr_ok(&args)?;
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -128,19 +115,19 @@ fn guest_mapping_pss_kib(pid: u32) -> u64 {
     let mut in_guest = false;
     let mut total = 0;
     for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            // A mapping header: "start-end perms offset dev inode path".
-            in_guest = line.contains("memfd:husk-guest-ram");
-        } else if in_guest {
-            if let Some(v) = line.strip_prefix("Pss:") {
-                total += v
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
+        match line.strip_prefix("Pss:") {
+            Some(v) if in_guest => total += kib_value(v).unwrap_or(0),
+            Some(_) => {}
+            // Field lines are "Name: value"; a mapping header starts with
+            // an address range and names the mapped file last.
+            None if !line
+                .split_whitespace()
+                .next()
+                .is_some_and(|w| w.ends_with(':')) =>
+            {
+                in_guest = line.contains("memfd:husk-guest-ram");
             }
+            None => {}
         }
     }
     total
@@ -152,15 +139,12 @@ fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<(Vec<f64>,
     let id = format!("{}-idle", rt.name());
     let mut args = rt.run_args(c);
     args.extend(["-d", IMAGE, &id, "sleep", "100000"].map(String::from));
-    ctr_ok(c, &args)?;
+    c.ctr_ok(&args)?;
     let mut execs = Vec::new();
     for i in 0..runs {
         let exec_id = format!("x{i}");
         let t = Instant::now();
-        ctr_ok(
-            c,
-            &["task", "exec", "--exec-id", &exec_id, &id, "/bin/true"].map(String::from),
-        )?;
+        c.ctr_ok(&["task", "exec", "--exec-id", &exec_id, &id, "/bin/true"])?;
         execs.push(t.elapsed().as_secs_f64());
     }
     // Let start-up work settle before measuring memory.
@@ -176,19 +160,7 @@ fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<(Vec<f64>,
         processes: tree.len(),
         guest_resident_kib,
     };
-    ctr_ok(c, &["task", "kill", "-s", "KILL", &id].map(String::from))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !c
-        .ctr(&["task", "rm", &id])
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    {
-        if Instant::now() > deadline {
-            bail!("{id} could not be removed");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    ctr_ok(c, &["container", "rm", &id].map(String::from))?;
+    c.kill_and_remove(&id)?;
     Ok((execs, idle))
 }
 
@@ -251,21 +223,19 @@ fn main() -> Result<()> {
     let (husk_exec, husk_idle) = idle_container(&c, Runtime::Husk, args.runs)?;
     let (runc_exec, runc_idle) = idle_container(&c, Runtime::Runc, args.runs)?;
 
+    let husk_run = median(&mut husk_runs.clone());
+    let runc_run = median(&mut runc_runs.clone());
+    let husk_exec_median = median(&mut husk_exec.clone());
+    let runc_exec_median = median(&mut runc_exec.clone());
     let report = Report {
         bench: "run",
         runs: args.runs,
-        husk_run_true_median_s: median(&mut husk_runs.clone()),
-        runc_run_true_median_s: median(&mut runc_runs.clone()),
-        run_true_ratio_husk_over_runc: ratio(
-            median(&mut husk_runs.clone()),
-            median(&mut runc_runs.clone()),
-        ),
-        husk_exec_median_s: median(&mut husk_exec.clone()),
-        runc_exec_median_s: median(&mut runc_exec.clone()),
-        exec_ratio_husk_over_runc: ratio(
-            median(&mut husk_exec.clone()),
-            median(&mut runc_exec.clone()),
-        ),
+        husk_run_true_median_s: husk_run,
+        runc_run_true_median_s: runc_run,
+        run_true_ratio_husk_over_runc: ratio(husk_run, runc_run),
+        husk_exec_median_s: husk_exec_median,
+        runc_exec_median_s: runc_exec_median,
+        exec_ratio_husk_over_runc: ratio(husk_exec_median, runc_exec_median),
         idle_memory_ratio_husk_over_runc: ratio(
             husk_idle.total_kib as f64,
             runc_idle.total_kib as f64,

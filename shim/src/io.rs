@@ -234,13 +234,10 @@ async fn relay_stdin(
         // CloseIO before the client ever opened: nothing to forward.
         _ = close.notified() => None,
     };
+    guard.opened = opened.is_some();
     let mut input = match opened {
-        Some(Ok(p)) => {
-            guard.opened = true;
-            p
-        }
+        Some(Ok(p)) => p,
         Some(Err(e)) => {
-            guard.opened = true;
             tracing::warn!("opening {fifo}: {e}");
             return;
         }

@@ -4,6 +4,7 @@
 //! and a busybox image built locally and imported — no registry.
 
 use std::{
+    ffi::OsStr,
     path::{Path, PathBuf},
     process::{Output, Stdio},
     time::{Duration, Instant},
@@ -120,7 +121,7 @@ impl Containerd {
     }
 
     /// A `ctr` command against this containerd and namespace.
-    pub fn ctr_command(&self, args: &[&str]) -> std::process::Command {
+    pub fn ctr_command<S: AsRef<OsStr>>(&self, args: &[S]) -> std::process::Command {
         let mut cmd = std::process::Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
@@ -131,11 +132,68 @@ impl Containerd {
     }
 
     /// Runs `ctr` and returns its output.
-    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+    pub fn ctr<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
         self.ctr_command(args)
             .stdin(Stdio::null())
             .output()
             .context("running ctr")
+    }
+
+    /// Runs `ctr` and fails, with its stderr, unless it succeeds.
+    pub fn ctr_ok<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
+        let o = self.ctr(args)?;
+        if !o.status.success() {
+            let line: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+            bail!(
+                "ctr {}: {}: {}",
+                line.join(" "),
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(o)
+    }
+
+    /// The PATH containerd and ctr run with (husk's binaries first).
+    pub fn path_env(&self) -> &str {
+        &self.path_env
+    }
+
+    /// The pod directory the shim keeps for pod `id`.
+    pub fn pod_dir(&self, id: &str) -> PathBuf {
+        self.pods.join(NAMESPACE).join(id)
+    }
+
+    /// The status column of `ctr task ls` for task `id` (empty: no task).
+    pub fn task_status(&self, id: &str) -> Result<String> {
+        let o = self.ctr_ok(&["task", "ls"])?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2).map(String::from))
+            .unwrap_or_default())
+    }
+
+    /// Waits until task `id` has status `want` (e.g. "RUNNING").
+    pub fn wait_status(&self, id: &str, want: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while self.task_status(id)? != want {
+            if Instant::now() > deadline {
+                bail!("task {id} not {want} after {within:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
+    /// `ctr task kill -s KILL`, waits for the task to stop, then removes
+    /// the task and the container.
+    pub fn kill_and_remove(&self, id: &str) -> Result<()> {
+        self.ctr_ok(&["task", "kill", "-s", "KILL", id])?;
+        self.wait_status(id, "STOPPED", Duration::from_secs(60))?;
+        self.ctr_ok(&["task", "rm", id])?;
+        self.ctr_ok(&["container", "rm", id])?;
+        Ok(())
     }
 
     /// `ctr run --runtime husk` arguments (before the image and id).
@@ -152,13 +210,7 @@ impl Containerd {
     /// Builds the busybox test image and imports it as [`IMAGE`].
     pub fn import_test_image(&self) -> Result<()> {
         let tar = build_image(&self.artifacts, &self.dir.join("image"))?;
-        let out = self.ctr(&["images", "import", &tar.display().to_string()])?;
-        if !out.status.success() {
-            bail!(
-                "ctr images import: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.ctr_ok(&["images", "import", &tar.display().to_string()])?;
         Ok(())
     }
 }

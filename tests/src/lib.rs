@@ -215,7 +215,12 @@ pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .and_then(kib_value)
+}
+
+/// A /proc size value ("  1234 kB") in KiB.
+pub fn kib_value(v: &str) -> Option<u64> {
+    v.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// Allocated size of the guest-memory memfd of process `pid`.

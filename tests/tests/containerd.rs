@@ -34,7 +34,6 @@ fn run(c: &Containerd, extra: &[&str], id: &str, cmd: &[&str]) -> Output {
     args.push(IMAGE.into());
     args.push(id.into());
     args.extend(cmd.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.ctr(&args).expect("ctr run")
 }
 
@@ -71,7 +70,7 @@ fn assert_nothing_left(c: &Containerd) {
 
 /// A shell command line running `ctr` with `args` against `c`.
 fn ctr_line(c: &Containerd, args: &[String]) -> String {
-    let cmd = c.ctr_command(&[]);
+    let cmd = c.ctr_command::<&str>(&[]);
     let mut line: Vec<String> = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
@@ -83,30 +82,20 @@ fn ctr_line(c: &Containerd, args: &[String]) -> String {
 /// Runs shell `line` in a fresh pseudo-terminal of 45 rows and 123 columns
 /// (util-linux `script`), returning its output and exit status.
 fn in_terminal(c: &Containerd, line: &str) -> Output {
-    let mut cmd = c.ctr_command(&[]);
-    let path = cmd
-        .get_envs()
-        .find(|(k, _)| *k == "PATH")
-        .and_then(|(_, v)| v.map(|v| v.to_os_string()))
-        .unwrap_or_default();
-    cmd = std::process::Command::new("script");
-    cmd.args([
-        "-qec",
-        &format!("stty cols 123 rows 45; {line}"),
-        "/dev/null",
-    ])
-    .env("PATH", path)
-    .stdin(Stdio::null());
-    cmd.output().expect("script (package bsdutils)")
+    std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("stty cols 123 rows 45; {line}"),
+            "/dev/null",
+        ])
+        .env("PATH", c.path_env())
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (package bsdutils)")
 }
 
 fn task_status(c: &Containerd, id: &str) -> String {
-    let o = c.ctr(&["task", "ls"]).expect("ctr task ls");
-    text(&o.stdout)
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2).map(String::from))
-        .unwrap_or_default()
+    c.task_status(id).expect("ctr task ls")
 }
 
 #[test]
@@ -135,7 +124,6 @@ fn ctr_runs_containers_in_husk_microvms() {
     args.push(format!(
         "cat; echo to-stderr >&2; husk-testprog rand {BIG} 7; exit 42"
     ));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = c
         .ctr_command(&args)
         .stdin(Stdio::piped())
@@ -222,17 +210,7 @@ fn ctr_runs_containers_in_husk_microvms() {
     let o = c.ctr(&["task", "resume", "c4"]).expect("resume");
     assert!(o.status.success(), "{}", describe(&o));
     assert_eq!(task_status(&c, "c4"), "RUNNING");
-    let o = c.ctr(&["task", "kill", "-s", "KILL", "c4"]).expect("kill");
-    assert!(o.status.success(), "{}", describe(&o));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while task_status(&c, "c4") != "STOPPED" {
-        assert!(Instant::now() < deadline, "c4 did not stop");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let o = c.ctr(&["task", "rm", "c4"]).expect("task rm");
-    assert!(o.status.success(), "{}", describe(&o));
-    let o = c.ctr(&["container", "rm", "c4"]).expect("container rm");
-    assert!(o.status.success(), "{}", describe(&o));
+    c.kill_and_remove("c4").expect("kill, stop and remove c4");
 
     // 5. A missing binary: a clear error, nothing left.
     let o = run(&c, &["--rm"], "c5", &["/nonexistent"]);
@@ -246,20 +224,13 @@ fn ctr_runs_containers_in_husk_microvms() {
     let _ = c.ctr(&["container", "rm", "c5"]);
 
     assert_nothing_left(&c);
-    assert!(c.ctr(&["version"]).expect("ctr").status.success());
 }
 
 /// The pid of `what` ("vmm" or "virtiofsd") of pod `id`, from its pid file.
 fn pod_pid(c: &Containerd, id: &str, what: &str) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let pids = std::fs::read_to_string(
-            c.pods
-                .join(husk_e2e::containerd::NAMESPACE)
-                .join(id)
-                .join("pids"),
-        )
-        .unwrap_or_default();
+        let pids = std::fs::read_to_string(c.pod_dir(id).join("pids")).unwrap_or_default();
         if let Some(pid) = pids
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{what} ")))
@@ -269,18 +240,6 @@ fn pod_pid(c: &Containerd, id: &str, what: &str) -> i32 {
         }
         assert!(Instant::now() < deadline, "no {what} pid for {id}");
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn wait_running(c: &Containerd, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while task_status(c, id) != "RUNNING" {
-        assert!(
-            Instant::now() < deadline,
-            "{id} did not start:\n{}",
-            c.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -313,7 +272,6 @@ fn failures_are_clear_and_contained() {
         bad.display().to_string(),
         "bad1".into(),
     ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = c.ctr(&args).expect("ctr run -c");
     assert!(!o.status.success(), "{}", describe(&o));
     let e = text(&o.stderr);
@@ -326,7 +284,6 @@ fn failures_are_clear_and_contained() {
     ] {
         let mut args = c.run_args();
         args.extend(["--rm", "--rootfs", rootfs, id, "true"].map(String::from));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = c.ctr(&args).expect("ctr run --rootfs");
         assert!(!o.status.success(), "{}", describe(&o));
         let e = text(&o.stderr);
@@ -338,7 +295,6 @@ fn failures_are_clear_and_contained() {
     for (id, victim) in [("d1", "vmm"), ("d2", "virtiofsd")] {
         let mut args = c.run_args();
         args.extend(["--rm", IMAGE, id, "sleep", "1000"].map(String::from));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = c
             .ctr_command(&args)
             .stdin(Stdio::null())
@@ -346,7 +302,8 @@ fn failures_are_clear_and_contained() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("ctr run");
-        wait_running(&c, id);
+        c.wait_status(id, "RUNNING", Duration::from_secs(120))
+            .expect("running");
         let pid = pod_pid(&c, id, victim);
         // SAFETY: plain kill(2) of a process this test's containerd started.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -366,13 +323,7 @@ fn failures_are_clear_and_contained() {
             killed.elapsed()
         );
         assert!(!status.success(), "the task of {id} exits non-zero");
-        assert!(
-            !c.pods
-                .join(husk_e2e::containerd::NAMESPACE)
-                .join(id)
-                .exists(),
-            "pod directory of {id} removed"
-        );
+        assert!(!c.pod_dir(id).exists(), "pod directory of {id} removed");
     }
 
     // The bystander is untouched.
@@ -389,21 +340,8 @@ fn failures_are_clear_and_contained() {
         ])
         .expect("exec");
     assert_eq!(text(&o.stdout), "still here\n", "{}", describe(&o));
-    let o = c
-        .ctr(&["task", "kill", "-s", "KILL", "keep"])
-        .expect("kill");
-    assert!(o.status.success(), "{}", describe(&o));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while task_status(&c, "keep") != "STOPPED" {
-        assert!(Instant::now() < deadline, "keep did not stop");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(c.ctr(&["task", "rm", "keep"]).expect("rm").status.success());
-    assert!(c
-        .ctr(&["container", "rm", "keep"])
-        .expect("rm")
-        .status
-        .success());
+    c.kill_and_remove("keep")
+        .expect("kill, stop and remove keep");
     assert_nothing_left(&c);
 }
 

@@ -75,7 +75,6 @@ fn container_demo(args: &Args, artifacts: &Artifacts) -> Result<()> {
         "husk demo: ctr run --rm --runtime {} {IMAGE} husk-demo sh -c ...",
         husk_e2e::containerd::RUNTIME
     );
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let started = Instant::now();
     let out = c.ctr(&argv)?;
     let took = started.elapsed();
