@@ -23,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use husk_protocols::{agent::Stdio, HOST_CID};
+use husk_protocols::{
+    agent::{StatsContainerResponse, Stdio},
+    HOST_CID,
+};
 use nix::{
     fcntl::OFlag,
     sys::signal::{kill, Signal},
@@ -32,12 +35,12 @@ use nix::{
 use tokio::{
     io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt, Interest},
     net::UnixListener,
-    sync::watch,
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tokio_vsock::{VsockAddr, VsockStream};
 
-use crate::{reaper::Reaper, runtime::Outcome};
+use crate::{cgroups, reaper::Reaper, runtime::Outcome};
 
 /// Scratch files of the runtime helper (results, exec process specs).
 const RT_DIR: &str = "/run/husk/rt";
@@ -82,6 +85,9 @@ pub struct Process {
     outputs: Mutex<Vec<JoinHandle<()>>>,
     stdin: Mutex<Option<JoinHandle<()>>>,
     pty: Option<Arc<AsyncFd<OwnedFd>>>,
+    /// The container's cgroup in the hierarchy (the runtime reports it for
+    /// a container's init).
+    cgroup_path: Option<String>,
 }
 
 impl Process {
@@ -163,12 +169,40 @@ impl Process {
 struct Entry {
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
+    /// The container's cgroup directory.
+    cgroup: Option<PathBuf>,
+    /// Reports the container's OOM kills while it exists.
+    oom_watch: Option<JoinHandle<()>>,
 }
 
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some(h) = self.oom_watch.take() {
+            h.abort();
+        }
+    }
+}
+
+/// How many OOM kills may wait for the host to collect them.
+const OOM_QUEUE: usize = 256;
+
 /// All containers of this guest.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Containers {
     map: Mutex<HashMap<String, Entry>>,
+    oom_tx: mpsc::Sender<String>,
+    oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
+}
+
+impl Default for Containers {
+    fn default() -> Self {
+        let (oom_tx, oom_rx) = mpsc::channel(OOM_QUEUE);
+        Self {
+            map: Mutex::default(),
+            oom_tx,
+            oom_rx: tokio::sync::Mutex::new(oom_rx),
+        }
+    }
 }
 
 fn valid_id(kind: &str, id: &str) -> Result<()> {
@@ -235,16 +269,29 @@ impl Containers {
         })
         .await?;
         let pid = proc.pid;
+        let cgroup = match proc.cgroup_path.as_deref().map(cgroups::cgroup_dir) {
+            Some(Ok(dir)) => Some(dir),
+            Some(Err(e)) => {
+                tracing::warn!(container = id, "no stats or OOM events: {e}");
+                None
+            }
+            None => None,
+        };
         let mut map = self.lock();
         if map.contains_key(id) {
             proc.abort_io();
             return Err(ContainerError::Exists(format!("container {id} exists")));
         }
+        let oom_watch = cgroup
+            .clone()
+            .map(|dir| tokio::spawn(cgroups::watch_oom(id.to_string(), dir, self.oom_tx.clone())));
         map.insert(
             id.to_string(),
             Entry {
                 init: Arc::new(proc),
                 execs: HashMap::new(),
+                cgroup,
+                oom_watch,
             },
         );
         Ok(pid)
@@ -376,6 +423,51 @@ impl Containers {
             }
         }
         Ok(())
+    }
+
+    /// Resource usage of the container, from its cgroup.
+    pub async fn stats(&self, id: &str) -> Result<StatsContainerResponse> {
+        let dir = self.cgroup(id)?;
+        tokio::task::spawn_blocking(move || cgroups::stats(&dir))
+            .await
+            .map_err(|e| ContainerError::Failed(format!("reading cgroup stats: {e}")))
+    }
+
+    fn cgroup(&self, id: &str) -> Result<PathBuf> {
+        let map = self.lock();
+        let entry = map
+            .get(id)
+            .ok_or_else(|| ContainerError::NotFound(format!("no container {id}")))?;
+        entry.cgroup.clone().ok_or_else(|| {
+            ContainerError::State(format!("container {id} has no cgroup the agent knows"))
+        })
+    }
+
+    /// Applies `resources_json` (OCI LinuxResources) to a running
+    /// container.
+    pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
+        let init = self.process(id, "")?;
+        if init.exited().is_some() {
+            return Err(ContainerError::State(format!(
+                "container {id} is not running"
+            )));
+        }
+        let _: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|e| ContainerError::Invalid(format!("invalid OCI LinuxResources: {e}")))?;
+        std::fs::create_dir_all(RT_DIR)
+            .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
+        let path = unique("resources").with_extension("json");
+        std::fs::write(&path, resources_json)
+            .map_err(|e| ContainerError::Failed(format!("writing the resources: {e}")))?;
+        let arg = path.display().to_string();
+        let result = run_helper(&["update", "--id", id, "--resources", &arg]).await;
+        let _ = std::fs::remove_file(&path);
+        result.map(|_| ())
+    }
+
+    /// The next OOM kill in any container (its id), waiting for one.
+    pub async fn next_oom(&self) -> Option<String> {
+        self.oom_rx.lock().await.recv().await
     }
 
     /// Forgets an exec process once its exit has been collected.
@@ -774,5 +866,6 @@ fn finish(
         outputs: Mutex::new(outputs),
         stdin: Mutex::new(stdin),
         pty,
+        cgroup_path: outcome.cgroup_path,
     }
 }

@@ -8,6 +8,7 @@
 //! PID 1 must never exit (the kernel panics when it does): every fatal error
 //! is logged and turned into an orderly VM reset instead.
 
+mod cgroups;
 mod containers;
 mod identity;
 mod init;

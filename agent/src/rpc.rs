@@ -9,10 +9,10 @@ use husk_protocols::{
         stream_check_request::Direction, ContainerRequest, CreateContainerRequest,
         CreateContainerResponse, DeleteContainerRequest, Empty, ExecProcessRequest,
         ExecProcessResponse, HealthRequest, HealthResponse, ListPidsResponse, MountSharedRequest,
-        MountSharedResponse, PersonalizeRequest, PersonalizeResponse, ProcessRequest,
+        MountSharedResponse, OomEvent, PersonalizeRequest, PersonalizeResponse, ProcessRequest,
         ResizePtyRequest, ShutdownRequest, ShutdownResponse, SignalProcessRequest,
-        StartContainerResponse, StreamCheckRequest, StreamCheckResponse, VersionRequest,
-        VersionResponse, WaitProcessResponse,
+        StartContainerResponse, StatsContainerResponse, StreamCheckRequest, StreamCheckResponse,
+        UpdateContainerRequest, VersionRequest, VersionResponse, WaitProcessResponse,
     },
     agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
@@ -68,6 +68,9 @@ fn internal(msg: String) -> ttrpc::Error {
 /// Bounds of the entropy a Personalize call brings.
 const MIN_ENTROPY: usize = 32;
 const MAX_ENTROPY: usize = 4096;
+
+/// Largest LinuxResources document an update may carry.
+const MAX_RESOURCES_JSON: usize = 64 * 1024;
 
 /// Largest stream a check may move (1 GiB).
 const MAX_CHECK_BYTES: u64 = 1 << 30;
@@ -553,5 +556,45 @@ impl agent_ttrpc::Agent for AgentService {
             .remove_exec(&req.container_id, &req.exec_id)
             .map_err(container_err)?;
         Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.containers
+            .stats(&req.container_id)
+            .await
+            .map_err(container_err)
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        if req.resources_json.len() > MAX_RESOURCES_JSON {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!("resources larger than {MAX_RESOURCES_JSON} bytes"),
+            ));
+        }
+        self.containers
+            .update(&req.container_id, &req.resources_json)
+            .await
+            .map_err(container_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<OomEvent> {
+        let id = self
+            .containers
+            .next_oom()
+            .await
+            .ok_or_else(|| internal("the OOM event queue is closed".into()))?;
+        let mut ev = OomEvent::new();
+        ev.container_id = id;
+        Ok(ev)
     }
 }

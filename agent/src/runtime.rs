@@ -17,11 +17,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::{
     container::{builder::ContainerBuilder, Container, ContainerStatus},
     signal::Signal,
     syscall::syscall::SyscallType,
 };
+use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
 
 /// Where libcontainer keeps container state in the guest.
@@ -41,6 +43,9 @@ pub struct Outcome {
     /// The container's processes (pids).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<u32>,
+    /// The container's cgroup in the hierarchy (create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_path: Option<String>,
     /// The container's status after the operation (libcontainer's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
@@ -206,8 +211,13 @@ fn run(a: &Args) -> Result<Outcome, String> {
                 .build()
                 .map_err(|e| format!("creating container {id}: {e}"))?;
             let pid = c.pid().map(|p| p.as_raw()).unwrap_or(0);
+            let cgroup_path = c
+                .spec()
+                .map(|s| s.cgroup_path.display().to_string())
+                .map_err(|e| format!("container spec: {e}"))?;
             Ok(Outcome {
                 pid: u32::try_from(pid).ok(),
+                cgroup_path: Some(cgroup_path),
                 ..done(Some(&c))
             })
         }
@@ -260,6 +270,15 @@ fn run(a: &Args) -> Result<Outcome, String> {
                 .map_err(|e| format!("deleting container {id}: {e}"))?;
             Ok(done(None))
         }
+        "update" => {
+            let path = a.get("--resources")?;
+            let text = std::fs::read(path).map_err(|e| format!("reading {path}: {e}"))?;
+            let resources: LinuxResources = serde_json::from_slice(&text)
+                .map_err(|e| format!("invalid OCI LinuxResources: {e}"))?;
+            let c = load(id)?;
+            update(&c, &resources)?;
+            Ok(done(Some(&c)))
+        }
         "pids" => {
             let c = load(id)?;
             let pids = container_pids(&c)?;
@@ -283,6 +302,28 @@ fn run(a: &Args) -> Result<Outcome, String> {
         }
         other => Err(format!("unknown runtime operation {other:?}")),
     }
+}
+
+/// Applies `resources` to the container's cgroup, as `runc update` does.
+fn update(c: &Container, resources: &LinuxResources) -> Result<(), String> {
+    if !c.can_pause() && !c.can_resume() {
+        return Err(format!("container {} is not running", c.id()));
+    }
+    let spec = c.spec().map_err(|e| format!("container spec: {e}"))?;
+    let manager = create_cgroup_manager(CgroupConfig {
+        cgroup_path: spec.cgroup_path.clone(),
+        systemd_cgroup: false,
+        container_name: c.id().to_string(),
+    })
+    .map_err(|e| format!("cgroup of container {}: {e}", c.id()))?;
+    manager
+        .apply(&ControllerOpt {
+            resources,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        })
+        .map_err(|e| format!("updating the resources of container {}: {e}", c.id()))
 }
 
 /// Every pid in the container's cgroup (and its sub-cgroups).

@@ -35,7 +35,7 @@ pub mod hybrid_vsock;
 pub mod pattern;
 
 /// Version of the agent API; bumped when a message or RPC is added.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 
 /// Connects an agent API client over hybrid vsock (`uds` is the VM's vsock
 /// socket), retrying for up to `within` while the agent starts listening.

@@ -10,6 +10,7 @@
 mod config;
 mod exits;
 mod io;
+mod metrics;
 mod rootfs;
 mod task;
 mod vm;

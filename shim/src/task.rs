@@ -22,8 +22,8 @@ use containerd_shim::{
     asynchronous::{publisher::RemotePublisher, ExitSignal},
     protos::{
         events::task::{
-            TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
-            TaskResumed, TaskStart,
+            TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+            TaskPaused, TaskResumed, TaskStart,
         },
         protobuf::{well_known_types::timestamp::Timestamp, MessageDyn},
         shim_async::Task,
@@ -31,10 +31,12 @@ use containerd_shim::{
         ttrpc::{self as shim_ttrpc, r#async::TtrpcContext},
         types::task::ProcessInfo,
     },
+    util::convert_to_any,
 };
 use husk_protocols::agent::{
-    ContainerRequest, CreateContainerRequest, DeleteContainerRequest, ExecProcessRequest,
-    ProcessRequest, ResizePtyRequest, SignalProcessRequest,
+    ContainerRequest, CreateContainerRequest, DeleteContainerRequest, Empty as AgentEmpty,
+    ExecProcessRequest, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
+    UpdateContainerRequest,
 };
 use tokio::sync::{watch, Mutex};
 
@@ -42,7 +44,7 @@ use crate::{
     config::{config_path_from_options, Config},
     exits::Exits,
     io::ProcessIo,
-    rootfs,
+    metrics, rootfs,
     vm::Vm,
 };
 
@@ -299,6 +301,7 @@ impl HuskTask {
             })?;
         let vm = Arc::new(vm);
         st.vm = Some(vm.clone());
+        tokio::spawn(self.clone().relay_oom_events(vm.clone()));
         let watched = vm.clone();
         tokio::spawn(async move {
             let who = watched.watch_death().await;
@@ -844,6 +847,45 @@ impl Task for HuskTask {
         Ok(resp)
     }
 
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        self.known(&req.id).await?;
+        let vm = self.vm().await?;
+        let mut r = ContainerRequest::new();
+        r.container_id = req.id.clone();
+        let stats = vm
+            .agent
+            .stats_container(ctx(30), &r)
+            .await
+            .map_err(|e| agent_err("reading the container's metrics", e))?;
+        let any = convert_to_any(Box::new(metrics::v1_metrics(&stats)))
+            .map_err(|e| err(shim_ttrpc::Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        let mut resp = api::StatsResponse::new();
+        resp.stats = Some(any).into();
+        Ok(resp)
+    }
+
+    async fn update(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::UpdateTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.known(&req.id).await?;
+        let json = resources_json(req.resources.as_ref())?;
+        let vm = self.vm().await?;
+        let mut r = UpdateContainerRequest::new();
+        r.container_id = req.id.clone();
+        r.resources_json = json;
+        vm.agent
+            .update_container(ctx(90), &r)
+            .await
+            .map_err(|e| agent_err("updating the container's resources", e))?;
+        Ok(api::Empty::new())
+    }
+
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
@@ -864,7 +906,88 @@ impl Task for HuskTask {
     }
 }
 
+/// The OCI LinuxResources JSON an UpdateTaskRequest carries (containerd
+/// marshals them as a JSON-typed Any), checked before it goes to the guest.
+fn resources_json(
+    any: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+) -> TtrpcResult<Vec<u8>> {
+    let any = any.ok_or_else(|| {
+        err(
+            shim_ttrpc::Code::INVALID_ARGUMENT,
+            "the update carries no resources",
+        )
+    })?;
+    if !any.type_url.ends_with("/LinuxResources") {
+        return Err(err(
+            shim_ttrpc::Code::INVALID_ARGUMENT,
+            format!(
+                "resources of type {:?}: husk takes OCI LinuxResources",
+                any.type_url
+            ),
+        ));
+    }
+    serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&any.value).map_err(|e| {
+        err(
+            shim_ttrpc::Code::INVALID_ARGUMENT,
+            format!("invalid LinuxResources: {e}"),
+        )
+    })?;
+    Ok(any.value.clone())
+}
+
 impl HuskTask {
+    /// Fails with NOT_FOUND unless container `id` exists in this shim.
+    async fn known(&self, id: &str) -> TtrpcResult<()> {
+        if self.state.lock().await.containers.contains_key(id) {
+            Ok(())
+        } else {
+            Err(not_found(format!("container {id}")))
+        }
+    }
+
+    /// Relays the guest's OOM kills as TaskOOM events while the VM runs.
+    /// The container id comes from the guest: only ids of this shim's
+    /// containers are published.
+    async fn relay_oom_events(self, vm: Arc<Vm>) {
+        loop {
+            let ev = vm
+                .agent
+                .wait_oom_event(ttrpc::context::Context::default(), &AgentEmpty::new())
+                .await;
+            match ev {
+                Ok(ev) => {
+                    if self
+                        .state
+                        .lock()
+                        .await
+                        .containers
+                        .contains_key(&ev.container_id)
+                    {
+                        let mut oom = TaskOOM::new();
+                        oom.container_id = ev.container_id;
+                        self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(oom))
+                            .await;
+                    } else {
+                        tracing::warn!(id = %ev.container_id, "OOM event for an unknown container dropped");
+                    }
+                }
+                Err(e) => {
+                    if vm.stopping() || !vm.alive() {
+                        return;
+                    }
+                    if let ttrpc::Error::RpcStatus(s) = &e {
+                        if s.code.value() == ttrpc::Code::UNIMPLEMENTED as i32 {
+                            tracing::warn!("the agent reports no OOM events: {}", s.message);
+                            return;
+                        }
+                    }
+                    tracing::warn!("waiting for OOM events: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<()> {
         let vm = self.vm().await?;
         {
@@ -948,5 +1071,40 @@ mod tests {
         // An app container without a sandbox id stays alone.
         let orphan = spec(&[("io.kubernetes.cri.container-type", "container")]);
         assert_eq!(sandbox_of(&orphan, "app2"), "app2");
+    }
+
+    #[test]
+    fn update_resources_are_checked_before_they_reach_the_guest() {
+        use containerd_shim::protos::protobuf::well_known_types::any::Any;
+        let any = |url: &str, value: &str| {
+            let mut a = Any::new();
+            a.type_url = url.into();
+            a.value = value.as_bytes().to_vec();
+            a
+        };
+        let url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+        let ok = any(
+            url,
+            r#"{"memory":{"limit":33554432},"cpu":{"quota":50000}}"#,
+        );
+        assert_eq!(resources_json(Some(&ok)).expect("valid"), ok.value);
+        let code = |r: TtrpcResult<Vec<u8>>| match r {
+            Err(shim_ttrpc::Error::RpcStatus(s)) => (s.code.value(), s.message),
+            other => panic!("expected a status, got {other:?}"),
+        };
+        let (c, m) = code(resources_json(None));
+        assert_eq!(c, shim_ttrpc::Code::INVALID_ARGUMENT as i32);
+        assert!(m.contains("no resources"), "{m}");
+        let (_, m) = code(resources_json(Some(&any(
+            "types.containerd.io/WindowsResources",
+            "{}",
+        ))));
+        assert!(m.contains("LinuxResources"), "{m}");
+        let (c, m) = code(resources_json(Some(&any(
+            url,
+            r#"{"memory":{"limit":"lots"}}"#,
+        ))));
+        assert_eq!(c, shim_ttrpc::Code::INVALID_ARGUMENT as i32);
+        assert!(m.contains("invalid LinuxResources"), "{m}");
     }
 }
