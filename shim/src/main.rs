@@ -15,7 +15,10 @@ mod rootfs;
 mod task;
 mod vm;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use containerd_shim::{
@@ -79,7 +82,11 @@ impl Shim for HuskShim {
         let grouping = rootfs::read_spec(&self.bundle)
             .map(|spec| task::sandbox_of(&spec, &opts.id))
             .unwrap_or_else(|_| opts.id.clone());
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // containerd reads the bundle's `address` file to reconnect to its
+        // running shims after it restarts (and so may any Task API client).
+        write_address(&self.bundle.join("address"), &address)?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
@@ -119,4 +126,12 @@ impl Shim for HuskShim {
 #[tokio::main]
 async fn main() {
     run::<HuskShim>(RUNTIME_ID, None).await;
+}
+
+/// Writes `address` to `path` (in the bundle) atomically.
+fn write_address(path: &Path, address: &str) -> Result<(), ShimError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, address)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| ShimError::Other(format!("writing {}: {e}", path.display())))
 }

@@ -207,6 +207,62 @@ impl Containerd {
         ]
     }
 
+    /// `ctr task metrics --format json`: the task's metrics as containerd
+    /// decoded them.
+    pub fn metrics(&self, id: &str) -> Result<serde_json::Value> {
+        let o = self.ctr_ok(&["task", "metrics", "--format", "json", id])?;
+        serde_json::from_slice(&o.stdout).with_context(|| {
+            format!(
+                "ctr task metrics printed no JSON: {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        })
+    }
+
+    /// The ttrpc address of the shim serving task `id`, as containerd
+    /// recorded it in the task's bundle.
+    pub fn shim_address(&self, id: &str) -> Result<String> {
+        let file = self
+            .dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+            .join(id)
+            .join("address");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        Ok(text.trim().to_string())
+    }
+
+    /// The Task API's Update with OCI `LinuxResources` (JSON), sent to the
+    /// task's shim the way containerd sends it (a JSON-typed Any). This
+    /// `ctr` has no update command; a Kubernetes resize reaches the shim
+    /// through the same call.
+    pub fn update_resources(&self, id: &str, resources: &serde_json::Value) -> Result<()> {
+        use containerd_shim_protos::{
+            protobuf::well_known_types::any::Any, shim::shim::UpdateTaskRequest,
+            shim_async::TaskClient, ttrpc,
+        };
+        let address = self.shim_address(id)?;
+        let mut any = Any::new();
+        any.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
+        any.value = serde_json::to_vec(resources)?;
+        let mut req = UpdateTaskRequest::new();
+        req.id = id.into();
+        req.resources = Some(any).into();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let client = ttrpc::r#async::Client::connect(&address)
+                .with_context(|| format!("connecting to the shim at {address}"))?;
+            TaskClient::new(client)
+                .update(ttrpc::context::with_timeout(120_000_000_000), &req)
+                .await
+                .context("Update")?;
+            Ok(())
+        })
+    }
+
     /// Builds the busybox test image and imports it as [`IMAGE`].
     pub fn import_test_image(&self) -> Result<()> {
         let tar = build_image(&self.artifacts, &self.dir.join("image"))?;

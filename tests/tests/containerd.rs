@@ -210,6 +210,7 @@ fn ctr_runs_containers_in_husk_microvms() {
     let o = c.ctr(&["task", "resume", "c4"]).expect("resume");
     assert!(o.status.success(), "{}", describe(&o));
     assert_eq!(task_status(&c, "c4"), "RUNNING");
+    metrics_update_and_oom(&c);
     c.kill_and_remove("c4").expect("kill, stop and remove c4");
 
     // 5. A missing binary: a clear error, nothing left.
@@ -224,6 +225,103 @@ fn ctr_runs_containers_in_husk_microvms() {
     let _ = c.ctr(&["container", "rm", "c5"]);
 
     assert_nothing_left(&c);
+}
+
+/// On the running container c4: `ctr task metrics` shows the guest's
+/// cgroup numbers; Update sets a memory limit that the metrics then show;
+/// an exec allocating beyond it is OOM-killed (137) with TaskOOM published,
+/// and the container keeps running.
+fn metrics_update_and_oom(c: &Containerd) {
+    let o = c.ctr(&["task", "metrics", "c4"]).expect("ctr task metrics");
+    assert!(o.status.success(), "{}", describe(&o));
+    let table = text(&o.stdout);
+    for row in ["pids.current", "memory.usage_in_bytes", "cpuacct.usage"] {
+        assert!(table.contains(row), "{row} in:\n{table}");
+    }
+    let m = c.metrics("c4").expect("metrics");
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    // sleep (the init) at least; ps lists the same processes.
+    let pids = n(&m["pids"]["current"]);
+    let ps = c.ctr_ok(&["task", "ps", "c4"]).expect("ps");
+    assert_eq!(
+        pids as usize,
+        text(&ps.stdout).lines().count() - 1,
+        "pids.current vs ctr task ps:\n{m:#}\n{}",
+        text(&ps.stdout)
+    );
+    assert!(n(&m["memory"]["usage"]["usage"]) > 0, "memory usage: {m:#}");
+    assert!(
+        n(&m["memory"]["usage"]["limit"]) > 1 << 62,
+        "no limit yet: {m:#}"
+    );
+    assert!(n(&m["cpu"]["usage"]["total"]) > 0, "cpu time: {m:#}");
+
+    // Update: 24 MiB for the running container.
+    let limit: u64 = 24 << 20;
+    c.update_resources("c4", &serde_json::json!({"memory": {"limit": limit}}))
+        .expect("update");
+    let m = c.metrics("c4").expect("metrics");
+    assert_eq!(n(&m["memory"]["usage"]["limit"]), limit, "{m:#}");
+    // Nonsense is refused with a clear error and changes nothing.
+    let bad = c
+        .update_resources("c4", &serde_json::json!({"memory": {"limit": "lots"}}))
+        .expect_err("a string limit");
+    assert!(
+        format!("{bad:#}").contains("invalid LinuxResources"),
+        "{bad:#}"
+    );
+
+    // OOM: watch containerd's events while an exec allocates 64 MiB.
+    let mut events = c
+        .ctr_command(&["events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr events");
+    let stdout = events.stdout.take().expect("events stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Let the subscription start before the OOM can happen.
+    std::thread::sleep(Duration::from_millis(500));
+    let o = c
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "oom",
+            "c4",
+            "husk-testprog",
+            "alloc",
+            "64",
+        ])
+        .expect("ctr task exec");
+    assert_eq!(o.status.code(), Some(137), "{}", describe(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let oom = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("/tasks/oom") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no /tasks/oom event; events seen:\n{}", seen.join("\n")),
+        }
+    };
+    assert!(oom.contains("c4"), "{oom}");
+    let _ = events.kill();
+    let _ = events.wait();
+    let m = c.metrics("c4").expect("metrics");
+    assert!(n(&m["memory_oom_control"]["oom_kill"]) >= 1, "{m:#}");
+    assert_eq!(task_status(c, "c4"), "RUNNING", "only the exec was killed");
 }
 
 /// The pid of `what` ("vmm" or "virtiofsd") of pod `id`, from its pid file.
