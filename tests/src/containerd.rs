@@ -5,8 +5,10 @@
 
 use std::{
     ffi::OsStr,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Output, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -84,16 +86,7 @@ impl Containerd {
             bin_dir.display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
-        let log = std::fs::File::create(dir.join("containerd.log"))?;
-        let child = std::process::Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", &path_env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting containerd (package containerd)")?;
+        let child = spawn_containerd(dir, &path_env)?;
         let c = Self {
             child,
             dir: dir.to_path_buf(),
@@ -103,16 +96,32 @@ impl Containerd {
             path_env,
             artifacts: artifacts.clone(),
         };
+        c.wait_ready()?;
+        Ok(c)
+    }
+
+    fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if c.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
-                return Ok(c);
+            if self.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("containerd did not come up:\n{}", c.log());
+                bail!("containerd did not come up:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stops containerd (SIGTERM, as a service manager does) and starts it
+    /// again on the same root, state and sockets; the shims keep running.
+    pub fn restart(&mut self) -> Result<()> {
+        let pid = i32::try_from(self.child.id()).context("containerd pid")?;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.child.wait().context("waiting for containerd")?;
+        self.child = spawn_containerd(&self.dir, &self.path_env)?;
+        self.wait_ready()
     }
 
     /// containerd's log so far.
@@ -207,6 +216,29 @@ impl Containerd {
         ]
     }
 
+    /// Follows containerd's events (`ctr events`) from now on.
+    pub fn events(&self) -> Result<Events> {
+        let mut child = self
+            .ctr_command(&["events"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("ctr events")?;
+        let stdout = child.stdout.take().context("ctr events' stdout")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        // The subscription is made once ctr is connected; give it a moment
+        // so that nothing right after this call is missed.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Events { child, lines })
+    }
+
     /// `ctr task metrics --format json`: the task's metrics as containerd
     /// decoded them.
     pub fn metrics(&self, id: &str) -> Result<serde_json::Value> {
@@ -276,6 +308,61 @@ impl Drop for Containerd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// containerd's events as `ctr events` prints them, one line each
+/// ("TIME NAMESPACE TOPIC {event}").
+#[derive(Debug)]
+pub struct Events {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Events {
+    /// The first event line so far, or arriving within `within`, that
+    /// `matches`.
+    pub fn wait_for(&self, matches: impl Fn(&str) -> bool, within: Duration) -> Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(l) = lines.iter().find(|l| matches(l)) {
+                    return Ok(l.clone());
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "no such event within {within:?}; events:\n{}",
+                        lines.join("\n")
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts containerd with the configuration in `dir`, appending to its log.
+fn spawn_containerd(dir: &Path, path_env: &str) -> Result<std::process::Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))?;
+    std::process::Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("containerd.toml"))
+        .env("PATH", path_env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting containerd (package containerd)")
 }
 
 fn blob(dir: &Path, data: &[u8]) -> Result<(String, usize)> {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use husk_e2e::{
-    containerd::{Containerd, IMAGE},
+    containerd::{Containerd, Events, IMAGE},
     processes_mentioning, require_kvm, Artifacts, TestDir,
 };
 
@@ -173,6 +173,7 @@ fn ctr_runs_containers_in_husk_microvms() {
         "type=bind,src={},dst=/data,options=rbind:rw",
         host_dir.display()
     );
+    let events = c.events().expect("ctr events");
     let o = run(&c, &["-d", "--mount", &mount], "c4", &["sleep", "1000"]);
     assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
     assert_eq!(task_status(&c, "c4"), "RUNNING");
@@ -210,8 +211,27 @@ fn ctr_runs_containers_in_husk_microvms() {
     let o = c.ctr(&["task", "resume", "c4"]).expect("resume");
     assert!(o.status.success(), "{}", describe(&o));
     assert_eq!(task_status(&c, "c4"), "RUNNING");
-    metrics_update_and_oom(&c);
+    metrics_update_and_oom(&c, &events);
     c.kill_and_remove("c4").expect("kill, stop and remove c4");
+    // Every event of the Task API reached containerd for c4.
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/oom",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        events
+            .wait_for(
+                |l| l.contains(topic) && l.contains("\"c4\""),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("{topic} for c4: {e}"));
+    }
 
     // 5. A missing binary: a clear error, nothing left.
     let o = run(&c, &["--rm"], "c5", &["/nonexistent"]);
@@ -231,7 +251,7 @@ fn ctr_runs_containers_in_husk_microvms() {
 /// cgroup numbers; Update sets a memory limit that the metrics then show;
 /// an exec allocating beyond it is OOM-killed (137) with TaskOOM published,
 /// and the container keeps running.
-fn metrics_update_and_oom(c: &Containerd) {
+fn metrics_update_and_oom(c: &Containerd, events: &Events) {
     let o = c.ctr(&["task", "metrics", "c4"]).expect("ctr task metrics");
     assert!(o.status.success(), "{}", describe(&o));
     let table = text(&o.stdout);
@@ -271,28 +291,7 @@ fn metrics_update_and_oom(c: &Containerd) {
         "{bad:#}"
     );
 
-    // OOM: watch containerd's events while an exec allocates 64 MiB.
-    let mut events = c
-        .ctr_command(&["events"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ctr events");
-    let stdout = events.stdout.take().expect("events stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // Let the subscription start before the OOM can happen.
-    std::thread::sleep(Duration::from_millis(500));
+    // OOM: an exec allocating 64 MiB is killed, and containerd hears of it.
     let o = c
         .ctr(&[
             "task",
@@ -306,19 +305,10 @@ fn metrics_update_and_oom(c: &Containerd) {
         ])
         .expect("ctr task exec");
     assert_eq!(o.status.code(), Some(137), "{}", describe(&o));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    let oom = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("/tasks/oom") => break line,
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("no /tasks/oom event; events seen:\n{}", seen.join("\n")),
-        }
-    };
+    let oom = events
+        .wait_for(|l| l.contains("/tasks/oom"), Duration::from_secs(30))
+        .expect("TaskOOM");
     assert!(oom.contains("c4"), "{oom}");
-    let _ = events.kill();
-    let _ = events.wait();
     let m = c.metrics("c4").expect("metrics");
     assert!(n(&m["memory_oom_control"]["oom_kill"]) >= 1, "{m:#}");
     assert_eq!(task_status(c, "c4"), "RUNNING", "only the exec was killed");
@@ -347,7 +337,7 @@ fn failures_are_clear_and_contained() {
     let artifacts = Artifacts::locate().expect("artifacts");
     let dir = TestDir::new("containerd-fail").expect("dir");
     let templates = TestDir::new("containerd-fail-templates").expect("dir");
-    let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
+    let mut c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
     c.import_test_image().expect("image");
 
     // A bystander that must keep running through everything below.
@@ -438,8 +428,34 @@ fn failures_are_clear_and_contained() {
         ])
         .expect("exec");
     assert_eq!(text(&o.stdout), "still here\n", "{}", describe(&o));
+
+    // containerd restarts (an upgrade, a crash): it reconnects to the
+    // running shim through the bundle's address file, the container keeps
+    // running and serving, and its exit still reaches containerd as an
+    // event.
+    c.restart().expect("restart containerd");
+    assert_eq!(task_status(&c, "keep"), "RUNNING", "{}", c.log());
+    let o = c
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e2",
+            "keep",
+            "echo",
+            "after restart",
+        ])
+        .expect("exec");
+    assert_eq!(text(&o.stdout), "after restart\n", "{}", describe(&o));
+    let events = c.events().expect("ctr events");
     c.kill_and_remove("keep")
         .expect("kill, stop and remove keep");
+    events
+        .wait_for(
+            |l| l.contains("/tasks/exit") && l.contains("keep"),
+            Duration::from_secs(30),
+        )
+        .expect("TaskExit after the restart");
     assert_nothing_left(&c);
 }
 
