@@ -3,6 +3,8 @@
 //!
 //! - `ctr run --rm IMG ID /bin/true`, start to exit;
 //! - `ctr task exec` of `/bin/true` in a running container;
+//! - `ctr task metrics` of a running container (what the kubelet's stats
+//!   polling costs: for husk a round trip to the guest's cgroup files);
 //! - host memory of one idle container: the PSS of the shim and everything
 //!   it started (runc: the container's processes; husk: husk-vmm and
 //!   husk-virtiofsd) without guest RAM, plus for husk the guest RAM resident
@@ -133,9 +135,16 @@ fn guest_mapping_pss_kib(pid: u32) -> u64 {
     total
 }
 
-/// Starts an idle container, measures exec latency and its memory, removes
-/// it.
-fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<(Vec<f64>, Idle)> {
+/// What one idle container measured.
+struct IdleRun {
+    execs: Vec<f64>,
+    metrics: Vec<f64>,
+    idle: Idle,
+}
+
+/// Starts an idle container, measures exec and metrics latency and its
+/// memory, removes it.
+fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<IdleRun> {
     let id = format!("{}-idle", rt.name());
     let mut args = rt.run_args(c);
     args.extend(["-d", IMAGE, &id, "sleep", "100000"].map(String::from));
@@ -146,6 +155,12 @@ fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<(Vec<f64>,
         let t = Instant::now();
         c.ctr_ok(&["task", "exec", "--exec-id", &exec_id, &id, "/bin/true"])?;
         execs.push(t.elapsed().as_secs_f64());
+    }
+    let mut metrics = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        c.ctr_ok(&["task", "metrics", &id])?;
+        metrics.push(t.elapsed().as_secs_f64());
     }
     // Let start-up work settle before measuring memory.
     std::thread::sleep(Duration::from_secs(3));
@@ -161,7 +176,11 @@ fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<(Vec<f64>,
         guest_resident_kib,
     };
     c.kill_and_remove(&id)?;
-    Ok((execs, idle))
+    Ok(IdleRun {
+        execs,
+        metrics,
+        idle,
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +193,9 @@ struct Report {
     husk_exec_median_s: f64,
     runc_exec_median_s: f64,
     exec_ratio_husk_over_runc: f64,
+    husk_metrics_median_s: f64,
+    runc_metrics_median_s: f64,
+    metrics_ratio_husk_over_runc: f64,
     husk_idle: Idle,
     runc_idle: Idle,
     idle_memory_ratio_husk_over_runc: f64,
@@ -181,6 +203,8 @@ struct Report {
     runc_run_true_s: Vec<f64>,
     husk_exec_s: Vec<f64>,
     runc_exec_s: Vec<f64>,
+    husk_metrics_s: Vec<f64>,
+    runc_metrics_s: Vec<f64>,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -220,13 +244,15 @@ fn main() -> Result<()> {
         husk_runs.push(h);
         runc_runs.push(r);
     }
-    let (husk_exec, husk_idle) = idle_container(&c, Runtime::Husk, args.runs)?;
-    let (runc_exec, runc_idle) = idle_container(&c, Runtime::Runc, args.runs)?;
+    let husk = idle_container(&c, Runtime::Husk, args.runs)?;
+    let runc = idle_container(&c, Runtime::Runc, args.runs)?;
 
     let husk_run = median(&mut husk_runs.clone());
     let runc_run = median(&mut runc_runs.clone());
-    let husk_exec_median = median(&mut husk_exec.clone());
-    let runc_exec_median = median(&mut runc_exec.clone());
+    let husk_exec_median = median(&mut husk.execs.clone());
+    let runc_exec_median = median(&mut runc.execs.clone());
+    let husk_metrics_median = median(&mut husk.metrics.clone());
+    let runc_metrics_median = median(&mut runc.metrics.clone());
     let report = Report {
         bench: "run",
         runs: args.runs,
@@ -236,16 +262,21 @@ fn main() -> Result<()> {
         husk_exec_median_s: husk_exec_median,
         runc_exec_median_s: runc_exec_median,
         exec_ratio_husk_over_runc: ratio(husk_exec_median, runc_exec_median),
+        husk_metrics_median_s: husk_metrics_median,
+        runc_metrics_median_s: runc_metrics_median,
+        metrics_ratio_husk_over_runc: ratio(husk_metrics_median, runc_metrics_median),
         idle_memory_ratio_husk_over_runc: ratio(
-            husk_idle.total_kib as f64,
-            runc_idle.total_kib as f64,
+            husk.idle.total_kib as f64,
+            runc.idle.total_kib as f64,
         ),
-        husk_idle,
-        runc_idle,
+        husk_idle: husk.idle,
+        runc_idle: runc.idle,
         husk_run_true_s: husk_runs,
         runc_run_true_s: runc_runs,
-        husk_exec_s: husk_exec,
-        runc_exec_s: runc_exec,
+        husk_exec_s: husk.execs,
+        runc_exec_s: runc.execs,
+        husk_metrics_s: husk.metrics,
+        runc_metrics_s: runc.metrics,
     };
     println!(
         "ctr run --rm /bin/true: husk {:.3} s, runc {:.3} s (median), husk/runc {:.2}",
@@ -256,6 +287,12 @@ fn main() -> Result<()> {
     println!(
         "ctr task exec /bin/true: husk {:.3} s, runc {:.3} s (median), husk/runc {:.2}",
         report.husk_exec_median_s, report.runc_exec_median_s, report.exec_ratio_husk_over_runc
+    );
+    println!(
+        "ctr task metrics: husk {:.3} s, runc {:.3} s (median), husk/runc {:.2}",
+        report.husk_metrics_median_s,
+        report.runc_metrics_median_s,
+        report.metrics_ratio_husk_over_runc
     );
     println!(
         "idle container host memory: husk {} KiB (PSS of {} processes {} KiB + guest resident {} KiB), runc {} KiB (PSS of {} processes), husk/runc {:.2}",
