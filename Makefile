@@ -27,7 +27,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler containerd runc
 
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := vsock_packets mmio_transport ready_line
+FUZZ_TARGETS := vsock_packets mmio_transport ready_line guest_metrics
 
 .PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run soak fuzz-smoke clean
 

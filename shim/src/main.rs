@@ -10,7 +10,6 @@
 mod config;
 mod exits;
 mod io;
-mod metrics;
 mod rootfs;
 mod task;
 mod vm;

@@ -38,13 +38,14 @@ use husk_protocols::agent::{
     ExecProcessRequest, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
     UpdateContainerRequest,
 };
+use husk_shim::metrics;
 use tokio::sync::{watch, Mutex};
 
 use crate::{
     config::{config_path_from_options, Config},
     exits::Exits,
     io::ProcessIo,
-    metrics, rootfs,
+    rootfs,
     vm::Vm,
 };
 
