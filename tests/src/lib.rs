@@ -583,8 +583,11 @@ pub fn busybox_rootfs(rootfs: &Path) -> Result<()> {
     for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/tmp:/bin/sh\n",
+    )?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\napp:x:1000:\n")?;
     Ok(())
 }
 

@@ -174,7 +174,27 @@ fn ctr_runs_containers_in_husk_microvms() {
         host_dir.display()
     );
     let events = c.events().expect("ctr events");
-    let o = run(&c, &["-d", "--mount", &mount], "c4", &["sleep", "1000"]);
+    // The OCI spec is enforced as containerd wrote it: environment, working
+    // directory, read-only root, capabilities, seccomp, rlimits, masked and
+    // read-only paths, the user of an exec.
+    let o = run(
+        &c,
+        &[
+            "-d",
+            "--mount",
+            &mount,
+            "--env",
+            "FOO=bar",
+            "--cwd",
+            "/tmp",
+            "--read-only",
+            "--seccomp",
+            "--cap-drop",
+            "CAP_CHOWN",
+        ],
+        "c4",
+        &["sleep", "1000"],
+    );
     assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
     assert_eq!(task_status(&c, "c4"), "RUNNING");
     let exec = |id: &str, script: &str| {
@@ -191,6 +211,51 @@ fn ctr_runs_containers_in_husk_microvms() {
         std::fs::read_to_string(host_dir.join("from-guest")).expect("written inside"),
         "from-guest\n"
     );
+    let o = exec(
+        "spec",
+        "echo FOO=$FOO; echo cwd=$(pwd); grep -E '^(CapEff|Seccomp):' /proc/self/status; \
+         echo nofile=$(ulimit -n); touch /new 2>/dev/null && echo root=rw || echo root=ro; \
+         grep Seccomp: /proc/1/status | tr '\\t' ' '; \
+         echo timer_list=$(wc -c < /proc/timer_list); grep ' /proc/sys ' /proc/mounts | cut -d' ' -f4",
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = text(&o.stdout);
+    for want in [
+        "FOO=bar\n",
+        "cwd=/tmp\n",
+        // ctr's default set (docker's 0xa80425fb) without CAP_CHOWN (bit 0).
+        "CapEff:\t00000000a80425fa\n",
+        // The exec runs under the container's seccomp profile, as the init.
+        "Seccomp:\t2\n",
+        "Seccomp: 2\n",
+        "nofile=1024\n",
+        "root=ro\n",
+        // Masked: /dev/null over it (the guest kernel has no /proc/kcore).
+        "timer_list=0\n",
+    ] {
+        assert!(out.contains(want), "{want:?} in:\n{out}");
+    }
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.split(',').any(|o| o == "ro")),
+        "/proc/sys mounted read-only:\n{out}"
+    );
+    let o = c
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "user",
+            "--user",
+            "1000",
+            "c4",
+            "id",
+        ])
+        .expect("ctr task exec --user");
+    assert!(o.status.success(), "{}", describe(&o));
+    let id = text(&o.stdout);
+    assert!(id.starts_with("uid=1000(app) gid=1000(app)"), "{id}");
     assert_eq!(exec("e2", "exit 42").status.code(), Some(42));
     let o = in_terminal(
         &c,
