@@ -899,10 +899,21 @@ impl Task for HuskTask {
             }
             st.vm.take()
         };
-        if let Some(vm) = vm {
-            vm.shutdown().await;
-        }
-        self.exit.signal();
+        // containerd gives Shutdown a few seconds, then drops the call,
+        // which cancels this handler; an orderly guest shutdown can take
+        // longer where guest kernel code is slow. The work runs in a task
+        // of its own, so the VM is always taken down and the shim always
+        // exits.
+        let exit = self.exit.clone();
+        let work = tokio::spawn(async move {
+            if let Some(vm) = vm {
+                let since = std::time::Instant::now();
+                vm.shutdown().await;
+                tracing::info!(ms = since.elapsed().as_millis(), "pod VM shut down");
+            }
+            exit.signal();
+        });
+        let _ = work.await;
         Ok(api::Empty::new())
     }
 }

@@ -168,6 +168,18 @@ impl Containerd {
         &self.path_env
     }
 
+    /// The shim processes serving this containerd (a shim stays until
+    /// containerd shuts it down after its last container is deleted).
+    pub fn shims(&self) -> Vec<u32> {
+        crate::processes_mentioning(&self.socket.display().to_string())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.starts_with("containerd-shim"))
+            })
+            .collect()
+    }
+
     /// The pod directory the shim keeps for pod `id`.
     pub fn pod_dir(&self, id: &str) -> PathBuf {
         self.pods.join(NAMESPACE).join(id)

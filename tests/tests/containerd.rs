@@ -37,7 +37,7 @@ fn run(c: &Containerd, extra: &[&str], id: &str, cmd: &[&str]) -> Output {
     c.ctr(&args).expect("ctr run")
 }
 
-/// Nothing of any container is left: processes, mounts, pod directories;
+/// Nothing of any container is left: processes, shims, mounts, pod directories;
 /// containerd still answers.
 fn assert_nothing_left(c: &Containerd) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -56,12 +56,14 @@ fn assert_nothing_left(c: &Containerd) {
                     .collect()
             })
             .unwrap_or_default();
-        if procs.is_empty() && mounts.is_empty() && pods.is_empty() {
+        let shims = c.shims();
+        if procs.is_empty() && mounts.is_empty() && pods.is_empty() && shims.is_empty() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "left behind: processes {procs:?}, mounts {mounts:?}, pods {pods:?}"
+            "left behind: processes {procs:?}, shims {shims:?}, mounts {mounts:?}, pods {pods:?}\n{}",
+            c.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
