@@ -71,7 +71,7 @@ bench-run: build
 ## 50 container run/delete cycles under a private containerd: nothing left
 ## behind, host memory flat.
 soak: build
-	HUSK_CYCLES=$(SOAK_CYCLES) $(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) -p husk-e2e --no-capture -E 'test(run_delete_cycles_leave_nothing_behind)'
+	HUSK_CYCLES=$(SOAK_CYCLES) $(CARGO) nextest run --locked --profile soak $(CARGO_PROFILE_FLAG) -p husk-e2e --no-capture -E 'test(run_delete_cycles_leave_nothing_behind)'
 
 lint:
 	$(CARGO) fmt --all -- --check

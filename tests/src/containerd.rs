@@ -316,9 +316,39 @@ impl Containerd {
 }
 
 impl Drop for Containerd {
+    /// Stops containerd and, when a test failed half-way, what it left
+    /// running: shims and their pod VMs and daemons (a passing test has
+    /// already checked that none are left).
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let pods = self.pods.display().to_string();
+        for pid in self
+            .shims()
+            .into_iter()
+            .chain(crate::processes_mentioning(&pods))
+        {
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: kill(2) on a pid; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        // Detach the root file systems and bind mounts the shims made, so
+        // removing the test directory cannot reach through them.
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&pods))
+            .collect();
+        points.reverse();
+        for p in points {
+            if let Ok(c) = std::ffi::CString::new(p) {
+                // SAFETY: umount2(2) reads a NUL-terminated path that lives
+                // across the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
     }
 }
 
