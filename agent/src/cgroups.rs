@@ -1,5 +1,6 @@
 //! A container's cgroup (v2) as the agent reads it: resource usage for the
-//! shim's Stats, and the OOM kill counter behind TaskOOM events.
+//! shim's Stats, its processes for Pids, and the OOM kill counter behind
+//! TaskOOM events.
 //!
 //! Why not libcgroups' `stats()`: it fails as a whole when a single file is
 //! missing — the PSI files need `CONFIG_PSI`, which the guest kernel leaves
@@ -142,6 +143,27 @@ fn limit(text: &str) -> u64 {
     } else {
         single(text)
     }
+}
+
+/// Every pid in the cgroup at `dir` and its sub-cgroups, sorted.
+pub fn pids(dir: &Path) -> Result<Vec<u32>, String> {
+    let mut pids = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let procs = d.join("cgroup.procs");
+        let text = std::fs::read_to_string(&procs)
+            .map_err(|e| format!("reading {}: {e}", procs.display()))?;
+        pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            dirs.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
 }
 
 /// How many processes of the cgroup at `dir` the OOM killer has killed.
@@ -294,6 +316,17 @@ mod tests {
         assert_eq!((s.pids.current, s.pids.limit), (2, UNLIMITED));
         assert!(s.io.is_empty());
         assert_eq!(oom_kills(&dir), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pids_include_sub_cgroups() {
+        let dir = std::env::temp_dir().join(format!("husk-cg-pids-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).expect("dir");
+        std::fs::write(dir.join("cgroup.procs"), "12\n3\n").expect("write");
+        std::fs::write(dir.join("sub/cgroup.procs"), "7\n").expect("write");
+        assert_eq!(pids(&dir).expect("pids"), [3, 7, 12]);
+        assert!(pids(&dir.join("gone")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -392,8 +392,11 @@ impl Containers {
 
     /// The pids of the container's processes.
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        self.process(id, "")?;
-        Ok(run_helper(&["pids", "--id", id]).await?.pids)
+        let dir = self.cgroup(id)?;
+        tokio::task::spawn_blocking(move || cgroups::pids(&dir))
+            .await
+            .map_err(|e| ContainerError::Failed(format!("listing processes: {e}")))?
+            .map_err(ContainerError::Failed)
     }
 
     /// Freezes or thaws the container.

@@ -44,9 +44,6 @@ pub struct Outcome {
     /// The pid a create or exec made (guest root pid namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// The container's processes (pids).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pids: Vec<u32>,
     /// The container's cgroup in the hierarchy (create).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_path: Option<String>,
@@ -288,14 +285,6 @@ fn run(a: &Args) -> Result<Outcome, String> {
             update(&c, &resources)?;
             Ok(done(Some(&c)))
         }
-        "pids" => {
-            let c = load(id)?;
-            let pids = container_pids(&c)?;
-            Ok(Outcome {
-                pids,
-                ..done(Some(&c))
-            })
-        }
         "state" => {
             let mut c = load(id)?;
             c.refresh_status()
@@ -379,32 +368,6 @@ fn update(c: &Container, resources: &LinuxResources) -> Result<(), String> {
             freezer_state: None,
         })
         .map_err(|e| format!("updating the resources of container {}: {e}", c.id()))
-}
-
-/// Every pid in the container's cgroup (and its sub-cgroups).
-fn container_pids(c: &Container) -> Result<Vec<u32>, String> {
-    let spec = c.spec().map_err(|e| format!("container spec: {e}"))?;
-    let rel = spec
-        .cgroup_path
-        .strip_prefix("/")
-        .unwrap_or(&spec.cgroup_path);
-    let root = Path::new("/sys/fs/cgroup").join(rel);
-    let mut pids = Vec::new();
-    let mut dirs = vec![root];
-    while let Some(dir) = dirs.pop() {
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs"))
-            .map_err(|e| format!("reading {}: {e}", dir.join("cgroup.procs").display()))?;
-        pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            dirs.extend(
-                rd.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    pids.sort_unstable();
-    Ok(pids)
 }
 
 #[cfg(test)]

@@ -74,6 +74,13 @@ fn agent_err(what: &str, e: ttrpc::Error) -> shim_ttrpc::Error {
     }
 }
 
+/// The agent's request naming container `id`.
+fn container_request(id: &str) -> ContainerRequest {
+    let mut r = ContainerRequest::new();
+    r.container_id = id.to_string();
+    r
+}
+
 fn ctx(secs: u64) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(i64::try_from(secs * 1_000_000_000).unwrap_or(i64::MAX))
 }
@@ -443,8 +450,7 @@ impl Task for HuskTask {
                     ));
                 }
             }
-            let mut r = ContainerRequest::new();
-            r.container_id = req.id.clone();
+            let r = container_request(&req.id);
             let pid = vm
                 .agent
                 .start_container(ctx(60), &r)
@@ -791,8 +797,7 @@ impl Task for HuskTask {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         let vm = self.vm().await?;
-        let mut r = ContainerRequest::new();
-        r.container_id = req.id.clone();
+        let r = container_request(&req.id);
         let pids = vm
             .agent
             .list_pids(ctx(30), &r)
@@ -855,8 +860,7 @@ impl Task for HuskTask {
     ) -> TtrpcResult<api::StatsResponse> {
         self.known(&req.id).await?;
         let vm = self.vm().await?;
-        let mut r = ContainerRequest::new();
-        r.container_id = req.id.clone();
+        let r = container_request(&req.id);
         let stats = vm
             .agent
             .stats_container(ctx(30), &r)
@@ -1020,8 +1024,7 @@ impl HuskTask {
                 ));
             }
         }
-        let mut r = ContainerRequest::new();
-        r.container_id = id.to_string();
+        let r = container_request(id);
         let res = if paused {
             vm.agent.pause_container(ctx(30), &r).await
         } else {

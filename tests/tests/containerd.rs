@@ -269,7 +269,9 @@ fn ctr_runs_containers_in_husk_microvms() {
     assert!(o.status.success(), "{}", describe(&o));
     assert!(text(&o.stdout).contains("45 123"), "{}", describe(&o));
     assert_eq!(exec("e3", "kill -9 $$").status.code(), Some(137));
+    let since = Instant::now();
     let o = c.ctr(&["task", "ps", "c4"]).expect("ps");
+    eprintln!("ctr task ps: {:?}", since.elapsed());
     assert!(o.status.success(), "{}", describe(&o));
     assert!(text(&o.stdout).lines().count() >= 2, "{}", describe(&o));
     let o = c.ctr(&["task", "pause", "c4"]).expect("pause");
