@@ -3,7 +3,8 @@
 //! Each container is created by the runtime helper ([`crate::runtime`])
 //! from an OCI bundle on the shared file system. Each process (a
 //! container's init, or an exec) gets its stdio on vsock streams of its
-//! own, which the agent opens to host ports the shim listens on: pipes
+//! own, which the agent opens to host ports the shim listens on, presenting
+//! the process's token first (the shim relays nothing else): pipes
 //! between process and agent (a program that opens `/dev/stdout` works, as
 //! with runc) and a copy task per stream, or a terminal whose master side
 //! the container's init sends over a console socket. A process's exit
@@ -25,7 +26,7 @@ use std::{
 
 use husk_protocols::{
     agent::{StatsContainerResponse, Stdio},
-    HOST_CID,
+    HOST_CID, STDIO_TOKEN_LEN,
 };
 use nix::{
     fcntl::OFlag,
@@ -571,23 +572,36 @@ async fn run_helper(args: &[&str]) -> Result<Outcome> {
         .map(|(o, _)| o)
 }
 
-async fn connect_host(port: u32) -> Result<Option<VsockStream>> {
+/// The process's stdio token, checked: required when any stream is asked for.
+fn stdio_token(stdio: &Stdio) -> Result<&[u8]> {
+    let any = stdio.stdin_port != 0 || stdio.stdout_port != 0 || stdio.stderr_port != 0;
+    if any && stdio.token.len() != STDIO_TOKEN_LEN {
+        return Err(ContainerError::Invalid(format!(
+            "the stdio token must be {STDIO_TOKEN_LEN} bytes, not {}",
+            stdio.token.len()
+        )));
+    }
+    Ok(&stdio.token)
+}
+
+/// Opens a stream to host `port` (0: none) and presents `token` on it: the
+/// host relays only a connection that starts with its stream's token.
+async fn connect_host(port: u32, token: &[u8]) -> Result<Option<VsockStream>> {
     if port == 0 {
         return Ok(None);
     }
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        VsockStream::connect(VsockAddr::new(HOST_CID, port)),
-    )
-    .await
-    {
+    let failed = |why: String| {
+        ContainerError::Failed(format!("connecting stdio to host port {port}: {why}"))
+    };
+    let connect = async {
+        let mut s = VsockStream::connect(VsockAddr::new(HOST_CID, port)).await?;
+        s.write_all(token).await?;
+        Ok::<_, std::io::Error>(s)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(Ok(s)) => Ok(Some(s)),
-        Ok(Err(e)) => Err(ContainerError::Failed(format!(
-            "connecting stdio to host port {port}: {e}"
-        ))),
-        Err(_) => Err(ContainerError::Failed(format!(
-            "connecting stdio to host port {port}: timed out"
-        ))),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(failed("timed out".into())),
     }
 }
 
@@ -709,12 +723,13 @@ async fn spawn_process(
     stdio: &Stdio,
     args: impl FnOnce(&[String]) -> Vec<String>,
 ) -> Result<Process> {
-    let stdin = connect_host(stdio.stdin_port).await?;
-    let stdout = connect_host(stdio.stdout_port).await?;
+    let token = stdio_token(stdio)?;
+    let stdin = connect_host(stdio.stdin_port, token).await?;
+    let stdout = connect_host(stdio.stdout_port, token).await?;
     let stderr = if stdio.terminal {
         None
     } else {
-        connect_host(stdio.stderr_port).await?
+        connect_host(stdio.stderr_port, token).await?
     };
     let mut outputs = Vec::new();
     let mut stdin_task = None;

@@ -9,9 +9,11 @@
 //! is logged and turned into an orderly VM reset instead.
 
 mod cgroups;
+mod confine;
 mod containers;
 mod identity;
 mod init;
+mod listener;
 mod reaper;
 mod rpc;
 mod runtime;
@@ -22,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use husk_protocols::{agent_ttrpc, ready_line, AGENT_VSOCK_PORT, HOST_CID, READY_VSOCK_PORT};
 use tokio::{io::AsyncWriteExt, sync::mpsc};
-use tokio_vsock::{VsockAddr, VsockStream};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 
 use crate::settings::Settings;
 
@@ -86,13 +88,20 @@ async fn run(settings: Settings, is_init: bool) -> Result<()> {
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel::<()>(1);
     let service = rpc::AgentService::new(shutdown_tx);
     let services = agent_ttrpc::create_agent(std::sync::Arc::new(service));
-    let addr = format!("vsock://-1:{}", settings.agent_port);
+    let port = settings.agent_port;
+    let vsock = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))
+        .with_context(|| format!("listening on vsock port {port}"))?;
+    // Only the host may use the API (`listener`).
+    let incoming =
+        ttrpc::r#async::transport::Listener::new(listener::host_connections(vsock, port));
     let mut server = ttrpc::r#async::Server::new()
-        .bind(&addr)
-        .with_context(|| format!("binding the ttrpc server to {addr}"))?
+        .add_listener(incoming)
         .register_service(services);
     server.start().await.context("starting the ttrpc server")?;
-    tracing::info!(port = settings.agent_port, "agent API listening");
+    tracing::info!(port, "agent API listening (host connections only)");
+    if settings.selfcheck_local_api {
+        tokio::spawn(listener::self_check_local_api(port));
+    }
 
     if let Err(e) = announce_ready(settings.ready_port).await {
         // The host may have given up waiting; the API still works, so keep

@@ -119,12 +119,15 @@ async fn receive_stream(
             format!("listening on vsock port {port}: {e}"),
         )
     })?;
-    let (mut stream, _) = listener.accept().await.map_err(|e| {
-        status(
-            Code::UNAVAILABLE,
-            format!("accepting on vsock port {port}: {e}"),
-        )
-    })?;
+    // Only the host's connection counts; one from inside the guest is closed.
+    let mut stream = crate::listener::accept_from_host(&listener, port)
+        .await
+        .map_err(|e| {
+            status(
+                Code::UNAVAILABLE,
+                format!("accepting on vsock port {port}: {e}"),
+            )
+        })?;
     drop(listener);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];

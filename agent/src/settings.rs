@@ -16,6 +16,9 @@ pub struct Settings {
     pub agent_port: u32,
     /// The host vsock port readiness is announced to (`husk.ready_port=`).
     pub ready_port: u32,
+    /// Try the agent API from inside the guest once it listens and print
+    /// the outcome on the console (`husk.selfcheck=local-api`; tests).
+    pub selfcheck_local_api: bool,
     /// Words that looked like settings but were not understood.
     pub ignored: Vec<String>,
 }
@@ -26,6 +29,7 @@ impl Default for Settings {
             log_level: "info".to_string(),
             agent_port: AGENT_VSOCK_PORT,
             ready_port: READY_VSOCK_PORT,
+            selfcheck_local_api: false,
             ignored: Vec::new(),
         }
     }
@@ -58,6 +62,10 @@ impl Settings {
                 }
                 "agent_port" => value.parse().map(|v| s.agent_port = v).is_ok(),
                 "ready_port" => value.parse().map(|v| s.ready_port = v).is_ok(),
+                "selfcheck" if value == "local-api" => {
+                    s.selfcheck_local_api = true;
+                    true
+                }
                 _ => false,
             };
             if !ok {
@@ -80,8 +88,10 @@ mod tests {
     #[test]
     fn reads_known_words_and_keeps_unknown_ones() {
         let s = Settings::parse(
-            "quiet husk.log=debug husk.agent_port=2000 husk.ready_port=x husk.nope=1",
+            "quiet husk.log=debug husk.agent_port=2000 husk.ready_port=x husk.nope=1 \
+             husk.selfcheck=local-api",
         );
+        assert!(s.selfcheck_local_api);
         assert_eq!(s.log_level, "debug");
         assert_eq!(s.agent_port, 2000);
         assert_eq!(s.ready_port, READY_VSOCK_PORT);

@@ -35,7 +35,11 @@ pub mod hybrid_vsock;
 pub mod pattern;
 
 /// Version of the agent API; bumped when a message or RPC is added.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
+
+/// Length of a process's stdio token (`Stdio.token`): the first bytes the
+/// agent writes on each of the process's stream connections.
+pub const STDIO_TOKEN_LEN: usize = 16;
 
 /// Connects an agent API client over hybrid vsock (`uds` is the VM's vsock
 /// socket), retrying for up to `within` while the agent starts listening.

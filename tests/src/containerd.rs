@@ -307,6 +307,41 @@ impl Containerd {
         })
     }
 
+    /// Waits (up to 30 s) until nothing of any container is left:
+    /// processes, shims, mounts, pod directories; containerd still answers.
+    /// Panics with what is left otherwise (for tests).
+    pub fn assert_nothing_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pods_path = self.pods.display().to_string();
+        loop {
+            let procs: Vec<u32> = crate::processes_mentioning(&pods_path);
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&*pods_path))
+                .map(String::from)
+                .collect();
+            let pods: Vec<String> = std::fs::read_dir(self.pods.join(NAMESPACE))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let shims = self.shims();
+            if procs.is_empty() && mounts.is_empty() && pods.is_empty() && shims.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left behind: processes {procs:?}, shims {shims:?}, mounts {mounts:?}, pods {pods:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(self.ctr(&["version"]).is_ok_and(|o| o.status.success()));
+    }
+
     /// Builds the busybox test image and imports it as [`IMAGE`].
     pub fn import_test_image(&self) -> Result<()> {
         let tar = build_image(&self.artifacts, &self.dir.join("image"))?;

@@ -118,6 +118,8 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
     let opts = VmOptions {
         serial: true,
         vmm_args: fs_daemon.vmm_args(),
+        // The agent tries its own API from inside the guest and reports.
+        cmdline: "husk.selfcheck=local-api".into(),
         ..Default::default()
     };
     let mut vm = VmProcess::spawn(&artifacts, dir.path(), &opts).expect("spawn");
@@ -151,6 +153,41 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
         version.kernel_release
     );
     assert!(version.uptime_seconds > 0.0);
+
+    // The agent API refuses connections from inside the guest: over
+    // loopback (CID 1) and over the guest's own CID the agent's self-check
+    // got no answer, and the agent logged each refusal.
+    let console_path = dir.path().join("serial.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let console = loop {
+        let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+        if console.matches("self-check: API from CID").count() >= 2 {
+            break console;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no self-check report on the console:\n{}",
+            vm.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for cid in [1, 3] {
+        let line = console
+            .lines()
+            .find(|l| l.contains(&format!("self-check: API from CID {cid}:")))
+            .unwrap_or_else(|| panic!("no self-check from CID {cid}:\n{console}"));
+        assert!(
+            line.contains(": refused (") && !line.contains("refused at connect"),
+            "CID {cid}: connected, then closed by the agent unserved: {line}"
+        );
+    }
+    assert!(
+        console
+            .matches("refused a vsock connection from inside the guest")
+            .count()
+            >= 2,
+        "the agent logged its refusals:\n{console}"
+    );
 
     // Garbage on the vsock socket: that connection is dropped, nothing else.
     for garbage in [

@@ -17,7 +17,7 @@ use husk_protocols::{
         SignalProcessRequest, Stdio,
     },
     agent_ttrpc::AgentClient,
-    connect_agent, hybrid_vsock,
+    connect_agent, hybrid_vsock, STDIO_TOKEN_LEN,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -52,6 +52,9 @@ fn write_spec(shared: &Path, id: &str, spec: &serde_json::Value) {
 }
 
 /// Host listeners for a process's stdio ports.
+/// The stdio token these tests hand the agent.
+const TOKEN: [u8; STDIO_TOKEN_LEN] = *b"husk-test-token!";
+
 struct StdioPorts {
     vsock: std::path::PathBuf,
     ports: [u32; 3],
@@ -77,18 +80,23 @@ impl StdioPorts {
         s.stdin_port = self.ports[0];
         s.stdout_port = self.ports[1];
         s.stderr_port = self.ports[2];
+        s.token = TOKEN.to_vec();
         s
     }
 
-    /// Accepts the agent's connections (it makes them while creating).
+    /// Accepts the agent's connections (it makes them while creating);
+    /// each starts with the process's token.
     async fn accept(&mut self) -> [Option<UnixStream>; 3] {
         let mut out = [None, None, None];
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if let Some(l) = l.take() {
-                let (s, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
+                let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
                     .await
                     .expect("the agent connects its stdio")
                     .expect("accept");
+                let mut token = [0u8; STDIO_TOKEN_LEN];
+                s.read_exact(&mut token).await.expect("the token");
+                assert_eq!(token, TOKEN, "the agent presents the process's token");
                 out[i] = Some(s);
             }
         }
@@ -312,6 +320,35 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
     del.container_id = "c3".into();
     del.force = true;
     let _ = client.delete_container(ctx(), &del).await;
+    // Streams without a proper token: refused before anything connects.
+    let mut untokened = StdioPorts::new(&vm.vsock, [0, 7021, 0]);
+    let mut stdio = untokened.stdio();
+    stdio.token.truncate(4);
+    let mut req = CreateContainerRequest::new();
+    req.container_id = "c4".into();
+    req.bundle = "/run/husk/shared/c2".into();
+    req.stdio = Some(stdio).into();
+    let e = client
+        .create_container(ctx(), &req)
+        .await
+        .expect_err("a 4-byte stdio token");
+    match &e {
+        ttrpc::Error::RpcStatus(status) => {
+            assert_eq!(status.code(), ttrpc::Code::INVALID_ARGUMENT, "{e:?}");
+            assert!(
+                status.message.contains("stdio token must be 16 bytes"),
+                "{e:?}"
+            );
+        }
+        other => panic!("not a status: {other:?}"),
+    }
+    let listener = untokened.listeners[1].take().expect("listener");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), listener.accept())
+            .await
+            .is_err(),
+        "nothing connected to the stream's port"
+    );
     let mut bad = CreateContainerRequest::new();
     bad.container_id = "../x".into();
     bad.bundle = "/run/husk/shared/c1".into();

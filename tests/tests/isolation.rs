@@ -1,0 +1,268 @@
+//! Containers cannot reach vsock, and a process's streams take exactly the
+//! agent's connection.
+//!
+//! vsock is the guest's channel to the host: the agent's API listens on it
+//! and every process's stdio travels over it. Under a private containerd:
+//! a static probe (`husk-testprog vsock-probe`) tries every way to get a
+//! vsock socket in an unprivileged container with its own seccomp profile,
+//! in an exec there, and in a privileged container and an exec there: all
+//! must be refused with EPERM, while the container's own profile stays
+//! enforced. Then, from the guest side (the agent's StreamCheck connects
+//! out from inside the guest), connections to host ports whose stream is
+//! already connected and to ports no stream was given are refused, and the
+//! container's output arrives intact.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use husk_e2e::{
+    containerd::{Containerd, IMAGE},
+    require_kvm, Artifacts, TestDir,
+};
+use husk_protocols::{
+    agent::{stream_check_request::Direction, StreamCheckRequest},
+    connect_agent,
+};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout).chars().take(2000).collect::<String>(),
+        text(&o.stderr)
+    )
+}
+
+/// The first line of `/proc/self/status` for `field` in `report`
+/// (e.g. "Seccomp_filters"), its value trimmed.
+fn status_field<'a>(report: &'a str, field: &str) -> Option<&'a str> {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(str::trim)
+}
+
+/// Checks a probe report: every attempt refused with EPERM; io_uring
+/// either refused or not offered (`io_uring_must_run`: it must have been
+/// offered and refused).
+fn assert_refused(what: &str, report: &str, io_uring_must_run: bool) {
+    for line in [
+        "socket(AF_VSOCK, SOCK_STREAM): EPERM",
+        "socket(AF_VSOCK, SOCK_SEQPACKET): EPERM",
+        "socket(AF_VSOCK, SOCK_DGRAM): EPERM",
+        "inherited vsock descriptors: 0",
+        "vsock-probe: all refused",
+        "rc=0",
+    ] {
+        assert!(report.contains(line), "{what}: {line:?} in:\n{report}");
+    }
+    if io_uring_must_run {
+        assert!(
+            report.contains("io_uring socket(AF_VSOCK): EPERM"),
+            "{what}: io_uring's IORING_OP_SOCKET refused in:\n{report}"
+        );
+    }
+}
+
+/// A shell script: the probe, its exit status, then the seccomp and
+/// capability lines of its own status file.
+const PROBE: &str = "husk-testprog vsock-probe; echo rc=$?; \
+                     grep -E '^(Seccomp|Seccomp_filters|CapEff):' /proc/self/status";
+
+/// Runs a detached container `id` whose init writes the probe's report to
+/// `/out/<id>.txt` (a bind mount of `out`), then sleeps; returns the report.
+fn run_probe_container(c: &Containerd, out: &Path, id: &str, extra: &[&str]) -> String {
+    let mount = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+    let mut args = c.run_args();
+    args.extend(["-d", "--mount", &mount].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([IMAGE, id, "sh", "-c"].map(String::from));
+    args.push(format!(
+        "({PROBE}) > /out/{id}.tmp 2>&1; mv /out/{id}.tmp /out/{id}.txt; exec sleep 1000"
+    ));
+    let o = c.ctr(&args).expect("ctr run");
+    assert!(o.status.success(), "{}\n{}", describe(&o), c.log());
+    let file = out.join(format!("{id}.txt"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{id}'s init wrote no report\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::read_to_string(&file).expect("report")
+}
+
+fn exec_probe(c: &Containerd, id: &str) -> String {
+    let o = c
+        .ctr(&["task", "exec", "--exec-id", "probe", id, "sh", "-c", PROBE])
+        .expect("ctr task exec");
+    assert!(o.status.success(), "{}", describe(&o));
+    text(&o.stdout)
+}
+
+#[test]
+fn containers_cannot_reach_vsock() {
+    require_kvm();
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let dir = TestDir::new("isolation").expect("dir");
+    let templates = TestDir::new("isolation-templates").expect("dir");
+    let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
+    c.import_test_image().expect("image");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).expect("out dir");
+
+    // 1. Unprivileged, with the container's own seccomp profile (ctr's
+    //    default, containerd's): init and an exec.
+    let init = run_probe_container(&c, &out, "u1", &["--seccomp"]);
+    assert_refused("unprivileged init", &init, false);
+    let exec = exec_probe(&c, "u1");
+    assert_refused("exec in the unprivileged container", &exec, false);
+    // The container's profile is still enforced next to husk's vsock rule:
+    // two filters, for the init and for the exec.
+    for (what, report) in [("init", &init), ("exec", &exec)] {
+        assert_eq!(
+            status_field(report, "Seccomp"),
+            Some("2"),
+            "{what}:\n{report}"
+        );
+        assert_eq!(
+            status_field(report, "Seccomp_filters"),
+            Some("2"),
+            "{what}: the container's profile and husk's vsock rule:\n{report}"
+        );
+    }
+
+    // 2. Privileged: every capability, no seccomp profile of its own; the
+    //    vsock rule is all there is, and io_uring is offered (so its
+    //    socket operation is tried and must be refused as well).
+    let init = run_probe_container(&c, &out, "p1", &["--privileged"]);
+    assert_refused("privileged init", &init, true);
+    let exec = exec_probe(&c, "p1");
+    assert_refused("exec in the privileged container", &exec, true);
+    for (what, report) in [("init", &init), ("exec", &exec)] {
+        assert_eq!(
+            status_field(report, "Seccomp_filters"),
+            Some("1"),
+            "{what}: only husk's vsock rule:\n{report}"
+        );
+        let cap_eff = status_field(report, "CapEff").expect("CapEff");
+        assert!(
+            u64::from_str_radix(cap_eff, 16).is_ok_and(|c| c & (1 << 21) != 0),
+            "{what}: privileged (CAP_SYS_ADMIN) in:\n{report}"
+        );
+    }
+
+    for id in ["u1", "p1"] {
+        c.kill_and_remove(id).expect("kill and remove");
+    }
+    c.assert_nothing_left();
+}
+
+/// The pod directory's `vsock.sock_<port>` listeners (streams still
+/// waiting for their connection).
+fn stream_listeners(pod: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(pod)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vsock.sock_"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_stream_takes_only_its_own_connection() {
+    require_kvm();
+    let artifacts = Artifacts::locate().expect("artifacts");
+    let dir = TestDir::new("isolation-streams").expect("dir");
+    let templates = TestDir::new("isolation-streams-templates").expect("dir");
+    let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
+    c.import_test_image().expect("image");
+
+    // A container that waits, then writes 4 MiB the test can check. Its
+    // stdin, stdout and stderr are the pod's first streams: host ports
+    // 10000, 10001 and 10002.
+    const BIG: usize = 4 << 20;
+    let mut args = c.run_args();
+    args.extend(["--rm", IMAGE, "s1", "sh", "-c"].map(String::from));
+    args.push(format!("sleep 15; husk-testprog rand {BIG} 5"));
+    let child = c
+        .ctr_command(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    c.wait_status("s1", "RUNNING", Duration::from_secs(120))
+        .expect("s1 runs");
+    let pod = c.pod_dir("s1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stream_listeners(&pod).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "every stream of s1 has its connection: {:?} still listen",
+            stream_listeners(&pod)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // From inside the guest: connections to the three ports in use and to
+    // three no stream was given. Each is refused; none reaches the FIFOs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let refusals = rt.block_on(async {
+        let agent = connect_agent(&pod.join("vsock.sock"), Duration::from_secs(30))
+            .await
+            .expect("agent client");
+        let mut refusals = Vec::new();
+        for port in 10_000..10_006u32 {
+            let mut req = StreamCheckRequest::new();
+            req.direction = Direction::FROM_GUEST.into();
+            req.port = port;
+            req.bytes = 4096;
+            req.seed = u64::from(port);
+            req.timeout_ms = 10_000;
+            let r = agent
+                .stream_check(ttrpc::context::with_timeout(30_000_000_000), &req)
+                .await;
+            refusals.push((port, r.map(|r| r.bytes).map_err(|e| e.to_string())));
+        }
+        refusals
+    });
+    for (port, r) in &refusals {
+        let err = r.as_ref().expect_err(&format!(
+            "a guest connection to host port {port} is refused"
+        ));
+        assert!(
+            err.contains(&format!("connecting to host vsock port {port}")),
+            "port {port}: refused at connect: {err}"
+        );
+    }
+
+    let o = child.wait_with_output().expect("ctr run");
+    assert!(o.status.success(), "{}", describe(&o));
+    assert_eq!(o.stdout.len(), BIG, "all of stdout arrived");
+    assert!(
+        o.stdout == husk_testprog::bytes(5, BIG),
+        "stdout arrived intact"
+    );
+    assert!(o.stderr.is_empty(), "stderr: {}", text(&o.stderr));
+    c.assert_nothing_left();
+}
