@@ -251,6 +251,7 @@ impl Containers {
         let spec: oci_spec::runtime::Spec = serde_json::from_slice(&text).map_err(|e| {
             ContainerError::Invalid(format!("{} is not a valid OCI spec: {e}", config.display()))
         })?;
+        own_mount_namespace(&spec)?;
         let terminal = spec
             .process()
             .as_ref()
@@ -572,6 +573,28 @@ async fn run_helper(args: &[&str]) -> Result<Outcome> {
         .map(|(o, _)| o)
 }
 
+/// Refuses a spec whose container would share a mount namespace with the
+/// agent: it would see the agent's files and, being in the guest's initial
+/// mount namespace, could open vsock sockets (the guest kernel only refuses
+/// them outside it). A container gets a new mount namespace, never a path.
+fn own_mount_namespace(spec: &oci_spec::runtime::Spec) -> Result<()> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let mount = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Mount));
+    match mount {
+        Some(n) if n.path().is_none() => Ok(()),
+        Some(_) => Err(ContainerError::Invalid(
+            "a container cannot join an existing mount namespace in the guest".into(),
+        )),
+        None => Err(ContainerError::Invalid(
+            "the spec gives the container no mount namespace of its own".into(),
+        )),
+    }
+}
+
 /// The process's stdio token, checked: required when any stream is asked for.
 fn stdio_token(stdio: &Stdio) -> Result<&[u8]> {
     let any = stdio.stdin_port != 0 || stdio.stdout_port != 0 || stdio.stderr_port != 0;
@@ -885,5 +908,32 @@ fn finish(
         stdin: Mutex::new(stdin),
         pty,
         cgroup_path: outcome.cgroup_path,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(namespaces: serde_json::Value) -> oci_spec::runtime::Spec {
+        let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).expect("json");
+        v["linux"]["namespaces"] = namespaces;
+        serde_json::from_value(v).expect("spec")
+    }
+
+    #[test]
+    fn containers_need_a_mount_namespace_of_their_own() {
+        let ok = spec_with(serde_json::json!([{"type": "pid"}, {"type": "mount"}]));
+        assert!(own_mount_namespace(&ok).is_ok());
+        let none = spec_with(serde_json::json!([{"type": "pid"}]));
+        assert!(matches!(
+            own_mount_namespace(&none),
+            Err(ContainerError::Invalid(m)) if m.contains("no mount namespace")
+        ));
+        let joined = spec_with(serde_json::json!([{"type": "mount", "path": "/proc/1/ns/mnt"}]));
+        assert!(matches!(
+            own_mount_namespace(&joined),
+            Err(ContainerError::Invalid(m)) if m.contains("existing mount namespace")
+        ));
     }
 }

@@ -5,7 +5,8 @@
 //! host (vsock CID 2, through husk-vmm's hybrid vsock). A connection from
 //! inside the guest arrives with the guest's own CID or the loopback CID 1;
 //! the listener closes it before ttrpc reads a byte. Container processes
-//! cannot open vsock sockets at all (`confine`); this is the second wall,
+//! cannot open vsock sockets at all (the guest kernel refuses them outside
+//! the initial mount namespace); this is the second wall,
 //! for whatever else runs in the guest.
 //!
 //! `husk.selfcheck=local-api` on the kernel command line makes the agent

@@ -9,7 +9,6 @@
 //! is logged and turned into an orderly VM reset instead.
 
 mod cgroups;
-mod confine;
 mod containers;
 mod identity;
 mod init;

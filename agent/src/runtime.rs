@@ -199,25 +199,11 @@ fn done(c: Option<&Container>) -> Outcome {
     }
 }
 
-/// Puts this helper, and so every process it makes for a container, under
-/// the vsock guard (see `confine`). Fails closed: no container process is
-/// made without it.
-fn guard_container_processes() -> Result<(), String> {
-    crate::confine::forbid_vsock().map_err(|e| {
-        let mut msg = e.to_string();
-        if let Some(cause) = std::error::Error::source(&e) {
-            msg = format!("{msg}: {cause}");
-        }
-        msg
-    })
-}
-
 fn run(a: &Args) -> Result<Outcome, String> {
     let id = a.get("--id")?;
     match a.op.as_str() {
         "create" => {
             let bundle = a.get("--bundle")?;
-            guard_container_processes()?;
             let console = a.flags.get("--console-socket").map(String::as_str);
             let c = builder(id, console)?
                 .as_init(bundle)
@@ -246,7 +232,6 @@ fn run(a: &Args) -> Result<Outcome, String> {
             let process = a.get("--process")?;
             let console = a.flags.get("--console-socket").map(String::as_str);
             let seccomp = container_seccomp(&load(id)?)?;
-            guard_container_processes()?;
             let mut b = builder(id, console)?;
             if let Some(seccomp) = seccomp {
                 b = b.with_executor(SeccompExecutor { seccomp });

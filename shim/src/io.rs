@@ -326,6 +326,11 @@ async fn relay_stdin(
     token: Token,
     close: Arc<Notify>,
 ) {
+    // The agent's connection first, whether or not the client ever opens
+    // its end: the stream's port is closed to anything else from then on.
+    let Some(mut conn) = accept(listener, path, token).await else {
+        return;
+    };
     let mut guard = Unblock {
         fifo: fifo.to_string(),
         opened: false,
@@ -340,12 +345,13 @@ async fn relay_stdin(
         Some(Ok(p)) => p,
         Some(Err(e)) => {
             tracing::warn!("opening {fifo}: {e}");
+            let _ = conn.shutdown().await;
             return;
         }
-        None => return,
-    };
-    let Some(mut conn) = accept(listener, path, token).await else {
-        return;
+        None => {
+            let _ = conn.shutdown().await;
+            return;
+        }
     };
     let mut buf = vec![0u8; CHUNK];
     loop {

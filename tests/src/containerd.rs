@@ -71,10 +71,13 @@ impl Containerd {
             ),
         )?;
         let husk_toml = dir.join("husk.toml");
+        // HUSK_E2E_SERIAL=1 keeps each pod VM's console in its pod
+        // directory (`serial.log`), for debugging a failing test.
+        let serial = std::env::var_os("HUSK_E2E_SERIAL").is_some_and(|v| v == "1");
         std::fs::write(
             &husk_toml,
             format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\ntemplate_dir = \"{}\"\nstate_dir = \"{}\"\n",
+                "kernel = \"{}\"\ninitramfs = \"{}\"\ntemplate_dir = \"{}\"\nstate_dir = \"{}\"\nserial_console = {serial}\n",
                 artifacts.kernel.display(),
                 artifacts.initramfs.display(),
                 templates.display(),

@@ -195,12 +195,11 @@ fn ctr_runs_containers_in_husk_microvms() {
         // ctr's default set (docker's 0xa80425fb) without CAP_CHOWN (bit 0).
         "CapEff:\t00000000a80425fa\n",
         // The exec runs under the container's seccomp profile, as the init:
-        // two filters each, the profile and husk's vsock rule (which alone
-        // would be one).
+        // one filter each.
         "Seccomp:\t2\n",
-        "Seccomp_filters:\t2\n",
+        "Seccomp_filters:\t1\n",
         "Seccomp: 2\n",
-        "Seccomp_filters: 2\n",
+        "Seccomp_filters: 1\n",
         "nofile=1024\n",
         "root=ro\n",
         // Masked: /dev/null over it (the guest kernel has no /proc/kcore).

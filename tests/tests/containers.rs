@@ -51,10 +51,10 @@ fn write_spec(shared: &Path, id: &str, spec: &serde_json::Value) {
     .expect("config.json");
 }
 
-/// Host listeners for a process's stdio ports.
 /// The stdio token these tests hand the agent.
 const TOKEN: [u8; STDIO_TOKEN_LEN] = *b"husk-test-token!";
 
+/// Host listeners for a process's stdio ports.
 struct StdioPorts {
     vsock: std::path::PathBuf,
     ports: [u32; 3],
@@ -320,6 +320,17 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
     del.container_id = "c3".into();
     del.force = true;
     let _ = client.delete_container(ctx(), &del).await;
+    // A container that would share the agent's mount namespace: refused.
+    spec["process"]["args"] = serde_json::json!(["/bin/true"]);
+    spec["linux"]["namespaces"] = serde_json::json!([{"type": "pid"}, {"type": "ipc"}]);
+    write_spec(&shared, "c3", &spec);
+    let (r, _) = create(&client, "c3", &mut none).await;
+    let e = r.expect_err("no mount namespace");
+    assert!(
+        format!("{e:?}").contains("no mount namespace of its own"),
+        "{e:?}"
+    );
+
     // Streams without a proper token: refused before anything connects.
     let mut untokened = StdioPorts::new(&vm.vsock, [0, 7021, 0]);
     let mut stdio = untokened.stdio();

@@ -13,8 +13,8 @@
 //!   stdout.
 //! - `alloc MIB`: touches MIB MiB of memory, then sleeps forever (memory
 //!   limits and OOM events).
-//! - `vsock-probe`: tries every way to get a vsock socket (see `probe`);
-//!   exits 0 only if all were refused.
+//! - `vsock-probe [--report FILE [--then-sleep]]`: tries every way to get a
+//!   vsock socket (see `probe`); exits 0 only if all were refused.
 
 mod probe;
 
@@ -54,7 +54,7 @@ fn alloc(mib: usize) -> ! {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | vsock-probe");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | vsock-probe [--report FILE [--then-sleep]]");
     std::process::exit(2)
 }
 
@@ -73,7 +73,7 @@ fn main() {
             }
         }
         Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
-        Some("vsock-probe") => std::process::exit(if probe::run() { 0 } else { 1 }),
+        Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
         _ => usage(),
     }
 }

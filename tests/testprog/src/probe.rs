@@ -114,27 +114,76 @@ fn inherited_vsock() -> Vec<i32> {
         .collect()
 }
 
-/// Runs every attempt; returns whether all were refused.
-pub fn run() -> bool {
+/// Runs every attempt; returns the report (one line each, then the
+/// process's own seccomp and capability lines from `/proc/self/status`,
+/// then `rc=0` if all were refused, `rc=1` otherwise) and whether all were.
+pub fn run() -> (String, bool) {
+    let mut out = String::new();
     let mut ok = true;
+    let mut line = |l: String| {
+        out.push_str(&l);
+        out.push('\n');
+    };
     for (name, kind) in [
         ("SOCK_STREAM", libc::SOCK_STREAM),
         ("SOCK_SEQPACKET", libc::SOCK_SEQPACKET),
         ("SOCK_DGRAM", libc::SOCK_DGRAM),
     ] {
         let v = socket(kind);
-        println!("socket(AF_VSOCK, {name}): {v}");
+        line(format!("socket(AF_VSOCK, {name}): {v}"));
         ok &= v == Verdict::Refused;
     }
     let v = io_uring_socket();
-    println!("io_uring socket(AF_VSOCK): {v}");
+    line(format!("io_uring socket(AF_VSOCK): {v}"));
     ok &= matches!(v, Verdict::Refused | Verdict::Unavailable(_));
     let fds = inherited_vsock();
-    println!("inherited vsock descriptors: {}", fds.len());
+    line(format!("inherited vsock descriptors: {}", fds.len()));
     ok &= fds.is_empty();
-    println!(
+    line(format!(
         "vsock-probe: {}",
         if ok { "all refused" } else { "REACHABLE" }
-    );
-    ok
+    ));
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for l in status.lines().filter(|l| {
+        ["Seccomp:", "Seccomp_filters:", "CapEff:"]
+            .iter()
+            .any(|f| l.starts_with(f))
+    }) {
+        line(l.to_string());
+    }
+    line(format!("rc={}", u8::from(!ok)));
+    (out, ok)
+}
+
+/// `vsock-probe [--report FILE [--then-sleep]]`: the report goes to stdout
+/// (exit status 0 if all was refused), or into FILE, written whole under a
+/// temporary name first; `--then-sleep` then keeps the process alive (a
+/// container's init that the test then execs into).
+pub fn main(args: &[String]) -> i32 {
+    let (report, ok) = run();
+    match args.first().map(String::as_str) {
+        Some("--report") => {
+            let Some(file) = args.get(1) else {
+                eprintln!("vsock-probe: --report needs a file");
+                return 2;
+            };
+            let tmp = format!("{file}.tmp");
+            if let Err(e) = std::fs::write(&tmp, &report).and_then(|()| std::fs::rename(&tmp, file))
+            {
+                eprintln!("vsock-probe: writing {file}: {e}");
+                return 2;
+            }
+            if args.get(2).map(String::as_str) == Some("--then-sleep") {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+        }
+        Some(other) => {
+            eprintln!("vsock-probe: unexpected argument {other:?}");
+            return 2;
+        }
+        None => print!("{report}"),
+    }
+    i32::from(!ok)
 }
