@@ -20,7 +20,8 @@ use std::{
 
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::workload::{
-    default::DefaultExecutor, Executor, ExecutorError, ExecutorValidationError,
+    default::DefaultExecutor, Executor, ExecutorError, ExecutorSetEnvsError,
+    ExecutorValidationError,
 };
 use libcontainer::{
     container::{builder::ContainerBuilder, Container, ContainerStatus},
@@ -205,7 +206,12 @@ fn run(a: &Args) -> Result<Outcome, String> {
         "create" => {
             let bundle = a.get("--bundle")?;
             let console = a.flags.get("--console-socket").map(String::as_str);
+            let workload = Workload {
+                seccomp: None,
+                hwcaps_mask: hwcaps_mask(),
+            };
             let c = builder(id, console)?
+                .with_executor(workload)
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -231,12 +237,12 @@ fn run(a: &Args) -> Result<Outcome, String> {
         "exec" => {
             let process = a.get("--process")?;
             let console = a.flags.get("--console-socket").map(String::as_str);
-            let seccomp = container_seccomp(&load(id)?)?;
-            let mut b = builder(id, console)?;
-            if let Some(seccomp) = seccomp {
-                b = b.with_executor(SeccompExecutor { seccomp });
-            }
-            let pid = b
+            let workload = Workload {
+                seccomp: container_seccomp(&load(id)?)?,
+                hwcaps_mask: hwcaps_mask(),
+            };
+            let pid = builder(id, console)?
+                .with_executor(workload)
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
@@ -309,36 +315,45 @@ fn container_seccomp(c: &Container) -> Result<Option<LinuxSeccomp>, String> {
     Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
 }
 
-/// Runs an exec'd process under its container's seccomp profile, as runc
-/// does. libcontainer 0.7 builds an exec's spec without the container's
-/// `linux.seccomp`, so without this a process started by `ctr task exec`
-/// (or `kubectl exec`) would run unconfined next to a confined init. The
-/// filter is installed as the last step before the program is executed,
-/// after capabilities and the user are set. Unprivileged, the kernel only
-/// takes a filter with no_new_privs set: if the process did not ask for it
-/// and the first attempt is refused, it is set — a confined exec that
-/// cannot gain privileges through set-uid programs is preferred to an
-/// unconfined one. Any other failure fails the exec.
+/// What the agent adds to every container process (init and exec) just
+/// before its program runs.
+///
+/// * `seccomp` (execs only): the container's seccomp profile, as runc
+///   does. libcontainer 0.7 builds an exec's spec without the container's
+///   `linux.seccomp`, so without this a process started by `ctr task exec`
+///   (or `kubectl exec`) would run unconfined next to a confined init. The
+///   filter is installed as the last step before the program is executed,
+///   after capabilities and the user are set. Unprivileged, the kernel only
+///   takes a filter with no_new_privs set: if the process did not ask for
+///   it and the first attempt is refused, it is set — a confined exec that
+///   cannot gain privileges through set-uid programs is preferred to an
+///   unconfined one. Any other failure fails the exec.
+/// * `hwcaps_mask`: the glibc `hwcaps` mask the VMM gave the agent (see
+///   [`hwcaps_mask`]), merged into the process's `GLIBC_TUNABLES`.
 #[derive(Clone)]
-struct SeccompExecutor {
-    seccomp: LinuxSeccomp,
+struct Workload {
+    seccomp: Option<LinuxSeccomp>,
+    hwcaps_mask: Option<String>,
 }
 
-impl Executor for SeccompExecutor {
+impl Executor for Workload {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
-        let installed = libcontainer::seccomp::initialize_seccomp(&self.seccomp).or_else(|_| {
-            nix::sys::prctl::set_no_new_privs()
-                .map_err(|e| ExecutorError::Other(format!("setting no_new_privs: {e}")))?;
-            libcontainer::seccomp::initialize_seccomp(&self.seccomp).map_err(|e| {
-                ExecutorError::Other(format!("installing the container's seccomp profile: {e}"))
-            })
-        })?;
-        if let Some(fd) = installed {
-            // A notify action needs a listener; an exec has none here, so
-            // the notified calls fail (ENOSYS) rather than run unchecked.
-            // SAFETY: libseccomp handed us this descriptor; nothing else
-            // owns it.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        if let Some(seccomp) = &self.seccomp {
+            let installed = libcontainer::seccomp::initialize_seccomp(seccomp).or_else(|_| {
+                nix::sys::prctl::set_no_new_privs()
+                    .map_err(|e| ExecutorError::Other(format!("setting no_new_privs: {e}")))?;
+                libcontainer::seccomp::initialize_seccomp(seccomp).map_err(|e| {
+                    ExecutorError::Other(format!("installing the container's seccomp profile: {e}"))
+                })
+            })?;
+            if let Some(fd) = installed {
+                // A notify action needs a listener; an exec has none here,
+                // so the notified calls fail (ENOSYS) rather than run
+                // unchecked.
+                // SAFETY: libseccomp handed us this descriptor; nothing else
+                // owns it.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
         }
         DefaultExecutor {}.exec(spec)
     }
@@ -346,6 +361,61 @@ impl Executor for SeccompExecutor {
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
         DefaultExecutor {}.validate(spec)
     }
+
+    fn setup_envs(&self, mut envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
+        if let Some(mask) = &self.hwcaps_mask {
+            let merged = merge_tunables(envs.get(TUNABLES).map(String::as_str), mask);
+            envs.insert(TUNABLES.to_string(), merged);
+        }
+        DefaultExecutor {}.setup_envs(envs)
+    }
+}
+
+const TUNABLES: &str = "GLIBC_TUNABLES";
+const HWCAPS: &str = "glibc.cpu.hwcaps=";
+
+/// The `glibc.cpu.hwcaps` value of the agent's own `GLIBC_TUNABLES`, if any.
+///
+/// On KVM PVM hosts husk-vmm puts `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...`
+/// on the guest kernel's command line, which makes it the environment of
+/// the agent (PID 1) and of this helper. Guest user code there runs
+/// natively and sees the host's AVX and AVX-512, while the guest kernel
+/// switches only x87/SSE registers between processes (docs/security.md,
+/// "Guest register state"): glibc must not pick its AVX string functions
+/// in any guest process, containers included.
+fn hwcaps_mask() -> Option<String> {
+    let own = std::env::var(TUNABLES).ok()?;
+    own.split(':')
+        .find_map(|t| t.strip_prefix(HWCAPS))
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// `GLIBC_TUNABLES` for a container process: its own tunables (if any) with
+/// `mask` appended to its `glibc.cpu.hwcaps` (or added as one).
+fn merge_tunables(own: Option<&str>, mask: &str) -> String {
+    let Some(own) = own.filter(|o| !o.is_empty()) else {
+        return format!("{HWCAPS}{mask}");
+    };
+    let mut found = false;
+    let mut parts: Vec<String> = own
+        .split(':')
+        .map(|t| match t.strip_prefix(HWCAPS) {
+            Some(v) if !found => {
+                found = true;
+                if v.is_empty() {
+                    format!("{HWCAPS}{mask}")
+                } else {
+                    format!("{HWCAPS}{v},{mask}")
+                }
+            }
+            _ => t.to_string(),
+        })
+        .collect();
+    if !found {
+        parts.push(format!("{HWCAPS}{mask}"));
+    }
+    parts.join(":")
 }
 
 /// Applies `resources` to the container's cgroup, as `runc update` does.
@@ -386,6 +456,21 @@ mod tests {
         assert_eq!(a.get("--signal").ok(), Some("9"));
         assert!(a.has("--all"));
         assert!(!a.has("--force"));
+    }
+
+    #[test]
+    fn hwcaps_mask_is_merged_into_the_container_tunables() {
+        let m = "-AVX,-AVX2";
+        assert_eq!(merge_tunables(None, m), "glibc.cpu.hwcaps=-AVX,-AVX2");
+        assert_eq!(merge_tunables(Some(""), m), "glibc.cpu.hwcaps=-AVX,-AVX2");
+        assert_eq!(
+            merge_tunables(Some("glibc.malloc.arena_max=2"), m),
+            "glibc.malloc.arena_max=2:glibc.cpu.hwcaps=-AVX,-AVX2"
+        );
+        assert_eq!(
+            merge_tunables(Some("glibc.cpu.hwcaps=-ERMS:glibc.malloc.arena_max=2"), m),
+            "glibc.cpu.hwcaps=-ERMS,-AVX,-AVX2:glibc.malloc.arena_max=2"
+        );
     }
 
     #[test]

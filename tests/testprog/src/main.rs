@@ -15,8 +15,11 @@
 //!   limits and OOM events).
 //! - `vsock-probe [--report FILE [--then-sleep]]`: tries every way to get a
 //!   vsock socket (see `probe`); exits 0 only if all were refused.
+//! - `vector-check SECONDS SEED`: checks that vector registers survive
+//!   context switches (see `vectors`); run two at once.
 
 mod probe;
+mod vectors;
 
 use std::io::Write;
 
@@ -54,7 +57,7 @@ fn alloc(mib: usize) -> ! {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | vsock-probe [--report FILE [--then-sleep]]");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
     std::process::exit(2)
 }
 
@@ -73,6 +76,7 @@ fn main() {
             }
         }
         Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
+        Some("vector-check") => std::process::exit(vectors::main(num(1), num(2))),
         Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
         _ => usage(),
     }

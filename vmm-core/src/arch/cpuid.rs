@@ -50,8 +50,19 @@ impl CpuProfile {
 /// instructions an emulating host lacks, plus `noreplace-smp`: with one vCPU
 /// the kernel would otherwise rewrite every LOCK prefix in its text at boot
 /// (2.3 s of emulated code measured, see docs/boot-time.md).
+///
+/// The last word is not for the kernel: it becomes an environment variable
+/// of the guest's init (the agent), which hands the mask on to every
+/// container process. Guest user code on such hosts runs natively and sees
+/// the host's CPUID and XCR0 (AVX, AVX-512), but the guest kernel, without
+/// XSAVE, switches only x87/SSE registers between processes; glibc's AVX
+/// string functions then stored other processes' register contents (about
+/// one container exec in three crashed). The mask keeps glibc on its SSE2
+/// code. It does not stop programs that use AVX by themselves
+/// (docs/security.md, "Guest register state").
 pub const fn emulated_cmdline() -> &'static str {
-    "noxsave clearcpuid=popcnt,cx16,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm noreplace-smp"
+    "noxsave clearcpuid=popcnt,cx16,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm noreplace-smp \
+     GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,-AVX512VL,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load"
 }
 
 const fn bit(n: u32) -> u32 {
