@@ -14,6 +14,7 @@ use husk_protocols::{
     },
     connect_agent, hybrid_vsock,
 };
+use sha2::{Digest, Sha256};
 use tokio::{io::AsyncReadExt, net::UnixListener};
 
 fn ctx() -> ttrpc::context::Context {
@@ -83,7 +84,14 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
         resp.contains("\"ok\":false") && resp.contains("has used virtio-fs"),
         "snapshot after mount: {resp}"
     );
-    assert!(!late.exists(), "no partial snapshot is left");
+    // Nothing of the refused snapshot is left: neither the file nor the
+    // temporary one it would have been written to (`late.tmp`).
+    let mut left: Vec<String> = std::fs::read_dir(keep.path())
+        .expect("read the snapshot directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["vm.snap"], "no partial snapshot is left");
     let health = client_a
         .health(ctx(), &HealthRequest::new())
         .await
@@ -145,7 +153,11 @@ async fn snapshot_restores_into_a_new_vmm_and_corrupt_ones_are_refused() {
         s.read_to_end(&mut v).await.expect("read");
         v
     });
-    assert_eq!(resp.expect("StreamCheck").bytes, got.len() as u64);
+    // All of it, and the bytes the guest meant to send.
+    let resp = resp.expect("StreamCheck");
+    assert_eq!(got.len(), 1 << 20, "the whole MiB arrived");
+    assert_eq!(resp.bytes, got.len() as u64);
+    assert_eq!(resp.sha256, Sha256::digest(&got).to_vec(), "intact");
 
     client
         .shutdown(ctx(), &ShutdownRequest::new())

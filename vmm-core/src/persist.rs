@@ -214,8 +214,12 @@ impl Persist {
                 return Err(e.into());
             }
         };
-        file.sync_all().map_err(file_err)?;
-        std::fs::rename(&tmp, path).map_err(file_err)?;
+        // A snapshot is either complete under its name or not there at all:
+        // the temporary file goes on any failure.
+        if let Err(e) = file.sync_all().and_then(|()| std::fs::rename(&tmp, path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(file_err(e));
+        }
         Ok(stats)
     }
 }
