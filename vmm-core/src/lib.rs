@@ -18,6 +18,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod logger;
 pub mod memory;
 pub mod persist;
 pub mod seccomp;

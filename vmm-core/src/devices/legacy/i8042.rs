@@ -36,7 +36,7 @@ impl BusDevice for ResetLine {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
             if let Err(e) = self.dev.write(off, *value) {
-                tracing::warn!("i8042 reset signal failed: {e}");
+                crate::logger::guest_warn!("i8042 reset signal failed: {e}");
             }
         }
     }

@@ -313,7 +313,9 @@ impl MmioTransport {
     fn with_queue<F: FnOnce(&mut Queue)>(&mut self, f: F) {
         // Queue registers may only change before the driver says DRIVER_OK.
         if self.status & status::DRIVER_OK != 0 {
-            tracing::warn!("virtio-mmio: queue register written after DRIVER_OK; ignored");
+            crate::logger::guest_warn!(
+                "virtio-mmio: queue register written after DRIVER_OK; ignored"
+            );
             return;
         }
         if let Some(q) = self.selected_queue() {
@@ -354,7 +356,9 @@ impl MmioTransport {
             0x014 => self.device_features_select = v,
             0x020 => {
                 if self.status & status::FEATURES_OK != 0 {
-                    tracing::warn!("virtio-mmio: features written after FEATURES_OK; ignored");
+                    crate::logger::guest_warn!(
+                        "virtio-mmio: features written after FEATURES_OK; ignored"
+                    );
                     return;
                 }
                 let shift = match self.driver_features_select {
@@ -396,7 +400,7 @@ impl MmioTransport {
         let old = self.status;
         // Bits may only be added, never removed, except by a reset.
         if v & old != old {
-            tracing::warn!(
+            crate::logger::guest_warn!(
                 old,
                 new = v,
                 "virtio-mmio: driver cleared status bits without a reset"
@@ -407,7 +411,7 @@ impl MmioTransport {
         if v & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let offered = self.device.features();
             if self.driver_features & !offered != 0 {
-                tracing::warn!(
+                crate::logger::guest_warn!(
                     offered,
                     asked = self.driver_features,
                     "virtio-mmio: driver accepted features the device does not offer"
@@ -426,13 +430,13 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if self.status & status::FEATURES_OK == 0 {
-            tracing::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
+            crate::logger::guest_warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
             self.status |= status::FAILED;
             return;
         }
         for (i, q) in self.queues.iter().enumerate() {
             if !q.is_valid(&self.mem) {
-                tracing::warn!(
+                crate::logger::guest_warn!(
                     queue = i,
                     "virtio-mmio: queue is not valid for guest memory"
                 );
@@ -442,7 +446,7 @@ impl MmioTransport {
             }
         }
         if let Err(e) = self.activate_device() {
-            tracing::error!(
+            crate::logger::guest_error!(
                 "virtio-mmio: activating device type {}: {e}",
                 self.device.device_type()
             );
@@ -496,7 +500,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(
+            crate::logger::guest_warn!(
                 offset,
                 len = data.len(),
                 "virtio-mmio: unaligned register read"
@@ -513,7 +517,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::logger::guest_warn!(
                 offset,
                 len = data.len(),
                 "virtio-mmio: unaligned register write"

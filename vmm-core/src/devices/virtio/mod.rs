@@ -63,7 +63,7 @@ impl Interrupt {
     pub fn signal(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.line.raise() {
-            tracing::error!("raising a virtio interrupt failed: {e}");
+            crate::logger::guest_error!("raising a virtio interrupt failed: {e}");
         }
     }
 

@@ -324,7 +324,7 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "virtio-fs: guest wrote read-only config space");
+        crate::logger::guest_warn!(offset, "virtio-fs: guest wrote read-only config space");
     }
 
     fn activate(
@@ -425,7 +425,9 @@ impl Inner {
                     Ok(()) => self.interrupt = Some(interrupt),
                     Err(e) => {
                         // The guest sees a device that never answers; say why.
-                        tracing::error!("virtio-fs: handing the queues to the daemon: {e}");
+                        crate::logger::guest_error!(
+                            "virtio-fs: handing the queues to the daemon: {e}"
+                        );
                         interrupt.signal(super::INT_CONFIG);
                     }
                 },
@@ -433,7 +435,7 @@ impl Inner {
                     for i in 0..NUM_QUEUES {
                         // GET_VRING_BASE stops the ring in the daemon.
                         if let Err(e) = self.frontend.get_vring_base(i) {
-                            tracing::warn!("virtio-fs: stopping queue {i}: {e}");
+                            crate::logger::guest_warn!("virtio-fs: stopping queue {i}: {e}");
                         }
                     }
                     self.interrupt = None;
@@ -462,7 +464,7 @@ impl MutEventSubscriber for FsHandler {
     fn init(&mut self, ops: &mut EventOps) {
         for evt in self.call_evts.iter().chain(std::iter::once(&self.work_evt)) {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                tracing::error!("virtio-fs: watching an eventfd: {e:?}");
+                crate::logger::guest_error!("virtio-fs: watching an eventfd: {e:?}");
             }
         }
     }

@@ -117,7 +117,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "vsock: guest wrote read-only config space");
+        crate::logger::guest_warn!(offset, "vsock: guest wrote read-only config space");
     }
 
     fn activate(
@@ -235,7 +235,7 @@ impl Inner {
                 Err(why) => {
                     self.bad_packets += 1;
                     if self.bad_packets <= 10 || self.bad_packets % 1000 == 0 {
-                        tracing::warn!(
+                        crate::logger::guest_warn!(
                             count = self.bad_packets,
                             "vsock: dropping a malformed guest packet: {why}"
                         );
@@ -243,7 +243,7 @@ impl Inner {
                 }
             }
             if let Err(e) = active.queues[TXQ].add_used(&mem, head, 0) {
-                tracing::error!("vsock: returning a TX buffer: {e}");
+                crate::logger::guest_error!("vsock: returning a TX buffer: {e}");
             }
         }
         if used {
@@ -269,7 +269,7 @@ impl Inner {
             let mut writer = match Writer::new(&mem, chain) {
                 Ok(w) => w,
                 Err(e) => {
-                    tracing::warn!("vsock: bad RX descriptor chain: {e}");
+                    crate::logger::guest_warn!("vsock: bad RX descriptor chain: {e}");
                     let _ = active.queues[RXQ].add_used(&mem, head, 0);
                     used = true;
                     continue;
@@ -285,7 +285,7 @@ impl Inner {
             }
             let len = u32::try_from(sink.written).unwrap_or(0);
             if let Err(e) = active.queues[RXQ].add_used(&mem, head, len) {
-                tracing::error!("vsock: returning an RX buffer: {e}");
+                crate::logger::guest_error!("vsock: returning an RX buffer: {e}");
             }
             used = true;
         }
@@ -316,7 +316,7 @@ impl Inner {
         };
         let len = if written { 4 } else { 0 };
         if let Err(e) = active.queues[EVQ].add_used(&mem, head, len) {
-            tracing::error!("vsock: returning an event buffer: {e}");
+            crate::logger::guest_error!("vsock: returning an event buffer: {e}");
         }
         self.transport_reset_pending = !written;
         self.awaiting_reset_ack = written;
@@ -333,7 +333,7 @@ impl Inner {
             Ok(true) => active.interrupt.signal(INT_VRING),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!("vsock: checking queue {queue} notification: {e}");
+                crate::logger::guest_warn!("vsock: checking queue {queue} notification: {e}");
                 active.interrupt.signal(INT_VRING);
             }
         }

@@ -51,7 +51,7 @@ impl Poller for OpsPoller<'_, '_> {
             .ops
             .add(Events::with_data_raw(fd, TOKEN_STREAM, event_set(interest)))
         {
-            tracing::error!("vsock: watching fd {fd}: {e:?}");
+            crate::logger::guest_error!("vsock: watching fd {fd}: {e:?}");
         }
     }
     fn modify(&mut self, fd: RawFd, interest: Interest) {
@@ -59,7 +59,7 @@ impl Poller for OpsPoller<'_, '_> {
             self.ops
                 .modify(Events::with_data_raw(fd, TOKEN_STREAM, event_set(interest)))
         {
-            tracing::error!("vsock: changing fd {fd}: {e:?}");
+            crate::logger::guest_error!("vsock: changing fd {fd}: {e:?}");
         }
     }
     fn remove(&mut self, fd: RawFd) {
@@ -106,7 +106,7 @@ impl VsockHandler {
         for (fd, token) in fds {
             match ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
                 Ok(()) => self.registered_queues.push(fd),
-                Err(e) => tracing::error!("vsock: watching queue eventfd: {e:?}"),
+                Err(e) => crate::logger::guest_error!("vsock: watching queue eventfd: {e:?}"),
             }
         }
         // Packets may have queued up (host connections) before the driver came;
@@ -124,7 +124,7 @@ impl MutEventSubscriber for VsockHandler {
             TOKEN_ACTIVATE,
             EventSet::IN,
         )) {
-            tracing::error!("vsock: watching the activation eventfd: {e:?}");
+            crate::logger::guest_error!("vsock: watching the activation eventfd: {e:?}");
         }
         let listener = self.lock().muxer.listener_fd();
         if let Err(e) = ops.add(Events::with_data_raw(
@@ -132,7 +132,7 @@ impl MutEventSubscriber for VsockHandler {
             TOKEN_LISTENER,
             EventSet::IN,
         )) {
-            tracing::error!("vsock: watching the listening socket: {e:?}");
+            crate::logger::guest_error!("vsock: watching the listening socket: {e:?}");
         }
     }
 
@@ -178,7 +178,7 @@ impl MutEventSubscriber for VsockHandler {
                 inner.muxer.handle_fd(events.fd(), ready, &mut poller);
                 inner.process_rx(&mut poller);
             }
-            other => tracing::warn!("vsock: unexpected event token {other}"),
+            other => crate::logger::guest_warn!("vsock: unexpected event token {other}"),
         }
     }
 }

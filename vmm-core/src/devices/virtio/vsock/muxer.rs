@@ -395,7 +395,7 @@ impl Muxer {
         if self.ctrl.len() >= MAX_CTRL_QUEUE {
             // The guest is not taking packets; dropping a control packet only
             // delays a reset or credit update the guest is not reading anyway.
-            tracing::warn!(
+            crate::logger::guest_warn!(
                 "vsock: control queue full, dropping a packet for port {}",
                 hdr.dst_port
             );
@@ -473,11 +473,13 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.pending.len() >= MAX_PENDING || self.conns.len() >= MAX_CONNECTIONS {
-                        tracing::warn!("vsock: too many connections; refusing a host connection");
+                        crate::logger::guest_warn!(
+                            "vsock: too many connections; refusing a host connection"
+                        );
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
-                        tracing::warn!("vsock: accepted stream: {e}");
+                        crate::logger::guest_warn!("vsock: accepted stream: {e}");
                         continue;
                     }
                     let fd = stream.as_raw_fd();
@@ -493,7 +495,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::warn!("vsock: accept on {}: {e}", self.uds_path.display());
+                    crate::logger::guest_warn!("vsock: accept on {}: {e}", self.uds_path.display());
                     break;
                 }
             }
@@ -593,7 +595,9 @@ impl Muxer {
                     return;
                 };
                 if self.conns.len() >= MAX_CONNECTIONS {
-                    tracing::warn!("vsock: too many connections; refusing CONNECT {port}");
+                    crate::logger::guest_warn!(
+                        "vsock: too many connections; refusing CONNECT {port}"
+                    );
                     return;
                 }
                 let key = Key {
@@ -678,7 +682,7 @@ impl Muxer {
                     return;
                 }
                 if c.tx_buf.len() + payload.len() > BUF_ALLOC as usize {
-                    tracing::warn!(
+                    crate::logger::guest_warn!(
                         "vsock: guest port {} sent beyond its credit; resetting",
                         key.peer_port
                     );
@@ -772,7 +776,7 @@ impl Muxer {
                 c.sent_fwd_cnt = c.fwd_cnt;
             }
             if let Err(e) = sink.write_packet(&hdr, &[]) {
-                tracing::warn!("vsock: writing a packet to the guest: {e}");
+                crate::logger::guest_warn!("vsock: writing a packet to the guest: {e}");
             }
             return true;
         }
@@ -816,7 +820,7 @@ impl Muxer {
                             ..make_hdr(self.guest_cid, key, op::RW, 0, c.fwd_cnt)
                         };
                         if let Err(e) = sink.write_packet(&hdr, &self.scratch[..n]) {
-                            tracing::warn!("vsock: writing a packet to the guest: {e}");
+                            crate::logger::guest_warn!("vsock: writing a packet to the guest: {e}");
                         }
                         // Keep reading on the next buffer.
                         self.enqueue(key);
