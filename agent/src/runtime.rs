@@ -206,12 +206,8 @@ fn run(a: &Args) -> Result<Outcome, String> {
         "create" => {
             let bundle = a.get("--bundle")?;
             let console = a.flags.get("--console-socket").map(String::as_str);
-            let workload = Workload {
-                seccomp: None,
-                hwcaps_mask: hwcaps_mask(),
-            };
             let c = builder(id, console)?
-                .with_executor(workload)
+                .with_executor(Workload::new(None))
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
@@ -237,10 +233,7 @@ fn run(a: &Args) -> Result<Outcome, String> {
         "exec" => {
             let process = a.get("--process")?;
             let console = a.flags.get("--console-socket").map(String::as_str);
-            let workload = Workload {
-                seccomp: container_seccomp(&load(id)?)?,
-                hwcaps_mask: hwcaps_mask(),
-            };
+            let workload = Workload::new(container_seccomp(&load(id)?)?);
             let pid = builder(id, console)?
                 .with_executor(workload)
                 .as_tenant()
@@ -334,6 +327,15 @@ fn container_seccomp(c: &Container) -> Result<Option<LinuxSeccomp>, String> {
 struct Workload {
     seccomp: Option<LinuxSeccomp>,
     hwcaps_mask: Option<String>,
+}
+
+impl Workload {
+    fn new(seccomp: Option<LinuxSeccomp>) -> Self {
+        Self {
+            seccomp,
+            hwcaps_mask: hwcaps_mask(),
+        }
+    }
 }
 
 impl Executor for Workload {
