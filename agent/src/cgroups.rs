@@ -299,7 +299,7 @@ mod tests {
             ("memory.current", "4096\n"),
             ("memory.max", "16777216\n"),
             ("memory.stat", "anon 2048\nfile 1024\ninactive_file 512\n"),
-            ("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 3\noom 4\noom_kill 1\n"),
             ("pids.current", "2\n"),
             ("pids.max", "max\n"),
         ] {
@@ -312,7 +312,15 @@ mod tests {
         assert_eq!(s.memory.limit, 16 << 20);
         assert_eq!(s.memory.swap_limit, UNLIMITED, "no swap controller files");
         assert_eq!(s.memory.stat.get("inactive_file"), Some(&512));
-        assert_eq!((s.memory.max_events, s.memory.oom_kill_events), (3, 1));
+        // Every counter differs, so a mixed-up key shows.
+        assert_eq!(
+            (
+                s.memory.max_events,
+                s.memory.oom_events,
+                s.memory.oom_kill_events
+            ),
+            (3, 4, 1)
+        );
         assert_eq!((s.pids.current, s.pids.limit), (2, UNLIMITED));
         assert!(s.io.is_empty());
         assert_eq!(oom_kills(&dir), 1);
@@ -341,7 +349,9 @@ mod tests {
         // Let the watch be set up before the first change.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         std::fs::write(&events, "oom 1\noom_kill 0\n").expect("write");
-        std::fs::write(&events, "oom 2\noom_kill 2\n").expect("write");
+        // `oom` counts every time the limit was hit, `oom_kill` only the
+        // kills: five of one and two of the other tell them apart.
+        std::fs::write(&events, "oom 5\noom_kill 2\n").expect("write");
         for _ in 0..2 {
             let id = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
                 .await

@@ -48,22 +48,31 @@ pub fn random_sample() -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Sets the hostname after checking it is a valid one (RFC 1123 label
-/// rules, at most 64 bytes).
-pub fn set_hostname(name: &str) -> Result<(), String> {
+/// Checks that `name` is a valid hostname: RFC 1123 labels (letters,
+/// digits and inner hyphens, at most 63 bytes each), at most 64 bytes in all
+/// (the kernel's limit).
+pub fn check_hostname(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name.split('.').all(|label| {
             !label.is_empty()
+                && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
                 && label
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
-    if !valid {
-        return Err(format!("invalid hostname {name:?}"));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("invalid hostname {name:?}"))
     }
+}
+
+/// Sets the hostname after checking it is a valid one ([`check_hostname`]).
+pub fn set_hostname(name: &str) -> Result<(), String> {
+    check_hostname(name)?;
     nix::unistd::sethostname(name).map_err(|e| format!("sethostname: {e}"))
 }
 
@@ -73,8 +82,30 @@ mod tests {
 
     #[test]
     fn hostnames_are_checked() {
-        for bad in ["", "-a", "a-", "a..b", "a b", "ä", &"x".repeat(65)] {
-            assert!(set_hostname(bad).is_err(), "{bad:?}");
+        // The check alone: calling sethostname here would rename the host
+        // the tests run on (as root) or fail for want of privilege.
+        let long_label = "x".repeat(64);
+        let long_name = format!("{}.{}", "x".repeat(32), "y".repeat(32));
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a b",
+            "ä",
+            "a_b",
+            &long_label,
+            &long_name,
+        ] {
+            assert_eq!(
+                check_hostname(bad),
+                Err(format!("invalid hostname {bad:?}")),
+                "{bad:?}"
+            );
+        }
+        let longest = format!("{}.{}", "x".repeat(32), "y".repeat(31));
+        for good in ["pod", "web-0", "a.b.c", "x1", &"x".repeat(63), &longest] {
+            assert_eq!(check_hostname(good), Ok(()), "{good:?}");
         }
     }
 }

@@ -295,7 +295,6 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
         "husk-vmm exit status {status}\n{}",
         vm.log_text()
     );
-    let pid = vm.pid();
     // The VMM was the daemon's one client: it exits with it and removes its socket.
     let daemon_status = fs_daemon.wait_exit(Duration::from_secs(10)).await;
     assert!(
@@ -310,5 +309,4 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
         processes_mentioning(&dir.path().display().to_string()).is_empty(),
         "processes left behind"
     );
-    assert!(pid.is_none(), "the VMM process was reaped");
 }

@@ -6,14 +6,17 @@
 //! and the event loop thread that processes queues. The event loop learns
 //! about (de)activation through `activate_evt`.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    ops::Deref,
+    sync::{Arc, Mutex},
+};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     muxer::{Muxer, Poller, RxSink, HOST_CID},
-    packet::{Header, HDR_SIZE},
+    packet::{Header, PacketError, HDR_SIZE},
     QUEUE_SIZE, VIRTIO_ID_VSOCK,
 };
 use crate::{
@@ -26,6 +29,45 @@ pub(super) const TXQ: usize = 1;
 pub(super) const EVQ: usize = 2;
 /// The only vsock event: the transport was reset (connections are gone).
 const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Why a TX descriptor chain was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// The chain points outside guest memory, overflows, or is otherwise
+    /// unusable.
+    #[error("bad descriptor chain: {0}")]
+    Chain(#[source] virtio_queue::Error),
+    /// The header is short or fails [`Header::check`].
+    #[error(transparent)]
+    Header(#[from] PacketError),
+    /// Fewer readable bytes follow the header than it says.
+    #[error("payload shorter than its length {0}")]
+    ShortPayload(u32),
+}
+
+/// Reads one guest packet from a TX descriptor chain: the header (checked
+/// for guest `guest_cid`) and its payload, into `payload`. Only the chain's
+/// device-readable descriptors count; every address and length is the
+/// guest's and is checked against `mem` by the reader.
+pub fn read_tx_packet<M>(
+    mem: &GuestMemory,
+    chain: DescriptorChain<M>,
+    guest_cid: u64,
+    payload: &mut Vec<u8>,
+) -> Result<Header, TxError>
+where
+    M: Deref,
+    M::Target: vm_memory::GuestMemory + Sized,
+{
+    let mut r = Reader::new(mem, chain).map_err(TxError::Chain)?;
+    let mut raw = [0u8; HDR_SIZE];
+    std::io::Read::read_exact(&mut r, &mut raw).map_err(|_| PacketError::Short)?;
+    let hdr = Header::from_bytes(&raw);
+    hdr.check(guest_cid, HOST_CID)?;
+    payload.resize(hdr.len as usize, 0);
+    std::io::Read::read_exact(&mut r, payload).map_err(|_| TxError::ShortPayload(hdr.len))?;
+    Ok(hdr)
+}
 
 /// Queues of an activated device.
 #[derive(Debug)]
@@ -216,20 +258,7 @@ impl Inner {
         while let Some(chain) = active.queues[TXQ].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             used = true;
-            let parsed = Reader::new(&mem, chain)
-                .map_err(|e| format!("bad descriptor chain: {e}"))
-                .and_then(|mut r| {
-                    let mut raw = [0u8; HDR_SIZE];
-                    std::io::Read::read_exact(&mut r, &mut raw)
-                        .map_err(|_| "chain shorter than a header".to_string())?;
-                    let hdr = Header::from_bytes(&raw);
-                    hdr.check(self.muxer.guest_cid(), HOST_CID)
-                        .map_err(|e| e.to_string())?;
-                    payload.resize(hdr.len as usize, 0);
-                    std::io::Read::read_exact(&mut r, &mut payload)
-                        .map_err(|_| format!("payload shorter than its length {}", hdr.len))?;
-                    Ok(hdr)
-                });
+            let parsed = read_tx_packet(&mem, chain, self.muxer.guest_cid(), &mut payload);
             match parsed {
                 Ok(hdr) => self.muxer.handle_guest_packet(&hdr, &payload, poller),
                 Err(why) => {
@@ -537,8 +566,8 @@ mod tests {
         let f = fixture("bad");
         let rxq = MockSplitQueue::create(&f.mem, GuestAddress(0), 16);
         let txq = MockSplitQueue::create(&f.mem, GuestAddress(0x1_0000), 16);
-        // 1: shorter than a header. 2: payload shorter than its length.
-        // 3: wrong source CID. 4: RX-only (write) descriptor on TX.
+        // Each chain fails for the one reason it names; every other field is
+        // valid, so a check that goes missing lets its chain through.
         f.mem
             .write_slice(
                 &guest_hdr(op::RW, 1025, 100).to_bytes(),
@@ -552,17 +581,49 @@ mod tests {
         f.mem
             .write_slice(&wrong_cid.to_bytes(), GuestAddress(0x11_0000))
             .expect("write");
+        f.mem
+            .write_slice(
+                &guest_hdr(op::REQUEST, 1025, 0).to_bytes(),
+                GuestAddress(0x12_0000),
+            )
+            .expect("write");
         let chains = [
+            // Shorter than a header.
             desc(0x10_0000, 10, 0),
+            // Payload shorter than its length (100).
             desc(0x10_0000, HDR_SIZE as u32 + 50, 0),
+            // Wrong source CID.
             desc(0x11_0000, HDR_SIZE as u32, 0),
+            // A valid header, but in a device-writable descriptor: the
+            // device must not read what it may only write.
             desc(0x12_0000, HDR_SIZE as u32, VRING_DESC_F_WRITE),
+            // Past the end of guest memory.
+            desc(0xfff_0000, HDR_SIZE as u32, 0),
         ];
+        let expect: [fn(&TxError) -> bool; 5] = [
+            |e| matches!(e, TxError::Header(PacketError::Short)),
+            |e| matches!(e, TxError::ShortPayload(100)),
+            |e| matches!(e, TxError::Header(PacketError::SrcCid(99))),
+            |e| matches!(e, TxError::Header(PacketError::Short)),
+            |e| matches!(e, TxError::Chain(_)),
+        ];
+        // The reasons, one chain at a time.
+        let probe = MockSplitQueue::create(&f.mem, GuestAddress(0x3_0000), 16);
+        probe.add_desc_chains(&chains, 0).expect("probe chains");
+        let mut q: Queue = probe.create_queue().expect("queue");
+        let mut payload = Vec::new();
+        for (i, check) in expect.iter().enumerate() {
+            let chain = q.pop_descriptor_chain(&f.mem).expect("a chain");
+            let err = read_tx_packet(&f.mem, chain, 3, &mut payload)
+                .expect_err(&format!("chain {i} must be refused"));
+            assert!(check(&err), "chain {i}: {err}");
+        }
+        // The device loop drops each one, answers nothing, returns all.
         txq.add_desc_chains(&chains, 0).expect("tx chains");
         let mut inner = inner(&f, &rxq, &txq);
         inner.process_tx(&mut NullPoller);
-        assert_eq!(txq.used().idx().load(), 4, "every buffer is given back");
-        assert_eq!(inner.bad_packets, 4);
+        assert_eq!(txq.used().idx().load(), 5, "every buffer is given back");
+        assert_eq!(inner.bad_packets, 5);
         assert!(!inner.muxer.has_rx(), "nothing is answered for garbage");
     }
 
