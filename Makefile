@@ -27,7 +27,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler containerd runc
 
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := vsock_packets mmio_transport ready_line guest_metrics
+FUZZ_TARGETS := vsock_packets vsock_tx_chain mmio_transport emulate_step ready_line guest_metrics
 
 .PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run soak fuzz-smoke clean
 
@@ -86,8 +86,14 @@ bench-boot: build
 ## Run every fuzz target briefly (cargo-fuzz, nightly toolchain).
 fuzz-smoke:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	@mkdir -p fuzz/target
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 2>&1 | tail -n 3; \
+		mkdir -p corpus/$$t; seeds=""; [ -d seeds/$$t ] && seeds=seeds/$$t; \
+		echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+		if ! $(CARGO) +nightly fuzz run $$t corpus/$$t $$seeds -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 >target/fuzz-$$t.log 2>&1; then \
+			tail -n 60 target/fuzz-$$t.log; echo "fuzz target $$t FAILED (log: fuzz/target/fuzz-$$t.log)"; exit 1; \
+		fi; \
+		tail -n 1 target/fuzz-$$t.log; \
 	done
 
 clean:

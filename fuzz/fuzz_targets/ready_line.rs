@@ -7,7 +7,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
         if let Some((version, api)) = husk_protocols::parse_ready_line(s) {
             assert!(!version.is_empty());
-            assert_eq!(husk_protocols::parse_ready_line(&format!("husk-agent ready {version} api {api}\n")), Some((version, api)));
+            assert_eq!(
+                husk_protocols::parse_ready_line(&format!(
+                    "husk-agent ready {version} api {api}\n"
+                )),
+                Some((version, api))
+            );
         }
     }
 });

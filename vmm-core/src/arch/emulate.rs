@@ -30,6 +30,9 @@ const RFLAGS_SF: u64 = 1 << 7;
 const RFLAGS_OF: u64 = 1 << 11;
 const RFLAGS_AC: u64 = 1 << 18;
 
+/// The longest x86 instruction, prefixes included.
+pub const MAX_INSN_LEN: usize = 15;
+
 /// What was stepped over (for logs and counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stepped {
@@ -98,6 +101,8 @@ pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
             i += 1;
         }
     }
+    // Worked on a copy: a refused instruction leaves the registers alone.
+    let mut new = *regs;
     let op = &bytes[i.min(bytes.len())..];
     let stepped = match op {
         [0x9b, ..] if !rep => {
@@ -105,12 +110,12 @@ pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
             Stepped::Fwait
         }
         [0x0f, 0x01, 0xca, ..] => {
-            regs.rflags &= !RFLAGS_AC;
+            new.rflags &= !RFLAGS_AC;
             i += 3;
             Stepped::Clac
         }
         [0x0f, 0x01, 0xcb, ..] => {
-            regs.rflags |= RFLAGS_AC;
+            new.rflags |= RFLAGS_AC;
             i += 3;
             Stepped::Stac
         }
@@ -118,7 +123,7 @@ pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
             let reg = usize::from(((modrm >> 3) & 7) | ((rex & 0x4) << 1));
             let rm = usize::from((modrm & 7) | ((rex & 0x1) << 3));
             let wide = rex & 0x8 != 0;
-            let src = regs.gpr[rm];
+            let src = new.gpr[rm];
             let (count, zero) = if wide {
                 (u64::from(src.count_ones()), src == 0)
             } else if opsize16 {
@@ -126,21 +131,26 @@ pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
             } else {
                 (u64::from((src as u32).count_ones()), src as u32 == 0)
             };
-            regs.gpr[reg] = if opsize16 {
-                (regs.gpr[reg] & !0xffff) | count
+            new.gpr[reg] = if opsize16 {
+                (new.gpr[reg] & !0xffff) | count
             } else {
                 count
             };
-            regs.rflags &= !(RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF);
+            new.rflags &= !(RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF);
             if zero {
-                regs.rflags |= RFLAGS_ZF;
+                new.rflags |= RFLAGS_ZF;
             }
             i += 3;
             Stepped::Popcnt
         }
         _ => return Err(unsupported()),
     };
-    regs.rip = regs.rip.wrapping_add(i as u64);
+    if i > MAX_INSN_LEN {
+        // Too many prefixes: the CPU raises #GP rather than execute it.
+        return Err(unsupported());
+    }
+    new.rip = new.rip.wrapping_add(i as u64);
+    *regs = new;
     Ok(stepped)
 }
 
@@ -211,5 +221,18 @@ mod tests {
         // popcnt with a memory operand is not handled.
         assert!(step(&[0xf3, 0x0f, 0xb8, 0x07], &mut r).is_err());
         assert!(step(&[], &mut r).is_err());
+    }
+
+    #[test]
+    fn instructions_longer_than_15_bytes_are_refused() {
+        let mut r = regs();
+        let mut bytes = vec![0x66; 14];
+        bytes.push(0x9b);
+        assert_eq!(step(&bytes, &mut r), Ok(Stepped::Fwait));
+        assert_eq!(r.rip, 0x1000 + 15);
+        bytes.insert(0, 0x3e);
+        let before = r;
+        assert!(step(&bytes, &mut r).is_err(), "16 bytes");
+        assert_eq!(r, before, "a refused instruction changes nothing");
     }
 }
