@@ -5,12 +5,13 @@
 //! - `ctr task exec` of `/bin/true` in a running container;
 //! - `ctr task metrics` of a running container (what the kubelet's stats
 //!   polling costs: for husk a round trip to the guest's cgroup files);
-//! - host memory of one idle container: the PSS of the shim and everything
-//!   it started (runc: the container's processes; husk: husk-vmm and
-//!   husk-virtiofsd) without guest RAM, plus for husk the guest RAM resident
-//!   on the host (the memfd's allocated pages: restored pages the VMM wrote
-//!   with pwrite are resident but not in its page tables, so PSS alone would
-//!   undercount them).
+//! - host memory of one idle container, each page once
+//!   ([`husk_e2e::hostmem`]): the PSS of the shim and everything it started
+//!   (runc: the container's processes; husk: husk-vmm and husk-virtiofsd)
+//!   without their guest-RAM mappings, plus for husk the guest-RAM memfd's
+//!   allocated pages, once (both husk-vmm and the virtio-fs daemon map it;
+//!   restored pages the VMM wrote with pwrite are resident but mapped by
+//!   no one, so PSS alone would undercount them).
 //!
 //! husk starts pod VMs from its template; the template is made before the
 //! measured runs (it is cached in `--template-dir` between runs). The last
@@ -22,8 +23,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use husk_e2e::{
     containerd::{Containerd, IMAGE, RUNTIME},
-    guest_mem_allocated_kib, kib_value, median, process_tree, require_kvm, tree_pss_kib, Artifacts,
-    TestDir,
+    hostmem::{host_memory, HostMemory},
+    median, process_tree, require_kvm, Artifacts, TestDir,
 };
 use serde::Serialize;
 
@@ -97,42 +98,30 @@ fn shim_pid(rt: Runtime, id: &str) -> Option<u32> {
 
 #[derive(Debug, Default, Serialize)]
 struct Idle {
-    /// Host memory of the container: `processes_pss_kib` plus
-    /// `guest_resident_kib`, KiB.
+    /// Host memory of the container, each page once:
+    /// `processes_pss_kib` plus `guest_ram_kib`, KiB.
     total_kib: u64,
-    /// PSS of the shim and all it started, without guest memory, KiB.
+    /// PSS of the shim and all it started, without guest-RAM mappings, KiB.
     processes_pss_kib: u64,
     /// Processes counted.
     processes: usize,
-    /// husk: guest memory resident on the host (the guest-RAM memfd's
-    /// allocated pages, whether or not the VMM has them mapped), KiB.
-    guest_resident_kib: u64,
+    /// husk: guest RAM resident on the host (allocated size of each
+    /// distinct guest-RAM memfd, once, whoever maps it), KiB.
+    guest_ram_kib: u64,
+    /// husk: distinct guest-RAM memfds found (one per pod VM).
+    guest_ram_files: usize,
 }
 
-/// PSS of the guest-RAM mapping of `pid`, KiB (from smaps).
-fn guest_mapping_pss_kib(pid: u32) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return 0;
-    };
-    let mut in_guest = false;
-    let mut total = 0;
-    for line in smaps.lines() {
-        match line.strip_prefix("Pss:") {
-            Some(v) if in_guest => total += kib_value(v).unwrap_or(0),
-            Some(_) => {}
-            // Field lines are "Name: value"; a mapping header starts with
-            // an address range and names the mapped file last.
-            None if !line
-                .split_whitespace()
-                .next()
-                .is_some_and(|w| w.ends_with(':')) =>
-            {
-                in_guest = line.contains("memfd:husk-guest-ram");
-            }
-            None => {}
+impl From<HostMemory> for Idle {
+    fn from(m: HostMemory) -> Self {
+        Self {
+            total_kib: m.total_kib(),
+            processes_pss_kib: m.processes_pss_kib,
+            processes: m.processes,
+            guest_ram_kib: m.guest_ram_kib,
+            guest_ram_files: m.guest_ram_files,
         }
     }
-    total
 }
 
 /// What one idle container measured.
@@ -165,16 +154,7 @@ fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<IdleRun> {
     // Let start-up work settle before measuring memory.
     std::thread::sleep(Duration::from_secs(3));
     let shim = shim_pid(rt, &id).with_context(|| format!("no {} for {id}", rt.shim()))?;
-    let tree = process_tree(shim);
-    let guest_resident_kib: u64 = tree.iter().map(|p| guest_mem_allocated_kib(*p)).sum();
-    let guest_mapped: u64 = tree.iter().map(|p| guest_mapping_pss_kib(*p)).sum();
-    let processes_pss_kib = tree_pss_kib(shim).saturating_sub(guest_mapped);
-    let idle = Idle {
-        total_kib: processes_pss_kib + guest_resident_kib,
-        processes_pss_kib,
-        processes: tree.len(),
-        guest_resident_kib,
-    };
+    let idle = Idle::from(host_memory(&process_tree(shim)));
     c.kill_and_remove(&id)?;
     Ok(IdleRun {
         execs,
@@ -295,11 +275,12 @@ fn main() -> Result<()> {
         report.metrics_ratio_husk_over_runc
     );
     println!(
-        "idle container host memory: husk {} KiB (PSS of {} processes {} KiB + guest resident {} KiB), runc {} KiB (PSS of {} processes), husk/runc {:.2}",
+        "idle container host memory, each page once: husk {} KiB (PSS of {} processes without guest RAM {} KiB + guest RAM resident {} KiB in {} memfd), runc {} KiB (PSS of {} processes), husk/runc {:.2}",
         report.husk_idle.total_kib,
         report.husk_idle.processes,
         report.husk_idle.processes_pss_kib,
-        report.husk_idle.guest_resident_kib,
+        report.husk_idle.guest_ram_kib,
+        report.husk_idle.guest_ram_files,
         report.runc_idle.total_kib,
         report.runc_idle.processes,
         report.idle_memory_ratio_husk_over_runc

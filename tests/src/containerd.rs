@@ -36,8 +36,13 @@ pub struct Containerd {
     pub husk_toml: PathBuf,
     /// The shim's pod state directory (from husk.toml).
     pub pods: PathBuf,
+    /// Where pod VM templates are kept (from husk.toml).
+    pub templates: PathBuf,
     path_env: String,
     artifacts: Artifacts,
+    /// Ids of the containers `ctr run` was asked for (their shim sockets
+    /// must be gone once they are).
+    ids: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Containerd {
@@ -96,8 +101,10 @@ impl Containerd {
             socket,
             husk_toml,
             pods,
+            templates: templates.to_path_buf(),
             path_env,
             artifacts: artifacts.clone(),
+            ids: Mutex::default(),
         };
         c.wait_ready()?;
         Ok(c)
@@ -134,6 +141,18 @@ impl Containerd {
 
     /// A `ctr` command against this containerd and namespace.
     pub fn ctr_command<S: AsRef<OsStr>>(&self, args: &[S]) -> std::process::Command {
+        // `ctr run [flags] IMAGE ID ...`: remember ID.
+        if args.first().is_some_and(|a| a.as_ref() == "run") {
+            if let Some(i) = args.iter().position(|a| a.as_ref() == IMAGE) {
+                if let Some(id) = args.get(i + 1) {
+                    let id = id.as_ref().to_string_lossy().into_owned();
+                    self.ids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id);
+                }
+            }
+        }
         let mut cmd = std::process::Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
@@ -310,34 +329,89 @@ impl Containerd {
         })
     }
 
-    /// Waits (up to 30 s) until nothing of any container is left:
-    /// processes, shims, mounts, pod directories; containerd still answers.
-    /// Panics with what is left otherwise (for tests).
-    pub fn assert_nothing_left(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// The socket containerd's shim for container `id` listens on:
+    /// `/run/containerd/s/<sha256 of "<containerd socket>/<namespace>/<id>">`
+    /// (the shim crate's `socket_address`; containerd fixes the directory).
+    pub fn shim_socket(&self, id: &str) -> PathBuf {
+        let key = format!("{}/{NAMESPACE}/{id}", self.socket.display());
+        Path::new("/run/containerd/s").join(format!("{:x}", Sha256::digest(key.as_bytes())))
+    }
+
+    /// What of any container is left now: processes (pod VMs, daemons,
+    /// the template's builders), shims, their sockets, mounts, pod
+    /// directories, containerd's bundle directories, and files in the
+    /// template directory other than finished templates. Empty: nothing.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
         let pods_path = self.pods.display().to_string();
-        loop {
-            let procs: Vec<u32> = crate::processes_mentioning(&pods_path);
-            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        let templates_path = self.templates.display().to_string();
+        for pid in crate::processes_mentioning(&pods_path)
+            .into_iter()
+            .chain(crate::processes_mentioning(&templates_path))
+        {
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            left.push(format!("process {pid}: {}", cmd.replace('\0', " ")));
+        }
+        left.extend(self.shims().into_iter().map(|p| format!("shim {p}")));
+        for id in self.ids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let sock = self.shim_socket(id);
+            if sock.exists() {
+                left.push(format!("shim socket of {id}: {}", sock.display()));
+            }
+        }
+        left.extend(
+            std::fs::read_to_string("/proc/self/mountinfo")
                 .unwrap_or_default()
                 .lines()
                 .filter(|l| l.contains(&*pods_path))
-                .map(String::from)
-                .collect();
-            let pods: Vec<String> = std::fs::read_dir(self.pods.join(NAMESPACE))
+                .map(|l| format!("mount {l}")),
+        );
+        let names = |dir: PathBuf| -> Vec<String> {
+            std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.flatten()
                         .map(|e| e.file_name().to_string_lossy().into_owned())
                         .collect()
                 })
-                .unwrap_or_default();
-            let shims = self.shims();
-            if procs.is_empty() && mounts.is_empty() && pods.is_empty() && shims.is_empty() {
+                .unwrap_or_default()
+        };
+        left.extend(
+            names(self.pods.join(NAMESPACE))
+                .into_iter()
+                .map(|p| format!("pod directory {p}")),
+        );
+        let bundles = self
+            .dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NAMESPACE);
+        left.extend(
+            names(bundles)
+                .into_iter()
+                .map(|b| format!("containerd bundle {b}")),
+        );
+        left.extend(
+            names(self.templates.clone())
+                .into_iter()
+                .filter(|f| !f.ends_with(".snap"))
+                .map(|f| format!("template directory file {f}")),
+        );
+        left
+    }
+
+    /// Waits (up to 30 s) until nothing of any container is left (see
+    /// [`Self::leftovers`]) and containerd still answers. Panics with what
+    /// is left otherwise (for tests).
+    pub fn assert_nothing_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "left behind: processes {procs:?}, shims {shims:?}, mounts {mounts:?}, pods {pods:?}\n{}",
+                "left behind:\n  {}\n{}",
+                left.join("\n  "),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -399,14 +473,30 @@ pub struct Events {
 }
 
 impl Events {
+    /// How many event lines have arrived so far (a mark for
+    /// [`Self::wait_for_since`]).
+    pub fn mark(&self) -> usize {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// The first event line so far, or arriving within `within`, that
     /// `matches`.
     pub fn wait_for(&self, matches: impl Fn(&str) -> bool, within: Duration) -> Result<String> {
+        self.wait_for_since(0, matches, within)
+    }
+
+    /// Like [`Self::wait_for`], among the lines after `mark`.
+    pub fn wait_for_since(
+        &self,
+        mark: usize,
+        matches: impl Fn(&str) -> bool,
+        within: Duration,
+    ) -> Result<String> {
         let deadline = Instant::now() + within;
         loop {
             {
                 let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(l) = lines.iter().find(|l| matches(l)) {
+                if let Some(l) = lines.iter().skip(mark).find(|l| matches(l)) {
                     return Ok(l.clone());
                 }
                 if Instant::now() > deadline {

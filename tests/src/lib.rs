@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod containerd;
+pub mod hostmem;
 
 use anyhow::{bail, Context, Result};
 use husk_protocols::{hybrid_vsock::port_socket_path, parse_ready_line, READY_VSOCK_PORT};
@@ -223,23 +224,6 @@ pub fn kib_value(v: &str) -> Option<u64> {
     v.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
-/// Allocated size of the guest-memory memfd of process `pid`.
-pub fn guest_mem_allocated_kib(pid: u32) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
-    fds.flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path())
-                .is_ok_and(|l| l.to_string_lossy().contains("memfd:husk-guest-ram"))
-        })
-        .filter_map(|e| std::fs::metadata(e.path()).ok())
-        .map(|m| m.blocks() * 512 / 1024)
-        .max()
-        .unwrap_or(0)
-}
-
 /// `pid` and all its descendants (from /proc's parent links).
 pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents = Vec::new();
@@ -274,14 +258,6 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
         i += 1;
     }
     tree
-}
-
-/// Proportional set size of `pid` and its descendants, in KiB.
-pub fn tree_pss_kib(pid: u32) -> u64 {
-    process_tree(pid)
-        .into_iter()
-        .filter_map(|p| proc_kib(p, "smaps_rollup", "Pss"))
-        .sum()
 }
 
 impl Default for VmOptions {
@@ -617,9 +593,7 @@ pub async fn shared_directory_round_trip(
     let mut bad = MountSharedRequest::new();
     bad.tag = "husk".into();
     bad.target = "/etc".into();
-    if client.mount_shared(ctx(), &bad).await.is_ok() {
-        bail!("a mount outside /run/husk was accepted");
-    }
+    refused_as_outside(client.mount_shared(ctx(), &bad).await, "/etc")?;
 
     // The guest reads a host file.
     let host_text = b"written on the host\n".repeat(1000);
@@ -672,16 +646,36 @@ pub async fn shared_directory_round_trip(
         bail!("the host read something else than the guest wrote");
     }
 
+    // A path that climbs out: refused as such, while a host listener
+    // waits on the port, so nothing else could make the request fail.
+    let port = 6203;
+    let path = port_socket_path(vsock, port);
+    let listener = UnixListener::bind(&path)?;
     let mut outside = StreamCheckRequest::new();
     outside.direction = Direction::FROM_GUEST.into();
-    outside.port = 6203;
-    outside.path = "/run/husk/../../etc/shadow".into();
-    if client.stream_check(ctx(), &outside).await.is_ok() {
-        bail!("a path outside /run/husk was accepted");
-    }
+    outside.port = port;
+    outside.path = "/run/husk/../../etc/os-release".into();
+    let refused = client.stream_check(ctx(), &outside).await;
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+    refused_as_outside(refused, "/run/husk/../../etc/os-release")?;
     std::fs::remove_file(shared.join("from-host.txt"))?;
     std::fs::remove_file(shared.join("from-guest.bin"))?;
     Ok(())
+}
+
+/// Checks that an agent call was refused because `path` is not under
+/// /run/husk/ (INVALID_ARGUMENT, naming the path), not for any other reason.
+pub fn refused_as_outside<T: std::fmt::Debug>(result: ttrpc::Result<T>, path: &str) -> Result<()> {
+    let want = format!("{path:?} is not a path under /run/husk/");
+    match result {
+        Err(ttrpc::Error::RpcStatus(s))
+            if s.code() == ttrpc::Code::INVALID_ARGUMENT && s.message.contains(&want) =>
+        {
+            Ok(())
+        }
+        other => bail!("{path}: expected the refusal {want:?}, got {other:?}"),
+    }
 }
 
 /// Processes whose command line mentions `needle` (to check nothing of a

@@ -360,13 +360,26 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
             .is_err(),
         "nothing connected to the stream's port"
     );
+    // An id that is a path, and a bundle path that climbs out of
+    // /run/husk: each is refused for exactly that. The bundle resolves to
+    // c2's valid bundle, so only the path check can refuse it.
     let mut bad = CreateContainerRequest::new();
     bad.container_id = "../x".into();
-    bad.bundle = "/run/husk/shared/c1".into();
-    assert!(client.create_container(ctx(), &bad).await.is_err());
-    bad.container_id = "ok".into();
-    bad.bundle = "/etc".into();
-    assert!(client.create_container(ctx(), &bad).await.is_err());
+    bad.bundle = "/run/husk/shared/c2".into();
+    match client.create_container(ctx(), &bad).await {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), ttrpc::Code::INVALID_ARGUMENT, "{s:?}");
+            assert!(s.message.contains("invalid container id \"../x\""), "{s:?}");
+        }
+        other => panic!("id \"../x\" was not refused as invalid: {other:?}"),
+    }
+    bad.container_id = "climber".into();
+    bad.bundle = "/run/husk/shared/../shared/c2".into();
+    husk_e2e::refused_as_outside(
+        client.create_container(ctx(), &bad).await,
+        "/run/husk/shared/../shared/c2",
+    )
+    .expect("a bundle path with ..");
 
     client
         .shutdown(ctx(), &ShutdownRequest::new())

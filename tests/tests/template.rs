@@ -7,8 +7,8 @@
 use std::{collections::HashSet, io::Read, time::Duration};
 
 use husk_e2e::{
-    make_template, require_kvm, shared_directory_round_trip, Artifacts, FsDaemon, TestDir,
-    VmOptions, VmProcess,
+    make_template, processes_mentioning, require_kvm, shared_directory_round_trip, Artifacts,
+    FsDaemon, TestDir, VmOptions, VmProcess,
 };
 use husk_protocols::{
     agent::{HealthRequest, PersonalizeRequest, ShutdownRequest},
@@ -190,6 +190,18 @@ async fn template_dir_makes_the_template_once_then_restores() {
             daemon.as_ref().is_ok_and(|s| s.success()),
             "round {round}: virtio-fs daemon {daemon:?}"
         );
+        // Nothing of the VM or of the template's making is left running:
+        // the template VM and its virtio-fs daemon both mention the store.
+        for place in [
+            templates.display().to_string(),
+            dir.path().display().to_string(),
+        ] {
+            let left = processes_mentioning(&place);
+            assert!(
+                left.is_empty(),
+                "round {round}: processes left on {place}: {left:?}"
+            );
+        }
         seen.push((snaps(), log));
     }
     // Round 0 made exactly one template and restored from it; round 1 reused it.

@@ -165,6 +165,9 @@ fn run(args: Args) -> Result<()> {
         .start(&mut listener)
         .map_err(|e| anyhow::anyhow!("accepting the VMM: {e:?}"))?;
     tracing::info!("VMM connected");
+    // One VMM per daemon: stop listening, so a second VMM is refused at
+    // once instead of waiting in the backlog for a server that never comes.
+    drop(listener);
     match daemon.wait() {
         Ok(()) => {}
         Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {}

@@ -96,6 +96,13 @@ fn serves_one_vmm_with_its_tag_then_exits() {
     assert!(config[5..36].iter().all(|&b| b == 0));
     assert!(u32::from_le_bytes([config[36], config[37], config[38], config[39]]) >= 1);
 
+    // One VMM per daemon: a second one is refused at once, and the first
+    // is still served.
+    let second = std::os::unix::net::UnixStream::connect(&socket);
+    assert!(second.is_err(), "a second VMM could connect: {second:?}");
+    let again = fe.get_features().expect("the first VMM is still served");
+    assert_eq!(again, features);
+
     // The VMM goes away: the daemon exits cleanly and leaves no socket.
     drop(fe);
     let status = wait_exit(&mut child, Duration::from_secs(10));
