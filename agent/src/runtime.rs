@@ -360,8 +360,23 @@ impl Executor for Workload {
         DefaultExecutor {}.exec(spec)
     }
 
+    /// runc's rule, not libcontainer's: a command with a `/` is run as
+    /// that path; only a bare name needs `PATH` (CRI's pause image and many
+    /// others set no `PATH` and run `/pause`).
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        DefaultExecutor {}.validate(spec)
+        let invalid = ExecutorValidationError::ArgValidationError;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| invalid("the spec has no process".into()))?;
+        let Some(command) = process.args().as_ref().and_then(|a| a.first()) else {
+            return Err(invalid(
+                "the process has no command (process.args is empty)".into(),
+            ));
+        };
+        let env = process.env().as_deref().unwrap_or_default();
+        let path = env.iter().find_map(|e| e.strip_prefix("PATH="));
+        find_executable(command, path).map(|_| ()).map_err(invalid)
     }
 
     fn setup_envs(&self, mut envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
@@ -371,6 +386,33 @@ impl Executor for Workload {
         }
         DefaultExecutor {}.setup_envs(envs)
     }
+}
+
+/// Where `command` is: itself when it holds a `/` (relative to the working
+/// directory), else the first executable file of that name in `path`.
+fn find_executable(command: &str, path: Option<&str>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return match std::fs::metadata(&p) {
+            Err(e) => Err(format!("executable '{command}' not found: {e}")),
+            Ok(_) if !executable(&p) => Err(format!("'{command}' is not an executable file")),
+            Ok(_) => Ok(p),
+        };
+    }
+    let Some(path) = path.filter(|p| !p.is_empty()) else {
+        return Err(format!(
+            "executable '{command}' not found: the process has no PATH (give the command as a path)"
+        ));
+    };
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(command))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("executable '{command}' not found in $PATH ({path})"))
 }
 
 const TUNABLES: &str = "GLIBC_TUNABLES";
@@ -445,6 +487,41 @@ fn update(c: &Container, resources: &LinuxResources) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_are_found_as_runc_finds_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("husk-findexe-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("bin")).expect("dir");
+        let tool = dir.join("bin/tool");
+        std::fs::write(&tool, b"#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let data = dir.join("bin/data");
+        std::fs::write(&data, b"x").expect("write");
+        let bin = dir.join("bin").display().to_string();
+        let tool_path = tool.display().to_string();
+
+        // A path needs no PATH (the pause image sets none).
+        assert_eq!(find_executable(&tool_path, None), Ok(tool.clone()));
+        // A bare name is looked up in PATH, skipping non-executables.
+        let path = format!("/nonexistent-dir::{bin}");
+        assert_eq!(find_executable("tool", Some(&path)), Ok(tool.clone()));
+        let e = find_executable("data", Some(&path)).expect_err("not executable");
+        assert!(e.contains("'data' not found in $PATH"), "{e}");
+        // Without PATH a bare name cannot be found, and the error says why.
+        for no_path in [None, Some("")] {
+            let e = find_executable("tool", no_path).expect_err("no PATH");
+            assert!(e.contains("no PATH"), "{e}");
+        }
+        // A missing or non-executable path names itself.
+        let e = find_executable("/nonexistent", None).expect_err("missing");
+        assert!(e.contains("'/nonexistent' not found"), "{e}");
+        let e = find_executable(&data.display().to_string(), None).expect_err("data");
+        assert!(e.contains("is not an executable file"), "{e}");
+        let e = find_executable(&bin, None).expect_err("a directory");
+        assert!(e.contains("is not an executable file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn argv(s: &str) -> Vec<String> {
         s.split_whitespace().map(String::from).collect()

@@ -123,6 +123,8 @@ pub fn step(bytes: &[u8], regs: &mut Regs) -> Result<Stepped, Unsupported> {
             let reg = usize::from(((modrm >> 3) & 7) | ((rex & 0x4) << 1));
             let rm = usize::from((modrm & 7) | ((rex & 0x1) << 3));
             let wide = rex & 0x8 != 0;
+            // REX.W wins over the 0x66 operand-size prefix.
+            let opsize16 = opsize16 && !wide;
             let src = new.gpr[rm];
             let (count, zero) = if wide {
                 (u64::from(src.count_ones()), src == 0)
@@ -221,6 +223,20 @@ mod tests {
         // popcnt with a memory operand is not handled.
         assert!(step(&[0xf3, 0x0f, 0xb8, 0x07], &mut r).is_err());
         assert!(step(&[], &mut r).is_err());
+    }
+
+    #[test]
+    fn rex_w_wins_over_the_operand_size_prefix() {
+        // Found by the emulate_step fuzz target: 66 f3 48 0f b8 c1 is a
+        // 64-bit popcnt rax, rcx, not a 16-bit one.
+        let mut r = regs();
+        r.gpr[0] = 0x6666_6666_6666_6666;
+        r.gpr[1] = u64::MAX;
+        assert_eq!(
+            step(&[0x66, 0xf3, 0x48, 0x0f, 0xb8, 0xc1], &mut r),
+            Ok(Stepped::Popcnt)
+        );
+        assert_eq!(r.gpr[0], 64);
     }
 
     #[test]
