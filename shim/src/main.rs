@@ -34,6 +34,33 @@ struct HuskShim {
     namespace: String,
     id: String,
     bundle: PathBuf,
+    /// The server's own socket address (`unix:///run/containerd/s/...`).
+    socket: String,
+}
+
+/// The file of a `unix://` socket address (none for abstract sockets).
+fn socket_file(address: &str) -> Option<&Path> {
+    address
+        .strip_prefix("unix://")
+        .filter(|p| p.starts_with('/'))
+        .map(Path::new)
+}
+
+/// Removes the socket file of `address` unless a server still answers on
+/// it (a pod's shim serves several containers; only a dead one's socket
+/// may go).
+fn remove_dead_socket(address: &str) {
+    let Some(path) = socket_file(address) else {
+        return;
+    };
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(socket = %path.display(), "removed a dead shim's socket"),
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), "removing a dead shim's socket: {e}")
+            }
+        }
+    }
 }
 
 /// Sends the server's log to the bundle's `log` FIFO (containerd reads it;
@@ -72,6 +99,7 @@ impl Shim for HuskShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle,
+            socket: args.socket.clone(),
         }
     }
 
@@ -99,6 +127,9 @@ impl Shim for HuskShim {
             }
             let _ = std::fs::remove_file(self.bundle.join("husk-pod"));
         }
+        if let Ok(address) = std::fs::read_to_string(self.bundle.join("address")) {
+            remove_dead_socket(address.trim());
+        }
         let _ = &self.namespace;
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + 9;
@@ -114,6 +145,18 @@ impl Shim for HuskShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // Unlink the socket now, while the server still answers the
+        // Shutdown in flight (open connections are unaffected). The shim
+        // crate removes it only after its server is down, by reading the
+        // bundle's `address` file, which containerd may have deleted by
+        // then: the socket file leaked in /run/containerd/s.
+        if let Some(path) = socket_file(&self.socket) {
+            if let Err(e) = std::fs::remove_file(path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(socket = %path.display(), "removing the shim socket: {e}");
+                }
+            }
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
@@ -133,4 +176,28 @@ fn write_address(path: &Path, address: &str) -> Result<(), ShimError> {
     std::fs::write(&tmp, address)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| ShimError::Other(format!("writing {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_dead_shims_socket_is_removed() {
+        let dir = std::env::temp_dir().join(format!("husk-shim-sock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("s");
+        let address = format!("unix://{}", path.display());
+        assert_eq!(socket_file(&address), Some(path.as_path()));
+        assert_eq!(socket_file("unix://@abstract"), None);
+        assert_eq!(socket_file("/no/scheme"), None);
+
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        remove_dead_socket(&address);
+        assert!(path.exists(), "a live shim's socket stays");
+        drop(listener);
+        remove_dead_socket(&address);
+        assert!(!path.exists(), "a dead shim's socket goes");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
