@@ -548,6 +548,25 @@ fn failures_are_clear_and_contained() {
         .expect("exec");
     assert_eq!(text(&o.stdout), "still here\n", "{}", describe(&o));
 
+    // A forced delete of a task that has already exited returns at once,
+    // as with runc (containerd's CRI deletes that way).
+    let o = run(&c, &["-d"], "done", &["true"]);
+    assert!(o.status.success(), "{}", describe(&o));
+    c.wait_status("done", "STOPPED", Duration::from_secs(120))
+        .expect("stopped");
+    let t = Instant::now();
+    let o = c
+        .ctr(&["task", "rm", "-f", "done"])
+        .expect("ctr task rm -f");
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "ctr task rm -f of an exited task took {:?}",
+        t.elapsed()
+    );
+    c.ctr_ok(&["container", "rm", "done"])
+        .expect("container rm");
+
     // containerd restarts (an upgrade, a crash): it reconnects to the
     // running shim through the bundle's address file, the container keeps
     // running and serving, and its exit still reaches containerd as an

@@ -274,6 +274,50 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
         .delete_process(ctx(), &process("c2", "e1"))
         .await
         .expect("DeleteProcess");
+    // runc's rule for commands: a path runs without PATH in the
+    // environment (CRI's pause image sets none); a bare name without PATH
+    // is refused with a reason.
+    let mut no_path_ports = StdioPorts::new(&vm.vsock, [0, 7013, 0]);
+    let mut exec = ExecProcessRequest::new();
+    exec.container_id = "c2".into();
+    exec.exec_id = "e-no-path".into();
+    exec.process_json = serde_json::to_vec(&serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": ["/bin/sh", "-c", "echo ran without PATH"],
+        "env": [],
+        "cwd": "/"
+    }))
+    .expect("json");
+    exec.stdio = Some(no_path_ports.stdio()).into();
+    let (execd, streams) = tokio::join!(client.exec_process(ctx(), &exec), no_path_ports.accept());
+    execd.expect("ExecProcess of /bin/sh without PATH");
+    let [_, out_stream, _] = streams;
+    let e = process("c2", "e-no-path");
+    let (out, waited) = tokio::join!(read_all(out_stream), client.wait_process(ctx(), &e));
+    assert_eq!(waited.expect("wait").exit_status, 0);
+    assert_eq!(out, "ran without PATH\n");
+    client
+        .delete_process(ctx(), &e)
+        .await
+        .expect("DeleteProcess");
+    let mut exec = ExecProcessRequest::new();
+    exec.container_id = "c2".into();
+    exec.exec_id = "e-bare".into();
+    exec.process_json = serde_json::to_vec(&serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": ["sh", "-c", "true"],
+        "env": [],
+        "cwd": "/"
+    }))
+    .expect("json");
+    let refused = client.exec_process(ctx(), &exec).await;
+    let why = format!("{refused:?}");
+    assert!(
+        refused.is_err() && why.contains("no PATH"),
+        "a bare command without PATH: {why}"
+    );
     client
         .pause_container(ctx(), &container("c2"))
         .await
