@@ -393,6 +393,9 @@ impl MmioTransport {
     }
 
     fn set_status(&mut self, v: u32) {
+        // The status is 8 bits wide (virtio 1.2, 4.2.2); the rest of the
+        // register is reserved and ignored.
+        let v = v & 0xff;
         if v == 0 {
             self.reset();
             return;
@@ -429,6 +432,17 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if self.status & (status::FAILED | status::DEVICE_NEEDS_RESET) != 0 {
+            // Found by the mmio_transport fuzz target: DRIVER_OK written
+            // together with FAILED (the driver gave up) or with the
+            // device's own NEEDS_RESET bit activated the device.
+            crate::logger::guest_warn!(
+                status = self.status,
+                "virtio-mmio: DRIVER_OK with FAILED or DEVICE_NEEDS_RESET; not activating"
+            );
+            self.status |= status::FAILED;
+            return;
+        }
         if self.status & status::FEATURES_OK == 0 {
             crate::logger::guest_warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
             self.status |= status::FAILED;
@@ -720,6 +734,35 @@ mod tests {
             status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
         );
         assert_ne!(rd(&mut t, 0x070) & status::FAILED, 0);
+    }
+
+    #[test]
+    fn driver_ok_with_failed_does_not_activate() {
+        let (mut t, activated, _) = transport();
+        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, 0x024, 1);
+        wr(&mut t, 0x020, 1);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        setup_queues(&mut t);
+        // Reserved high bits are ignored; FAILED with DRIVER_OK is not an
+        // activation.
+        wr(
+            &mut t,
+            0x070,
+            0xff00_0000
+                | status::ACKNOWLEDGE
+                | status::DRIVER
+                | status::FEATURES_OK
+                | status::DRIVER_OK
+                | status::FAILED,
+        );
+        assert_eq!(activated.load(Ordering::SeqCst), 0);
+        assert!(!t.is_activated());
+        assert_eq!(rd(&mut t, 0x070) >> 8, 0, "reserved bits read as zero");
     }
 
     #[test]
