@@ -273,7 +273,11 @@ impl HuskTask {
                 });
                 if let Some(p) = proc {
                     p.phase = Phase::Stopped;
-                    let _ = p.exit_tx.send(Some(Exited {
+                    // send_replace, not send: send drops the value when no
+                    // Wait is listening at this moment (a detached task),
+                    // and every later Wait (containerd's forced delete
+                    // waits first) then blocked forever.
+                    p.exit_tx.send_replace(Some(Exited {
                         code,
                         at: at.clone(),
                     }));
