@@ -392,15 +392,12 @@ impl Executor for Workload {
 /// directory), else the first executable file of that name in `path`.
 fn find_executable(command: &str, path: Option<&str>) -> Result<PathBuf, String> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
+    let executable = |m: &std::fs::Metadata| m.is_file() && m.permissions().mode() & 0o111 != 0;
     if command.contains('/') {
-        let p = PathBuf::from(command);
-        return match std::fs::metadata(&p) {
+        return match std::fs::metadata(command) {
             Err(e) => Err(format!("executable '{command}' not found: {e}")),
-            Ok(_) if !executable(&p) => Err(format!("'{command}' is not an executable file")),
-            Ok(_) => Ok(p),
+            Ok(m) if executable(&m) => Ok(PathBuf::from(command)),
+            Ok(_) => Err(format!("'{command}' is not an executable file")),
         };
     }
     let Some(path) = path.filter(|p| !p.is_empty()) else {
@@ -411,7 +408,7 @@ fn find_executable(command: &str, path: Option<&str>) -> Result<PathBuf, String>
     path.split(':')
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(command))
-        .find(|p| executable(p))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| executable(&m)))
         .ok_or_else(|| format!("executable '{command}' not found in $PATH ({path})"))
 }
 

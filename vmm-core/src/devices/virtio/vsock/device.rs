@@ -263,12 +263,10 @@ impl Inner {
                 Ok(hdr) => self.muxer.handle_guest_packet(&hdr, &payload, poller),
                 Err(why) => {
                     self.bad_packets += 1;
-                    if self.bad_packets <= 10 || self.bad_packets % 1000 == 0 {
-                        crate::logger::guest_warn!(
-                            count = self.bad_packets,
-                            "vsock: dropping a malformed guest packet: {why}"
-                        );
-                    }
+                    crate::logger::guest_warn!(
+                        count = self.bad_packets,
+                        "vsock: dropping a malformed guest packet: {why}"
+                    );
                 }
             }
             if let Err(e) = active.queues[TXQ].add_used(&mem, head, 0) {
