@@ -246,15 +246,14 @@ async fn restore_husk(a: &Artifacts, template: &Path, mem_mib: u64) -> Result<Re
     let answered_s = vm.started.elapsed().as_secs_f64();
     client.health(ctx(), &HealthRequest::new()).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // One reading of both, so the parts add up to the total.
     let daemon_pids = fs.pid().map(process_tree).unwrap_or_default();
-    let vmm = host_memory(&[pid]);
-    let daemon = host_memory(&daemon_pids);
-    let all = host_memory(&[vec![pid], daemon_pids].concat());
+    let all = host_memory(&[vec![pid], daemon_pids.clone()].concat());
     let sample = RestoreSample {
         answered_s,
         total_kib: all.total_kib(),
-        vmm_pss_kib: vmm.processes_pss_kib,
-        fs_daemon_pss_kib: daemon.processes_pss_kib,
+        vmm_pss_kib: all.pss_of(&[pid]),
+        fs_daemon_pss_kib: all.pss_of(&daemon_pids),
         guest_ram_kib: all.guest_ram_kib,
         vmm_rss_kib: rss_kib(pid),
     };

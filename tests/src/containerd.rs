@@ -162,6 +162,21 @@ impl Containerd {
         cmd
     }
 
+    /// Starts `ctr` with `stdin`, its stdout and stderr piped (for a `ctr
+    /// run` whose output a test reads while it runs).
+    pub fn spawn_ctr<S: AsRef<OsStr>>(
+        &self,
+        args: &[S],
+        stdin: Stdio,
+    ) -> Result<std::process::Child> {
+        self.ctr_command(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ctr")
+    }
+
     /// Runs `ctr` and returns its output.
     pub fn ctr<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
         self.ctr_command(args)

@@ -16,10 +16,12 @@ use crate::kib_value;
 pub const GUEST_RAM_MEMFD: &str = "memfd:husk-guest-ram";
 
 /// Host memory of a set of processes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HostMemory {
     /// PSS of the processes without their guest-RAM mappings, KiB.
     pub processes_pss_kib: u64,
+    /// The same, per process: (pid, KiB).
+    pub pss_by_pid: Vec<(u32, u64)>,
     /// Guest RAM resident on the host: the allocated size of each distinct
     /// guest-RAM memfd, once, KiB.
     pub guest_ram_kib: u64,
@@ -33,6 +35,15 @@ impl HostMemory {
     /// Every resident page once, KiB.
     pub fn total_kib(&self) -> u64 {
         self.processes_pss_kib + self.guest_ram_kib
+    }
+
+    /// PSS without guest RAM of the processes among `pids`, KiB.
+    pub fn pss_of(&self, pids: &[u32]) -> u64 {
+        self.pss_by_pid
+            .iter()
+            .filter(|(p, _)| pids.contains(p))
+            .map(|(_, k)| k)
+            .sum()
     }
 }
 
@@ -123,7 +134,9 @@ pub fn host_memory(pids: &[u32]) -> HostMemory {
         };
         let smaps = parse_smaps(&text);
         out.processes += 1;
-        out.processes_pss_kib += smaps.pss_kib.saturating_sub(smaps.guest_pss_kib);
+        let own = smaps.pss_kib.saturating_sub(smaps.guest_pss_kib);
+        out.processes_pss_kib += own;
+        out.pss_by_pid.push((pid, own));
         open_guest_ram(pid, &mut files);
         // A mapping whose descriptor was closed: stat it through map_files.
         for (id, range) in smaps.guest_maps {
@@ -187,10 +200,16 @@ Pss:                 120 kB
             .spawn()
             .expect("sleep");
         let me = std::process::id();
-        let both = host_memory(&[me, child.id()]);
+        let child_pid = child.id();
+        let both = host_memory(&[me, child_pid]);
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(both.processes, 2);
+        assert_eq!(
+            both.pss_of(&[me]) + both.pss_of(&[child_pid]),
+            both.processes_pss_kib,
+            "the parts add up"
+        );
         assert_eq!(both.guest_ram_files, 1, "one file");
         assert!(
             (4096..4096 + 64).contains(&both.guest_ram_kib),

@@ -94,13 +94,7 @@ fn ctr_runs_containers_in_husk_microvms() {
     args.push(format!(
         "cat; echo to-stderr >&2; husk-testprog rand {BIG} 7; exit 42"
     ));
-    let mut child = c
-        .ctr_command(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ctr run");
+    let mut child = c.spawn_ctr(&args, Stdio::piped()).expect("ctr run");
     child
         .stdin
         .take()
@@ -501,13 +495,7 @@ fn failures_are_clear_and_contained() {
     for (id, victim) in [("d1", "vmm"), ("d2", "virtiofsd")] {
         let mut args = c.run_args();
         args.extend(["--rm", IMAGE, id, "sleep", "1000"].map(String::from));
-        let mut child = c
-            .ctr_command(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ctr run");
+        let mut child = c.spawn_ctr(&args, Stdio::null()).expect("ctr run");
         c.wait_status(id, "RUNNING", Duration::from_secs(120))
             .expect("running");
         let pid = pod_pid(&c, id, victim);
@@ -635,13 +623,7 @@ fn run_delete_cycles_leave_nothing_behind() {
         let started = Instant::now();
         let mut args = c.run_args();
         args.extend(["--rm", IMAGE, &id, "sh", "-c", "echo $((6 * 7)); sleep 3"].map(String::from));
-        let mut child = c
-            .ctr_command(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ctr run");
+        let mut child = c.spawn_ctr(&args, Stdio::null()).expect("ctr run");
         let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).expect("read");
@@ -663,7 +645,7 @@ fn run_delete_cycles_leave_nothing_behind() {
             files / 1024
         );
         assert_eq!(pod.guest_ram_files, 1, "one guest RAM per pod");
-        let (first_pod, first_files) = *first.get_or_insert((pod, files));
+        let (first_pod, first_files) = first.get_or_insert((pod.clone(), files)).clone();
         assert_eq!(files, first_files, "husk's files grew in cycle {i}");
         if i + 1 == cycles {
             let grown = pod.total_kib().saturating_sub(first_pod.total_kib());

@@ -225,13 +225,7 @@ fn a_stream_takes_only_its_own_connection() {
     let mut args = c.run_args();
     args.extend(["--rm", IMAGE, "s1", "sh", "-c"].map(String::from));
     args.push(format!("sleep 15; husk-testprog rand {BIG} 5"));
-    let child = c
-        .ctr_command(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ctr run");
+    let child = c.spawn_ctr(&args, Stdio::null()).expect("ctr run");
     c.wait_status("s1", "RUNNING", Duration::from_secs(120))
         .expect("s1 runs");
     let pod = c.pod_dir("s1");

@@ -630,6 +630,20 @@ mod tests {
         )
     }
 
+    /// A driver's steps up to DRIVER_OK: DRIVER, VIRTIO_F_VERSION_1,
+    /// FEATURES_OK, then both queues set up.
+    fn negotiate(t: &mut MmioTransport) {
+        wr(t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, 0x024, 1);
+        wr(t, 0x020, 1);
+        wr(
+            t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        setup_queues(t);
+    }
+
     fn setup_queues(t: &mut MmioTransport) {
         for q in 0..2u32 {
             wr(t, 0x030, q);
@@ -662,16 +676,8 @@ mod tests {
     fn full_handshake_activates_and_reset_resets() {
         let (mut t, activated, resets) = transport();
         wr(&mut t, 0x070, status::ACKNOWLEDGE);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, 0x024, 1);
-        wr(&mut t, 0x020, 1);
-        wr(
-            &mut t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        negotiate(&mut t);
         assert_ne!(rd(&mut t, 0x070) & status::FEATURES_OK, 0);
-        setup_queues(&mut t);
         wr(
             &mut t,
             0x070,
@@ -739,15 +745,7 @@ mod tests {
     #[test]
     fn driver_ok_with_failed_does_not_activate() {
         let (mut t, activated, _) = transport();
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, 0x024, 1);
-        wr(&mut t, 0x020, 1);
-        wr(
-            &mut t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        setup_queues(&mut t);
+        negotiate(&mut t);
         // Reserved high bits are ignored; FAILED with DRIVER_OK is not an
         // activation.
         wr(
@@ -768,15 +766,7 @@ mod tests {
     #[test]
     fn state_round_trips_into_a_fresh_transport() {
         let (mut t, activated, _) = transport();
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, 0x024, 1);
-        wr(&mut t, 0x020, 1);
-        wr(
-            &mut t,
-            0x070,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        setup_queues(&mut t);
+        negotiate(&mut t);
         wr(
             &mut t,
             0x070,
