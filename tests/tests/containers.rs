@@ -139,6 +139,23 @@ async fn create(
     (resp.map(|r| r.pid), streams.unwrap_or([None, None, None]))
 }
 
+/// An ExecProcess request for `args` as root in `/` of container `id`,
+/// with environment `env` (no stdio).
+fn exec_request(id: &str, exec_id: &str, args: &[&str], env: &[&str]) -> ExecProcessRequest {
+    let mut exec = ExecProcessRequest::new();
+    exec.container_id = id.into();
+    exec.exec_id = exec_id.into();
+    exec.process_json = serde_json::to_vec(&serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": env,
+        "cwd": "/"
+    }))
+    .expect("json");
+    exec
+}
+
 fn container(id: &str) -> ContainerRequest {
     let mut r = ContainerRequest::new();
     r.container_id = id.into();
@@ -245,17 +262,16 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
         .await
         .expect("start c2");
     let mut exec_ports = StdioPorts::new(&vm.vsock, [0, 7012, 0]);
-    let mut exec = ExecProcessRequest::new();
-    exec.container_id = "c2".into();
-    exec.exec_id = "e1".into();
-    exec.process_json = serde_json::to_vec(&serde_json::json!({
-        "terminal": false,
-        "user": {"uid": 0, "gid": 0},
-        "args": ["/bin/sh", "-c", "echo exec-out $(hostname); sleep 1; exit 5"],
-        "env": ["PATH=/bin"],
-        "cwd": "/"
-    }))
-    .expect("json");
+    let mut exec = exec_request(
+        "c2",
+        "e1",
+        &[
+            "/bin/sh",
+            "-c",
+            "echo exec-out $(hostname); sleep 1; exit 5",
+        ],
+        &["PATH=/bin"],
+    );
     exec.stdio = Some(exec_ports.stdio()).into();
     let (execd, streams) = tokio::join!(client.exec_process(ctx(), &exec), exec_ports.accept());
     execd.expect("ExecProcess");
@@ -278,17 +294,12 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
     // environment (CRI's pause image sets none); a bare name without PATH
     // is refused with a reason.
     let mut no_path_ports = StdioPorts::new(&vm.vsock, [0, 7013, 0]);
-    let mut exec = ExecProcessRequest::new();
-    exec.container_id = "c2".into();
-    exec.exec_id = "e-no-path".into();
-    exec.process_json = serde_json::to_vec(&serde_json::json!({
-        "terminal": false,
-        "user": {"uid": 0, "gid": 0},
-        "args": ["/bin/sh", "-c", "echo ran without PATH"],
-        "env": [],
-        "cwd": "/"
-    }))
-    .expect("json");
+    let mut exec = exec_request(
+        "c2",
+        "e-no-path",
+        &["/bin/sh", "-c", "echo ran without PATH"],
+        &[],
+    );
     exec.stdio = Some(no_path_ports.stdio()).into();
     let (execd, streams) = tokio::join!(client.exec_process(ctx(), &exec), no_path_ports.accept());
     execd.expect("ExecProcess of /bin/sh without PATH");
@@ -301,17 +312,7 @@ async fn agent_runs_containers_from_bundles_on_the_shared_directory() {
         .delete_process(ctx(), &e)
         .await
         .expect("DeleteProcess");
-    let mut exec = ExecProcessRequest::new();
-    exec.container_id = "c2".into();
-    exec.exec_id = "e-bare".into();
-    exec.process_json = serde_json::to_vec(&serde_json::json!({
-        "terminal": false,
-        "user": {"uid": 0, "gid": 0},
-        "args": ["sh", "-c", "true"],
-        "env": [],
-        "cwd": "/"
-    }))
-    .expect("json");
+    let exec = exec_request("c2", "e-bare", &["sh", "-c", "true"], &[]);
     let refused = client.exec_process(ctx(), &exec).await;
     let why = format!("{refused:?}");
     assert!(
