@@ -24,7 +24,8 @@ SOAK_CYCLES ?= 50
 
 # Debian packages the build, the tests and the benchmarks need.
 APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio \
-	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler containerd runc
+	qemu-system-x86 busybox-static libseccomp-dev libcap-ng-dev protobuf-compiler containerd runc \
+	containernetworking-plugins iproute2
 
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := vsock_packets vsock_tx_chain mmio_transport emulate_step ready_line guest_metrics

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # husk node installer: puts the shim, the VMM, the virtio-fs daemon and the
 # guest image in place, installs the default husk.toml (keeping an existing
-# one) and registers husk with containerd's CRI plugin through a drop-in.
+# one) and adds husk's runtime to containerd's CRI plugin in
+# /etc/containerd/config.toml (a marked block, see containerd-husk.toml).
 #
 #   deploy/install.sh [--root DIR] [--bin-dir DIR] [--guest-dir DIR] [--uninstall]
 #
@@ -36,14 +37,22 @@ bins=(containerd-shim-husk-v2 husk-vmm husk-virtiofsd)
 dst_bin="$root$bin_dir"
 dst_guest="$root/var/lib/husk/guest"
 dst_conf="$root/etc/husk/husk.toml"
-dst_dropin="$root/etc/containerd/conf.d/husk.toml"
+# Left by installers before the runtime moved into config.toml.
+old_dropin="$root/etc/containerd/conf.d/husk.toml"
 main_conf="$root/etc/containerd/config.toml"
+begin="# BEGIN husk (added by husk's deploy/install.sh; --uninstall removes it)"
+
+# config.toml without husk's block.
+strip_block() { sed '/^# BEGIN husk/,/^# END husk/d' "$main_conf"; }
 
 if [ "$uninstall" = 1 ]; then
 	for b in "${bins[@]}"; do rm -f "$dst_bin/$b"; done
-	rm -f "$dst_dropin" "$dst_guest/vmlinux" "$dst_guest/initramfs.cpio"
+	rm -f "$old_dropin" "$dst_guest/vmlinux" "$dst_guest/initramfs.cpio"
 	rm -rf "$root/var/lib/husk/templates"
-	echo "husk install: removed binaries, guest image, templates and the containerd drop-in"
+	if [ -f "$main_conf" ]; then
+		strip_block >"$main_conf.husk-tmp" && mv "$main_conf.husk-tmp" "$main_conf"
+	fi
+	echo "husk install: removed binaries, guest image, templates and the husk runtime from $main_conf"
 	echo "husk install: kept $dst_conf (remove it yourself if it is no longer wanted)"
 	exit 0
 fi
@@ -58,7 +67,15 @@ if [ -z "$root" ] && [ ! -c /dev/kvm ]; then
 	echo "husk install: warning: /dev/kvm is missing; husk pods cannot start on this node" >&2
 fi
 
-install -d "$dst_bin" "$dst_guest" "$(dirname "$dst_conf")" "$(dirname "$dst_dropin")"
+if [ -f "$main_conf" ]; then
+	grep -Eq '^[[:space:]]*version[[:space:]]*=[[:space:]]*2' "$main_conf" ||
+		die "$main_conf is not a version 2 config: add the table in deploy/containerd-husk.toml by hand"
+	if strip_block | grep -q 'containerd\.runtimes\.husk\]'; then
+		die "$main_conf already defines a husk runtime outside husk's block: remove it first"
+	fi
+fi
+
+install -d "$dst_bin" "$dst_guest" "$(dirname "$dst_conf")" "$(dirname "$main_conf")"
 for b in "${bins[@]}"; do
 	install -m 0755 "$target/$b" "$dst_bin/$b"
 done
@@ -73,13 +90,22 @@ if [ -e "$dst_conf" ]; then
 else
 	install -m 0644 "$here/husk.toml" "$dst_conf"
 fi
-install -m 0644 "$here/containerd-husk.toml" "$dst_dropin"
+rm -f "$old_dropin"
+
+# The husk runtime goes into config.toml itself, replacing an earlier block.
+if [ -f "$main_conf" ]; then base="$(strip_block)"; else base="version = 2"; fi
+{
+	printf '%s\n\n%s\n' "$base" "$begin"
+	if ! printf '%s\n' "$base" | grep -q 'containerd\.runtimes\.'; then
+		# Naming any runtime drops containerd's built-in runc one: keep it.
+		printf '%s\n' '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]' \
+			'  runtime_type = "io.containerd.runc.v2"'
+	fi
+	grep -v '^#' "$here/containerd-husk.toml"
+	printf '# END husk\n'
+} >"$main_conf.husk-tmp"
+mv "$main_conf.husk-tmp" "$main_conf"
 
 echo "husk install: installed ${bins[*]} in $dst_bin, guest image in $dst_guest"
-if [ -f "$main_conf" ] && grep -Eq '^[[:space:]]*imports[[:space:]]*=.*conf\.d' "$main_conf"; then
-	echo "husk install: $main_conf imports the drop-in; restart containerd to enable the husk RuntimeClass handler"
-else
-	echo "husk install: add to $main_conf (version = 2):"
-	echo '    imports = ["/etc/containerd/conf.d/*.toml"]'
-	echo "husk install: then restart containerd, and apply deploy/runtimeclass.yaml in the cluster"
-fi
+echo "husk install: added the husk runtime to $main_conf"
+echo "husk install: restart containerd, then apply deploy/runtimeclass.yaml in the cluster"

@@ -1,7 +1,10 @@
 //! A private containerd for end-to-end tests and benchmarks: its own root,
 //! state and socket under a test directory (never the system's), husk's
-//! binaries first on its PATH, the CRI plugin off (ctr does not need it),
-//! and a busybox image built locally and imported — no registry.
+//! binaries first on its PATH, and a busybox image built locally and
+//! imported — no registry. The CRI plugin is off for `ctr` tests; CRI tests
+//! ([`Containerd::start_cri`]) run it inside a network namespace of their
+//! own with a CNI bridge, husk's shipped containerd drop-in and a locally
+//! built pause image.
 
 use std::{
     ffi::OsStr,
@@ -19,6 +22,8 @@ use crate::{busybox_rootfs, Artifacts};
 
 /// The containerd namespace tests use.
 pub const NAMESPACE: &str = "husk-e2e";
+/// The containerd namespace of CRI's containers and images.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The runtime name of husk.
 pub const RUNTIME: &str = "io.containerd.husk.v2";
 /// The test image.
@@ -39,6 +44,8 @@ pub struct Containerd {
     /// Where pod VM templates are kept (from husk.toml).
     pub templates: PathBuf,
     path_env: String,
+    /// The network namespace containerd runs in (CRI tests).
+    netns: Option<PathBuf>,
     artifacts: Artifacts,
     /// Ids of the containers `ctr run` was asked for (their shim sockets
     /// must be gone once they are).
@@ -49,6 +56,32 @@ impl Containerd {
     /// Starts containerd in `dir` with husk's binaries on its PATH;
     /// templates go to `templates`.
     pub fn start(artifacts: &Artifacts, dir: &Path, templates: &Path) -> Result<Self> {
+        Self::start_with(artifacts, dir, templates, None)
+    }
+
+    /// Starts containerd with its CRI plugin inside `netns`: runtime
+    /// handlers `runc` and `husk` (the latter the table of
+    /// `deploy/containerd-husk.toml` as `install.sh` adds it, its settings
+    /// path pointed at the test's husk.toml), a CNI
+    /// bridge on 10.88.0.0/16 (plugins from `/usr/lib/cni`, IP leases under
+    /// the test directory), network namespaces pinned under its state
+    /// directory, and [`PAUSE_IMAGE`] as the sandbox image (imported by
+    /// [`Self::import_test_image`]).
+    pub fn start_cri(
+        artifacts: &Artifacts,
+        dir: &Path,
+        templates: &Path,
+        netns: &crate::netns::NetNs,
+    ) -> Result<Self> {
+        Self::start_with(artifacts, dir, templates, Some(netns))
+    }
+
+    fn start_with(
+        artifacts: &Artifacts,
+        dir: &Path,
+        templates: &Path,
+        netns: Option<&crate::netns::NetNs>,
+    ) -> Result<Self> {
         let bin_dir = artifacts
             .vmm
             .parent()
@@ -64,18 +97,24 @@ impl Containerd {
         let socket = dir.join("containerd.sock");
         let pods = dir.join("pods");
         let config = dir.join("containerd.toml");
+        let husk_toml = dir.join("husk.toml");
+        let (disabled, cri) = match netns {
+            None => (
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string(),
+                String::new(),
+            ),
+            Some(_) => (String::new(), cri_config(dir, &husk_toml)?),
+        };
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{disabled}\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n{cri}",
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
                 sock = socket.display(),
             ),
         )?;
-        let husk_toml = dir.join("husk.toml");
         // HUSK_E2E_SERIAL=1 keeps each pod VM's console in its pod
         // directory (`serial.log`), for debugging a failing test.
         let serial = std::env::var_os("HUSK_E2E_SERIAL").is_some_and(|v| v == "1");
@@ -94,7 +133,8 @@ impl Containerd {
             bin_dir.display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
-        let child = spawn_containerd(dir, &path_env)?;
+        let netns = netns.map(crate::netns::NetNs::path);
+        let child = spawn_containerd(dir, &path_env, netns.as_deref())?;
         let c = Self {
             child,
             dir: dir.to_path_buf(),
@@ -103,6 +143,7 @@ impl Containerd {
             pods,
             templates: templates.to_path_buf(),
             path_env,
+            netns,
             artifacts: artifacts.clone(),
             ids: Mutex::default(),
         };
@@ -114,6 +155,9 @@ impl Containerd {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.ctr(&["version"]).is_ok_and(|o| o.status.success()) {
+                if self.netns.is_some() {
+                    self.check_cri_loaded()?;
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -123,6 +167,28 @@ impl Containerd {
         }
     }
 
+    /// Fails with containerd's reason if its CRI plugin did not load.
+    fn check_cri_loaded(&self) -> Result<()> {
+        let o = self.ctr_ok(&["plugins", "ls", "id==cri"])?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        if !text
+            .lines()
+            .any(|l| l.contains("cri") && l.trim_end().ends_with("ok"))
+        {
+            let log = self.log();
+            let why: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("io.containerd.grpc.v1.cri") && l.contains("error="))
+                .map(str::trim)
+                .collect();
+            bail!(
+                "containerd's CRI plugin did not load:\n{text}\n{}",
+                why.join("\n")
+            );
+        }
+        Ok(())
+    }
+
     /// Stops containerd (SIGTERM, as a service manager does) and starts it
     /// again on the same root, state and sockets; the shims keep running.
     pub fn restart(&mut self) -> Result<()> {
@@ -130,8 +196,18 @@ impl Containerd {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         self.child.wait().context("waiting for containerd")?;
-        self.child = spawn_containerd(&self.dir, &self.path_env)?;
+        self.child = spawn_containerd(&self.dir, &self.path_env, self.netns.as_deref())?;
         self.wait_ready()
+    }
+
+    /// The containerd namespace `ctr` works in: CRI's `k8s.io` under a CRI
+    /// containerd, else [`NAMESPACE`].
+    pub fn namespace(&self) -> &'static str {
+        if self.netns.is_some() {
+            CRI_NAMESPACE
+        } else {
+            NAMESPACE
+        }
     }
 
     /// containerd's log so far.
@@ -156,7 +232,7 @@ impl Containerd {
         let mut cmd = std::process::Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", self.namespace()])
             .args(args)
             .env("PATH", &self.path_env);
         cmd
@@ -219,7 +295,7 @@ impl Containerd {
 
     /// The pod directory the shim keeps for pod `id`.
     pub fn pod_dir(&self, id: &str) -> PathBuf {
-        self.pods.join(NAMESPACE).join(id)
+        self.pods.join(self.namespace()).join(id)
     }
 
     /// The status column of `ctr task ls` for task `id` (empty: no task).
@@ -306,7 +382,7 @@ impl Containerd {
         let file = self
             .dir
             .join("state/io.containerd.runtime.v2.task")
-            .join(NAMESPACE)
+            .join(self.namespace())
             .join(id)
             .join("address");
         let text = std::fs::read_to_string(&file)
@@ -348,7 +424,7 @@ impl Containerd {
     /// `/run/containerd/s/<sha256 of "<containerd socket>/<namespace>/<id>">`
     /// (the shim crate's `socket_address`; containerd fixes the directory).
     pub fn shim_socket(&self, id: &str) -> PathBuf {
-        let key = format!("{}/{NAMESPACE}/{id}", self.socket.display());
+        let key = format!("{}/{}/{id}", self.socket.display(), self.namespace());
         Path::new("/run/containerd/s").join(format!("{:x}", Sha256::digest(key.as_bytes())))
     }
 
@@ -391,14 +467,14 @@ impl Containerd {
                 .unwrap_or_default()
         };
         left.extend(
-            names(self.pods.join(NAMESPACE))
+            names(self.pods.join(self.namespace()))
                 .into_iter()
                 .map(|p| format!("pod directory {p}")),
         );
         let bundles = self
             .dir
             .join("state/io.containerd.runtime.v2.task")
-            .join(NAMESPACE);
+            .join(self.namespace());
         left.extend(
             names(bundles)
                 .into_iter()
@@ -434,7 +510,8 @@ impl Containerd {
         assert!(self.ctr(&["version"]).is_ok_and(|o| o.status.success()));
     }
 
-    /// Builds the busybox test image and imports it as [`IMAGE`].
+    /// Builds the busybox test image and imports it as [`IMAGE`] (and the
+    /// sandbox image [`PAUSE_IMAGE`]) into the namespace `ctr` uses.
     pub fn import_test_image(&self) -> Result<()> {
         let tar = build_image(&self.artifacts, &self.dir.join("image"))?;
         self.ctr_ok(&["images", "import", &tar.display().to_string()])?;
@@ -533,21 +610,109 @@ impl Drop for Events {
     }
 }
 
-/// Starts containerd with the configuration in `dir`, appending to its log.
-fn spawn_containerd(dir: &Path, path_env: &str) -> Result<std::process::Child> {
+/// Starts containerd with the configuration in `dir`, appending to its log,
+/// inside network namespace `netns` if one is given.
+fn spawn_containerd(
+    dir: &Path,
+    path_env: &str,
+    netns: Option<&Path>,
+) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("containerd.log"))?;
-    std::process::Command::new("containerd")
-        .arg("--config")
+    let mut cmd = std::process::Command::new("containerd");
+    cmd.arg("--config")
         .arg(dir.join("containerd.toml"))
         .env("PATH", path_env)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
+        .stderr(log);
+    if let Some(netns) = netns {
+        let fd =
+            std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        // SAFETY: the closure runs in the child between fork and exec and
+        // calls only setns(2), which is async-signal-safe; `fd` is owned by
+        // the closure and open across the fork.
+        unsafe {
+            cmd.pre_exec(move || crate::netns::enter(&fd).map_err(std::io::Error::other));
+        }
+    }
+    cmd.spawn()
         .context("starting containerd (package containerd)")
+}
+
+/// The sandbox image of the CRI tests: `husk-testprog pause` as `/pause`,
+/// no PATH in its environment (as Kubernetes' pause image).
+pub const PAUSE_IMAGE: &str = "husk.test/pause:1";
+/// The CNI network of the CRI tests.
+pub const POD_SUBNET: &str = "10.88.0.0/16";
+
+/// The CRI part of the test containerd's configuration (see
+/// [`Containerd::start_cri`]); writes the CNI configuration.
+fn cri_config(dir: &Path, husk_toml: &Path) -> Result<String> {
+    let shipped = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/containerd-husk.toml"
+    ));
+    let table = std::fs::read_to_string(shipped)
+        .with_context(|| format!("reading {}", shipped.display()))?;
+    // As install.sh adds it: without the comment lines.
+    let table: String = table
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let husk = table.replace(
+        "\"/etc/husk/husk.toml\"",
+        &format!("\"{}\"", husk_toml.display()),
+    );
+    if husk == table {
+        bail!("{} no longer names /etc/husk/husk.toml", shipped.display());
+    }
+    let cni = dir.join("cni");
+    std::fs::create_dir_all(cni.join("net.d"))?;
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "husk-e2e",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cni0",
+                "isGateway": true,
+                "ipMasq": false,
+                "promiscMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": POD_SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": cni.join("ipam"),
+                },
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    });
+    std::fs::write(
+        cni.join("net.d/10-husk-e2e.conflist"),
+        serde_json::to_vec_pretty(&conflist)?,
+    )?;
+    Ok(format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+         \x20 sandbox_image = \"{PAUSE_IMAGE}\"\n\
+         \x20 restrict_oom_score_adj = true\n\
+         \x20 netns_mounts_under_state_dir = true\n\
+         \x20 stream_server_address = \"127.0.0.1\"\n\
+         \x20 stream_server_port = \"10010\"\n\
+         \x20 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+         \x20   bin_dir = \"/usr/lib/cni\"\n\
+         \x20   conf_dir = \"{conf}\"\n\
+         \x20 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+         \x20   default_runtime_name = \"runc\"\n\
+         \x20   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+         \x20     runtime_type = \"io.containerd.runc.v2\"\n{husk}",
+        conf = cni.join("net.d").display(),
+    ))
 }
 
 fn blob(dir: &Path, data: &[u8]) -> Result<(String, usize)> {
@@ -575,7 +740,8 @@ pub fn testprog(artifacts: &Artifacts) -> Result<PathBuf> {
 }
 
 /// Writes an OCI image layout tarball of a busybox root file system with
-/// `husk-testprog` in /bin, in `dir`; returns its path.
+/// `husk-testprog` in /bin, in `dir`, as [`IMAGE`] and [`PAUSE_IMAGE`];
+/// returns its path.
 pub fn build_image(artifacts: &Artifacts, dir: &Path) -> Result<PathBuf> {
     let rootfs = dir.join("rootfs");
     busybox_rootfs(&rootfs)?;
@@ -604,29 +770,41 @@ pub fn build_image(artifacts: &Artifacts, dir: &Path) -> Result<PathBuf> {
     let layer_bytes = std::fs::read(&layer)?;
     std::fs::remove_file(&layer)?;
     let (layer_digest, layer_size) = blob(dir, &layer_bytes)?;
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    });
-    let (config_digest, config_size) = blob(dir, &serde_json::to_vec(&config)?)?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
-    });
-    let (manifest_digest, manifest_size) = blob(dir, &serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
+    // Two images on the one layer: the busybox test image, and the pause
+    // image (as Kubernetes' own: an entrypoint and no environment).
+    let mut manifests = Vec::new();
+    for (name, config) in [
+        (
+            IMAGE,
+            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}),
+        ),
+        (
+            PAUSE_IMAGE,
+            serde_json::json!({"Entrypoint": ["/bin/husk-testprog", "pause"]}),
+        ),
+    ] {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        });
+        let (config_digest, config_size) = blob(dir, &serde_json::to_vec(&config)?)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
+        });
+        let (manifest_digest, manifest_size) = blob(dir, &serde_json::to_vec(&manifest)?)?;
+        manifests.push(serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": manifest_digest,
             "size": manifest_size,
-            "annotations": {"org.opencontainers.image.ref.name": IMAGE},
-        }],
-    });
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }));
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let tar = dir.join("image.tar");

@@ -14,7 +14,9 @@ use std::{
 };
 
 pub mod containerd;
+pub mod cri;
 pub mod hostmem;
+pub mod netns;
 
 use anyhow::{bail, Context, Result};
 use husk_protocols::{hybrid_vsock::port_socket_path, parse_ready_line, READY_VSOCK_PORT};

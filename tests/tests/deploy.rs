@@ -1,7 +1,8 @@
-//! The node installer and the containerd drop-in: `deploy/install.sh
-//! --root` puts everything in place under a scratch root, keeps an edited
-//! husk.toml, and uninstalls; containerd itself reads the drop-in and shows
-//! the `husk` CRI runtime with husk's shim type and settings path.
+//! The node installer: `deploy/install.sh --root` puts everything in place
+//! under a scratch root, keeps an edited husk.toml, adds the `husk` CRI
+//! runtime to containerd's config.toml without losing the node's own CRI
+//! settings or the runc runtime (containerd itself reads the result), and
+//! uninstalls.
 
 use std::{path::Path, process::Command};
 
@@ -41,15 +42,10 @@ fn installer_places_and_removes_everything() {
         "var/lib/husk/guest/vmlinux",
         "var/lib/husk/guest/initramfs.cpio",
         "etc/husk/husk.toml",
-        "etc/containerd/conf.d/husk.toml",
+        "etc/containerd/config.toml",
     ] {
         assert!(root.join(f).exists(), "{f} installed");
     }
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        stdout.contains("imports = [\"/etc/containerd/conf.d/*.toml\"]"),
-        "{stdout}"
-    );
 
     // An edited husk.toml survives a reinstall.
     std::fs::write(root.join("etc/husk/husk.toml"), "mem_mib = 256\n").expect("edit");
@@ -59,24 +55,59 @@ fn installer_places_and_removes_everything() {
         "mem_mib = 256\n"
     );
 
-    // containerd reads the drop-in through `imports`.
+    // On a fresh node containerd gets both runtimes: naming husk's alone
+    // would drop its built-in runc and leave CRI unable to start.
     let main = root.join("etc/containerd/config.toml");
-    std::fs::write(
-        &main,
-        format!(
-            "version = 2\nroot = \"{r}/var/lib/containerd\"\nstate = \"{r}/run/containerd\"\nimports = [\"{r}/etc/containerd/conf.d/*.toml\"]\n",
-            r = root.display()
-        ),
-    )
-    .expect("main config");
+    let dump = config_dump(&main);
+    husk_runtime(&dump);
+    assert!(dump.contains("containerd.runtimes.runc]"), "{dump}");
+
+    // On a node with its own CRI settings they are all kept (a drop-in under
+    // `imports` would have replaced the whole CRI section), reinstalling
+    // keeps one block, and uninstalling restores the file as it was.
+    let own = format!(
+        "version = 2\nroot = \"{r}/var/lib/containerd\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"example.test/pause:9\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n",
+        r = root.display()
+    );
+    std::fs::write(&main, &own).expect("node config");
+    assert!(install(&root, target, &[]).status.success());
+    let o = install(&root, target, &[]);
+    assert!(o.status.success(), "{o:?}");
+    let text = std::fs::read_to_string(&main).expect("config");
+    assert_eq!(text.matches("# BEGIN husk").count(), 1, "{text}");
+    let dump = config_dump(&main);
+    husk_runtime(&dump);
+    assert!(
+        dump.contains("sandbox_image = \"example.test/pause:9\""),
+        "{dump}"
+    );
+    assert!(dump.contains("containerd.runtimes.runc]"), "{dump}");
+
+    // Uninstall removes what it installed.
+    let o = install(&root, target, &["--uninstall"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(!root.join("usr/local/bin/husk-vmm").exists());
+    assert!(!root.join("var/lib/husk/guest/vmlinux").exists());
+    let text = std::fs::read_to_string(&main).expect("config");
+    assert_eq!(text.trim_end(), own.trim_end());
+}
+
+/// containerd's view of config file `main` (`containerd config dump`).
+fn config_dump(main: &Path) -> String {
     let o = Command::new("containerd")
         .arg("--config")
-        .arg(&main)
+        .arg(main)
         .args(["config", "dump"])
         .output()
         .expect("containerd config dump (package containerd)");
     assert!(o.status.success(), "{o:?}");
-    let dump = String::from_utf8_lossy(&o.stdout);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Checks that `dump` has the husk runtime with husk's shim and settings.
+fn husk_runtime(dump: &str) {
     let section = dump
         .split("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]")
         .nth(1)
@@ -89,13 +120,29 @@ fn installer_places_and_removes_everything() {
         section.contains("ConfigPath = \"/etc/husk/husk.toml\""),
         "{section}"
     );
+}
 
-    // Uninstall removes what it installed.
-    let o = install(&root, target, &["--uninstall"]);
-    assert!(o.status.success(), "{o:?}");
-    assert!(!root.join("usr/local/bin/husk-vmm").exists());
-    assert!(!root.join("etc/containerd/conf.d/husk.toml").exists());
-    assert!(!root.join("var/lib/husk/guest/vmlinux").exists());
+#[test]
+fn installer_refuses_a_second_husk_runtime() {
+    let artifacts = Artifacts::locate().expect("artifacts (make build)");
+    let target = artifacts
+        .vmm
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir");
+    let dir = TestDir::new("deploy-dup").expect("dir");
+    let root = dir.path().join("root");
+    let main = root.join("etc/containerd/config.toml");
+    std::fs::create_dir_all(main.parent().expect("parent")).expect("dir");
+    let own = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n";
+    std::fs::write(&main, own).expect("config");
+    let o = install(&root, target, &[]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already defines a husk runtime"),
+        "{o:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&main).expect("config"), own);
 }
 
 #[test]

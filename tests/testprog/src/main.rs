@@ -17,6 +17,9 @@
 //!   vsock socket (see `probe`); exits 0 only if all were refused.
 //! - `vector-check SECONDS SEED`: checks that vector registers survive
 //!   context switches (see `vectors`); run two at once.
+//! - `pause`: what Kubernetes' pause image runs: sleeps until SIGINT or
+//!   SIGTERM (then exits 0), reaping any child that exits. The CRI tests'
+//!   sandbox image runs it (no registry here to pull the real one from).
 
 mod probe;
 mod vectors;
@@ -56,8 +59,41 @@ fn alloc(mib: usize) -> ! {
     }
 }
 
+extern "C" fn exit_now(_: libc::c_int) {
+    // SAFETY: _exit(2) is async-signal-safe and touches no memory.
+    unsafe { libc::_exit(0) }
+}
+
+extern "C" fn wake(_: libc::c_int) {}
+
+fn pause() -> ! {
+    // Real handlers, not SIG_DFL: as PID 1 of a PID namespace the kernel
+    // drops signals that have no handler.
+    for (sig, handler) in [
+        (libc::SIGINT, exit_now as extern "C" fn(libc::c_int)),
+        (libc::SIGTERM, exit_now),
+        (libc::SIGCHLD, wake),
+    ] {
+        // SAFETY: installs a handler that only calls async-signal-safe
+        // functions; the sigaction struct lives across the call.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    loop {
+        // SAFETY: pause(2) only waits for a signal.
+        unsafe { libc::pause() };
+        // SAFETY: waitpid(2) with a null status pointer; reaps any exited
+        // child without blocking.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    }
+}
+
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
     std::process::exit(2)
 }
 
@@ -76,6 +112,7 @@ fn main() {
             }
         }
         Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
+        Some("pause") => pause(),
         Some("vector-check") => std::process::exit(vectors::main(num(1), num(2))),
         Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
         _ => usage(),
