@@ -1,5 +1,7 @@
-//! The parts of the husk shim that handle what the guest sends, as a
-//! library so that the fuzz targets (`fuzz/`) can drive them directly. The
-//! shim binary (`main.rs`) uses them from here.
+//! The parts of the husk shim that others need too, as a library: what
+//! handles what the guest sends (`metrics`, driven directly by the fuzz
+//! targets in `fuzz/`) and where a pod's files live (`poddir`, which the
+//! end-to-end tests share). The shim binary (`main.rs`) uses them from here.
 
 pub mod metrics;
+pub mod poddir;

@@ -11,6 +11,7 @@ mod config;
 mod exits;
 mod io;
 mod rootfs;
+mod sandbox;
 mod task;
 mod vm;
 
@@ -107,7 +108,7 @@ impl Shim for HuskShim {
         // Containers of one pod share its shim (and VM): CRI names the
         // sandbox in the annotations; without them the container is alone.
         let grouping = rootfs::read_spec(&self.bundle)
-            .map(|spec| task::sandbox_of(&spec, &opts.id))
+            .map(|spec| sandbox::role(&spec).pod(&opts.id))
             .unwrap_or_else(|_| opts.id.clone());
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // containerd reads the bundle's `address` file to reconnect to its
@@ -119,7 +120,9 @@ impl Shim for HuskShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
         // The shim that ran this container is gone: take down what it left.
         if let Some(pod) = task::pod_of_bundle(&self.bundle) {
-            let own_pod = pod.file_name().is_some_and(|n| n == self.id.as_str());
+            let own_pod = pod
+                .file_name()
+                .is_some_and(|n| *n == *husk_shim::poddir::dir_name(&self.id));
             if own_pod {
                 vm::cleanup_pod_dir(&pod);
             } else {

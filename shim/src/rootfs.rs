@@ -190,16 +190,7 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
 
     if let Some(linux) = spec.linux_mut() {
         if let Some(namespaces) = linux.namespaces().clone() {
-            let ns = namespaces
-                .into_iter()
-                .map(|mut n| {
-                    // A host namespace path (CRI's /proc/<pid>/ns/net) means
-                    // nothing in the guest: the container gets a new one.
-                    n.set_path(None);
-                    n
-                })
-                .collect();
-            linux.set_namespaces(Some(ns));
+            linux.set_namespaces(Some(crate::sandbox::guest_namespaces(namespaces)));
         }
     }
     Ok(())

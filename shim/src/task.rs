@@ -8,6 +8,9 @@
 //! agent, lets its output drain, records the status and publishes TaskExit.
 //! If the VM dies, every process's wait fails and each is reported exited
 //! (status 255) the same way.
+//!
+//! A CRI sandbox container runs nothing in the guest (`sandbox`): its task
+//! stands for the pod VM, with `husk-vmm`'s pid.
 
 use std::{
     collections::HashMap,
@@ -46,6 +49,7 @@ use crate::{
     exits::Exits,
     io::ProcessIo,
     rootfs,
+    sandbox::{self, Role},
     vm::Vm,
 };
 
@@ -160,6 +164,8 @@ struct Container {
     bundle: String,
     init: Proc,
     execs: HashMap<String, Proc>,
+    /// CRI's sandbox container: the pod VM, with no process in the guest.
+    sandbox: bool,
 }
 
 #[derive(Debug, Default)]
@@ -261,17 +267,25 @@ impl HuskTask {
             if let Some(mut io) = io {
                 io.wait_outputs(DRAIN).await;
             }
-            let at = now();
-            {
-                let mut st = this.state.lock().await;
-                let proc = st.containers.get_mut(&id).and_then(|c| {
-                    if exec_id.is_empty() {
-                        Some(&mut c.init)
-                    } else {
-                        c.execs.get_mut(&exec_id)
-                    }
-                });
-                if let Some(p) = proc {
+            this.record_exit(&id, &exec_id, pid, code).await;
+        });
+    }
+
+    /// Records that process `exec_id` of `id` exited with `code` and
+    /// publishes TaskExit, once: a process already stopped is left as it is.
+    async fn record_exit(&self, id: &str, exec_id: &str, pid: u32, code: u32) {
+        let at = now();
+        {
+            let mut st = self.state.lock().await;
+            let proc = st.containers.get_mut(id).and_then(|c| {
+                if exec_id.is_empty() {
+                    Some(&mut c.init)
+                } else {
+                    c.execs.get_mut(exec_id)
+                }
+            });
+            match proc {
+                Some(p) if p.phase != Phase::Stopped => {
                     p.phase = Phase::Stopped;
                     // send_replace, not send: send drops the value when no
                     // Wait is listening at this moment (a detached task),
@@ -282,28 +296,26 @@ impl HuskTask {
                         at: at.clone(),
                     }));
                 }
+                _ => return,
             }
-            let mut ev = TaskExit::new();
-            ev.container_id = id.clone();
-            ev.id = if exec_id.is_empty() {
-                id.clone()
-            } else {
-                exec_id.clone()
-            };
-            ev.pid = pid;
-            ev.exit_status = code;
-            ev.exited_at = Some(at).into();
-            this.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
-                .await;
-        });
+        }
+        let mut ev = TaskExit::new();
+        ev.container_id = id.to_string();
+        ev.id = if exec_id.is_empty() { id } else { exec_id }.to_string();
+        ev.pid = pid;
+        ev.exit_status = code;
+        ev.exited_at = Some(at).into();
+        self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+            .await;
     }
 
-    async fn ensure_vm(&self, cfg: &Config, sandbox: &str) -> TtrpcResult<Arc<Vm>> {
+    /// The pod VM, started for `sandbox` with `hostname` if it is not yet.
+    async fn ensure_vm(&self, cfg: &Config, sandbox: &str, hostname: &str) -> TtrpcResult<Arc<Vm>> {
         let mut st = self.state.lock().await;
         if let Some(vm) = &st.vm {
             return Ok(vm.clone());
         }
-        let vm = Vm::start(cfg, &self.namespace, sandbox, &self.exits)
+        let vm = Vm::start(cfg, &self.namespace, sandbox, hostname, &self.exits)
             .await
             .map_err(|e| {
                 err(
@@ -326,21 +338,6 @@ impl HuskTask {
         });
         Ok(vm)
     }
-}
-
-/// The sandbox a container belongs to: CRI names it; otherwise (ctr) the
-/// container is its own sandbox.
-pub fn sandbox_of(spec: &oci_spec::runtime::Spec, id: &str) -> String {
-    spec.annotations()
-        .as_ref()
-        .and_then(|a| {
-            (a.get("io.kubernetes.cri.container-type")
-                .map(String::as_str)
-                == Some("container"))
-            .then(|| a.get("io.kubernetes.cri.sandbox-id").cloned())
-            .flatten()
-        })
-        .unwrap_or_else(|| id.to_string())
 }
 
 fn load_config(
@@ -378,10 +375,16 @@ impl Task for HuskTask {
         let bundle = PathBuf::from(&req.bundle);
         let spec = rootfs::read_spec(&bundle)
             .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let role = sandbox::role(&spec);
+        if role == Role::Sandbox {
+            return self.create_sandbox(&cfg, &req, &spec).await;
+        }
         rootfs::check(&bundle, &req.rootfs, &spec)
             .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-        let sandbox = sandbox_of(&spec, &req.id);
-        let vm = self.ensure_vm(&cfg, &sandbox).await?;
+        let pod = role.pod(&req.id);
+        let vm = self
+            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod))
+            .await?;
         // Lets `delete` find the pod after a shim crash.
         let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
 
@@ -414,21 +417,10 @@ impl Task for HuskTask {
                 bundle: req.bundle.clone(),
                 init: proc,
                 execs: HashMap::new(),
+                sandbox: false,
             },
         );
-        let mut ev = TaskCreate::new();
-        ev.container_id = req.id.clone();
-        ev.bundle = req.bundle.clone();
-        ev.rootfs = req.rootfs.clone();
-        let mut tio = TaskIO::new();
-        tio.stdin = req.stdin.clone();
-        tio.stdout = req.stdout.clone();
-        tio.stderr = req.stderr.clone();
-        tio.terminal = req.terminal;
-        ev.io = Some(tio).into();
-        ev.pid = pid;
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
-            .await;
+        self.publish_create(&req, pid).await;
         let mut resp = api::CreateTaskResponse::new();
         resp.pid = pid;
         Ok(resp)
@@ -440,7 +432,15 @@ impl Task for HuskTask {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         let vm = self.vm().await?;
-        let pid = if req.exec_id.is_empty() {
+        let pid = if req.exec_id.is_empty() && self.is_sandbox(&req.id).await {
+            let pid = self.start_sandbox(&req.id, vm).await?;
+            let mut ev = TaskStart::new();
+            ev.container_id = req.id.clone();
+            ev.pid = pid;
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+                .await;
+            pid
+        } else if req.exec_id.is_empty() {
             {
                 let st = self.state.lock().await;
                 let c = st
@@ -563,7 +563,7 @@ impl Task for HuskTask {
             c.execs.remove(&req.exec_id);
             return Ok(resp);
         }
-        let (pid, exited) = {
+        let (pid, exited, is_sandbox) = {
             let st = self.state.lock().await;
             let c = st
                 .containers
@@ -575,9 +575,10 @@ impl Task for HuskTask {
                     format!("container {} is running", req.id),
                 ));
             }
-            (c.init.pid, c.init.exited())
+            (c.init.pid, c.init.exited(), c.sandbox)
         };
-        if let Some(vm) = &vm {
+        // The sandbox has nothing in the guest; the VM goes at Shutdown.
+        if let (Some(vm), false) = (&vm, is_sandbox) {
             if vm.alive() {
                 let mut r = DeleteContainerRequest::new();
                 r.container_id = req.id.clone();
@@ -692,6 +693,12 @@ impl Task for HuskTask {
             if p.phase == Phase::Stopped && !req.all {
                 return Err(not_found("process already finished"));
             }
+            if c.sandbox && req.exec_id.is_empty() {
+                let pid = p.pid;
+                drop(st);
+                self.kill_sandbox(&req.id, pid, req.signal).await;
+                return Ok(api::Empty::new());
+            }
         }
         let mut r = SignalProcessRequest::new();
         r.container_id = req.id.clone();
@@ -728,6 +735,15 @@ impl Task for HuskTask {
                 .containers
                 .get_mut(&req.id)
                 .ok_or_else(|| not_found(format!("container {}", req.id)))?;
+            if c.sandbox {
+                return Err(err(
+                    shim_ttrpc::Code::FAILED_PRECONDITION,
+                    format!(
+                        "{} is the pod's sandbox, which runs no processes in husk",
+                        req.id
+                    ),
+                ));
+            }
             if c.execs.contains_key(&req.exec_id) {
                 return Err(err(
                     shim_ttrpc::Code::ALREADY_EXISTS,
@@ -801,6 +817,13 @@ impl Task for HuskTask {
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
         let vm = self.vm().await?;
+        if self.is_sandbox(&req.id).await {
+            let mut p = ProcessInfo::new();
+            p.pid = vm.vmm_pid();
+            let mut resp = api::PidsResponse::new();
+            resp.processes = vec![p];
+            return Ok(resp);
+        }
         let r = container_request(&req.id);
         let pids = vm
             .agent
@@ -956,6 +979,106 @@ fn resources_json(
 }
 
 impl HuskTask {
+    /// Publishes TaskCreate for `req`, whose init process has `pid`.
+    async fn publish_create(&self, req: &api::CreateTaskRequest, pid: u32) {
+        let mut ev = TaskCreate::new();
+        ev.container_id = req.id.clone();
+        ev.bundle = req.bundle.clone();
+        ev.rootfs = req.rootfs.clone();
+        let mut tio = TaskIO::new();
+        tio.stdin = req.stdin.clone();
+        tio.stdout = req.stdout.clone();
+        tio.stderr = req.stderr.clone();
+        tio.terminal = req.terminal;
+        ev.io = Some(tio).into();
+        ev.pid = pid;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+            .await;
+    }
+
+    /// Creates CRI's sandbox container: starts the pod VM with the pod's
+    /// hostname; nothing runs in the guest for it (`sandbox`).
+    async fn create_sandbox(
+        &self,
+        cfg: &Config,
+        req: &api::CreateTaskRequest,
+        spec: &oci_spec::runtime::Spec,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let vm = self
+            .ensure_vm(cfg, &req.id, &sandbox::hostname(spec, &req.id))
+            .await?;
+        let _ = std::fs::write(
+            PathBuf::from(&req.bundle).join("husk-pod"),
+            vm.dir.display().to_string(),
+        );
+        let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        proc.pid = vm.vmm_pid();
+        self.state.lock().await.containers.insert(
+            req.id.clone(),
+            Container {
+                bundle: req.bundle.clone(),
+                init: proc,
+                execs: HashMap::new(),
+                sandbox: true,
+            },
+        );
+        self.publish_create(req, vm.vmm_pid()).await;
+        let mut resp = api::CreateTaskResponse::new();
+        resp.pid = vm.vmm_pid();
+        Ok(resp)
+    }
+
+    /// Starts the sandbox task: it runs until it is killed or the VM dies.
+    async fn start_sandbox(&self, id: &str, vm: Arc<Vm>) -> TtrpcResult<u32> {
+        {
+            let mut st = self.state.lock().await;
+            let c = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| not_found(format!("container {id}")))?;
+            if c.init.phase != Phase::Created {
+                return Err(err(
+                    shim_ttrpc::Code::FAILED_PRECONDITION,
+                    format!("container {id} was started"),
+                ));
+            }
+            c.init.phase = Phase::Running;
+        }
+        let pid = vm.vmm_pid();
+        let this = self.clone();
+        let id = id.to_string();
+        let mut vmm_exit = vm.vmm_exit.clone();
+        tokio::spawn(async move {
+            let _ = vmm_exit.wait_for(Option::is_some).await;
+            // The pod VM is gone (a kill recorded the exit already).
+            this.record_exit(&id, "", pid, 255).await;
+        });
+        Ok(pid)
+    }
+
+    /// Kills the sandbox task as `signal` would kill the pause process:
+    /// SIGKILL ends it with status 137, SIGTERM and SIGINT with 0 (pause
+    /// exits cleanly on them); other signals do nothing. The VM stays until
+    /// the sandbox is deleted.
+    async fn kill_sandbox(&self, id: &str, pid: u32, signal: u32) {
+        let code = match i32::try_from(signal) {
+            Ok(libc::SIGKILL) => 128 + 9,
+            Ok(libc::SIGTERM | libc::SIGINT) => 0,
+            _ => return,
+        };
+        self.record_exit(id, "", pid, code).await;
+    }
+
+    /// Whether `id` is the pod's sandbox container.
+    async fn is_sandbox(&self, id: &str) -> bool {
+        self.state
+            .lock()
+            .await
+            .containers
+            .get(id)
+            .is_some_and(|c| c.sandbox)
+    }
+
     /// Fails with NOT_FOUND unless container `id` exists in this shim.
     async fn known(&self, id: &str) -> TtrpcResult<()> {
         if self.state.lock().await.containers.contains_key(id) {
@@ -1059,38 +1182,6 @@ pub fn pod_of_bundle(bundle: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(annotations: &[(&str, &str)]) -> oci_spec::runtime::Spec {
-        let mut s = oci_spec::runtime::Spec::default();
-        s.set_annotations(Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ));
-        s
-    }
-
-    #[test]
-    fn cri_containers_join_their_sandbox_and_others_stand_alone() {
-        // ctr: no annotations, its own pod.
-        assert_eq!(sandbox_of(&oci_spec::runtime::Spec::default(), "c1"), "c1");
-        // The CRI sandbox (pause) container is the pod.
-        let pause = spec(&[
-            ("io.kubernetes.cri.container-type", "sandbox"),
-            ("io.kubernetes.cri.sandbox-id", "pod1"),
-        ]);
-        assert_eq!(sandbox_of(&pause, "pod1"), "pod1");
-        // An app container joins the sandbox's VM.
-        let app = spec(&[
-            ("io.kubernetes.cri.container-type", "container"),
-            ("io.kubernetes.cri.sandbox-id", "pod1"),
-        ]);
-        assert_eq!(sandbox_of(&app, "app1"), "pod1");
-        // An app container without a sandbox id stays alone.
-        let orphan = spec(&[("io.kubernetes.cri.container-type", "container")]);
-        assert_eq!(sandbox_of(&orphan, "app2"), "app2");
-    }
 
     #[test]
     fn update_resources_are_checked_before_they_reach_the_guest() {

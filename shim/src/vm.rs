@@ -51,6 +51,9 @@ pub enum VmError {
     /// The VM did not come up.
     #[error("{0}")]
     Boot(String),
+    /// The settings do not allow a pod VM here.
+    #[error("{0}")]
+    Config(String),
     /// The agent refused or failed a call.
     #[error("agent: {0}")]
     Agent(String),
@@ -95,7 +98,7 @@ fn nix_io(e: nix::Error) -> std::io::Error {
 
 /// The pod directory of sandbox `id` in `namespace`.
 pub fn pod_dir(cfg: &Config, namespace: &str, id: &str) -> PathBuf {
-    cfg.state_dir.join(namespace).join(id)
+    husk_shim::poddir::pod_dir(&cfg.state_dir, namespace, id)
 }
 
 fn log_file(path: &Path) -> Result<std::fs::File, VmError> {
@@ -129,9 +132,11 @@ impl Vm {
         cfg: &Config,
         namespace: &str,
         id: &str,
+        hostname: &str,
         exits: &Exits,
     ) -> Result<Self, VmError> {
         let dir = pod_dir(cfg, namespace, id);
+        husk_shim::poddir::check_socket_room(&dir).map_err(VmError::Config)?;
         if dir.exists() {
             // Left by a shim that died: take it down first.
             cleanup_pod_dir(&dir);
@@ -267,11 +272,11 @@ impl Vm {
             daemon_exit,
             stopping: AtomicBool::new(false),
         };
-        vm.prepare_guest(id).await?;
+        vm.prepare_guest(id, hostname).await?;
         Ok(vm)
     }
 
-    async fn prepare_guest(&self, id: &str) -> Result<(), VmError> {
+    async fn prepare_guest(&self, id: &str, hostname: &str) -> Result<(), VmError> {
         let ctx = || ttrpc::context::with_timeout(30_000_000_000);
         let mut req = PersonalizeRequest::new();
         let mut entropy = vec![0u8; 64];
@@ -281,7 +286,7 @@ impl Vm {
         )
         .map_err(setup("reading /dev/urandom"))?;
         req.entropy = entropy;
-        req.hostname = id.chars().take(63).collect();
+        req.hostname = hostname.to_string();
         req.sandbox_id = id.to_string();
         self.agent
             .personalize(ctx(), &req)
@@ -295,6 +300,11 @@ impl Vm {
             .await
             .map_err(|e| VmError::Agent(format!("MountShared: {e}")))?;
         Ok(())
+    }
+
+    /// The pid of `husk-vmm` (the sandbox task's pid).
+    pub fn vmm_pid(&self) -> u32 {
+        u32::try_from(self.vmm_pid).unwrap_or(0)
     }
 
     /// A host vsock port for a stdio stream, unique in this VM.

@@ -295,7 +295,7 @@ impl Containerd {
 
     /// The pod directory the shim keeps for pod `id`.
     pub fn pod_dir(&self, id: &str) -> PathBuf {
-        self.pods.join(self.namespace()).join(id)
+        husk_shim::poddir::pod_dir(&self.pods, self.namespace(), id)
     }
 
     /// The status column of `ctr task ls` for task `id` (empty: no task).
@@ -467,9 +467,12 @@ impl Containerd {
                 .unwrap_or_default()
         };
         left.extend(
-            names(self.pods.join(self.namespace()))
-                .into_iter()
-                .map(|p| format!("pod directory {p}")),
+            names(husk_shim::poddir::namespace_dir(
+                &self.pods,
+                self.namespace(),
+            ))
+            .into_iter()
+            .map(|p| format!("pod directory {p}")),
         );
         let bundles = self
             .dir
