@@ -13,6 +13,7 @@ mod containers;
 mod identity;
 mod init;
 mod listener;
+mod network;
 mod reaper;
 mod rpc;
 mod runtime;

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use husk_protocols::{
     agent::{
-        stream_check_request::Direction, ContainerRequest, CreateContainerRequest,
-        CreateContainerResponse, DeleteContainerRequest, Empty, ExecProcessRequest,
-        ExecProcessResponse, HealthRequest, HealthResponse, ListPidsResponse, MountSharedRequest,
-        MountSharedResponse, OomEvent, PersonalizeRequest, PersonalizeResponse, ProcessRequest,
-        ResizePtyRequest, ShutdownRequest, ShutdownResponse, SignalProcessRequest,
+        stream_check_request::Direction, ConfigureNetworkRequest, ContainerRequest,
+        CreateContainerRequest, CreateContainerResponse, DeleteContainerRequest, Empty,
+        ExecProcessRequest, ExecProcessResponse, HealthRequest, HealthResponse, ListPidsResponse,
+        MountSharedRequest, MountSharedResponse, OomEvent, PersonalizeRequest, PersonalizeResponse,
+        ProcessRequest, ResizePtyRequest, ShutdownRequest, ShutdownResponse, SignalProcessRequest,
         StartContainerResponse, StatsContainerResponse, StreamCheckRequest, StreamCheckResponse,
         UpdateContainerRequest, VersionRequest, VersionResponse, WaitProcessResponse,
     },
@@ -599,5 +599,26 @@ impl agent_ttrpc::Agent for AgentService {
         let mut ev = OomEvent::new();
         ev.container_id = id;
         Ok(ev)
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        use crate::network::NetworkError;
+        let plan = crate::network::plan(&req)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        crate::network::apply(&plan).await.map_err(|e| match e {
+            NetworkError::Invalid(m) => status(Code::INVALID_ARGUMENT, m),
+            NetworkError::NoDevice => status(Code::FAILED_PRECONDITION, e.to_string()),
+            other => internal(other.to_string()),
+        })?;
+        tracing::info!(
+            addresses = plan.addresses.len(),
+            routes = plan.routes.len(),
+            "network configured"
+        );
+        Ok(Empty::new())
     }
 }

@@ -50,6 +50,9 @@ pub enum ConfigError {
     /// Extra kernel command line words that would confuse the device list.
     #[error("extra kernel command line must not contain {0:?}")]
     Cmdline(String),
+    /// A network device setting is malformed or out of range.
+    #[error("network device: {0}")]
+    Net(String),
 }
 
 /// Vsock device settings (Firecracker-style hybrid vsock).
@@ -69,6 +72,112 @@ pub struct FsConfig {
     pub socket: PathBuf,
     /// The tag the guest mounts by.
     pub tag: String,
+}
+
+/// Where a network device's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSource {
+    /// An open tap descriptor this process inherited (the shim makes the
+    /// tap in the pod's network namespace and passes it).
+    Fd(i32),
+    /// A tap to open (or create) by name in husk-vmm's own network
+    /// namespace (running husk-vmm by hand).
+    Name(String),
+}
+
+/// A virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The MAC address the device reports.
+    pub mac: [u8; 6],
+    /// The MTU the device reports.
+    pub mtu: u16,
+    /// Its tap; none: frames are dropped (a template VM, whose restored
+    /// copies get their tap).
+    pub tap: Option<TapSource>,
+}
+
+/// Smallest MTU (IPv4's minimum).
+pub const MIN_MTU: u16 = 68;
+
+impl NetConfig {
+    /// Parses `mac=02:00:00:00:00:01[,mtu=1500][,fd=N|,tap=NAME]`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |m: String| ConfigError::Net(m);
+        let mut mac = None;
+        let mut mtu = 1500;
+        let mut tap = None;
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            match k {
+                "mac" => mac = Some(parse_mac(v).ok_or_else(|| bad(format!("bad MAC {v:?}")))?),
+                "mtu" => mtu = v.parse().map_err(|_| bad(format!("bad MTU {v:?}")))?,
+                "fd" if tap.is_none() => {
+                    tap = Some(TapSource::Fd(
+                        v.parse()
+                            .ok()
+                            .filter(|fd| *fd > 2)
+                            .ok_or_else(|| bad(format!("bad fd {v:?} (3 or more)")))?,
+                    ))
+                }
+                "tap" if tap.is_none() => tap = Some(TapSource::Name(v.to_string())),
+                "fd" | "tap" => return Err(bad("give one of fd= and tap=".into())),
+                _ => return Err(bad(format!("unknown key {k:?} (mac, mtu, fd, tap)"))),
+            }
+        }
+        let net = Self {
+            mac: mac.ok_or_else(|| bad("mac= is required".into()))?,
+            mtu,
+            tap,
+        };
+        net.validate()?;
+        Ok(net)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.mac[0] & 1 != 0 || self.mac == [0; 6] {
+            return Err(ConfigError::Net(format!(
+                "MAC {} is not a unicast address",
+                format_mac(&self.mac)
+            )));
+        }
+        if self.mtu < MIN_MTU {
+            return Err(ConfigError::Net(format!(
+                "MTU {} is below {MIN_MTU}",
+                self.mtu
+            )));
+        }
+        if let Some(TapSource::Name(n)) = &self.tap {
+            if n.is_empty() || n.len() > 15 || n.contains('/') {
+                return Err(ConfigError::Net(format!("bad tap name {n:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The description of one microVM.
@@ -93,6 +202,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// The virtio-fs device, if any.
     pub fs: Option<FsConfig>,
+    /// The network device, if any.
+    pub net: Option<NetConfig>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Confine every VMM thread with its seccomp filter (see `seccomp`).
@@ -117,6 +228,7 @@ impl VmConfig {
             vsock: None,
             api_socket: None,
             fs: None,
+            net: None,
             kvm_device: PathBuf::from("/dev/kvm"),
             seccomp: true,
             restore_from: None,
@@ -150,6 +262,9 @@ impl VmConfig {
         }
         if let Some(fs) = &self.fs {
             check_exists("virtio-fs socket", &fs.socket)?;
+        }
+        if let Some(net) = &self.net {
+            net.validate()?;
         }
         for word in self.extra_cmdline.split_ascii_whitespace() {
             if word.starts_with("virtio_mmio.device=") || word.starts_with("8250.nr_uarts=") {
@@ -190,6 +305,45 @@ mod tests {
             initramfs: None,
             ..VmConfig::with_defaults()
         }
+    }
+
+    #[test]
+    fn net_settings_are_parsed_and_checked() {
+        let n = NetConfig::parse("mac=02:00:0a:58:00:05,mtu=1450,fd=7").expect("net");
+        assert_eq!(n.mac, [2, 0, 0x0a, 0x58, 0, 5]);
+        assert_eq!(n.mtu, 1450);
+        assert_eq!(n.tap, Some(TapSource::Fd(7)));
+        let n = NetConfig::parse("mac=02:00:00:00:00:01").expect("net");
+        assert_eq!((n.mtu, n.tap), (1500, None));
+        assert_eq!(
+            NetConfig::parse("mac=02:00:00:00:00:01,tap=husk0")
+                .expect("net")
+                .tap,
+            Some(TapSource::Name("husk0".into()))
+        );
+        for bad in [
+            "",
+            "mtu=1500",
+            "mac=01:00:00:00:00:01",
+            "mac=00:00:00:00:00:00",
+            "mac=02:00:00:00:00",
+            "mac=02:00:00:00:00:01:02",
+            "mac=02:00:00:00:00:0g",
+            "mac=02:00:00:00:00:01,mtu=67",
+            "mac=02:00:00:00:00:01,mtu=70000",
+            "mac=02:00:00:00:00:01,fd=2",
+            "mac=02:00:00:00:00:01,fd=3,tap=x",
+            "mac=02:00:00:00:00:01,tap=a/b",
+            "mac=02:00:00:00:00:01,tap=0123456789abcdef",
+            "mac=02:00:00:00:00:01,speed=10",
+            "mac",
+        ] {
+            assert!(
+                matches!(NetConfig::parse(bad), Err(ConfigError::Net(_))),
+                "{bad:?} accepted"
+            );
+        }
+        assert_eq!(format_mac(&[2, 0, 0xa, 0x58, 0, 5]), "02:00:0a:58:00:05");
     }
 
     #[test]

@@ -50,6 +50,11 @@ struct Args {
     /// The virtio-fs tag the guest mounts by.
     #[arg(long, default_value = "husk")]
     fs_tag: String,
+    /// A virtio-net device: `mac=02:..:01[,mtu=1500][,fd=N|,tap=NAME]`;
+    /// `fd=` takes an open tap this process inherited, `tap=` opens one by
+    /// name; with neither, the device has no cable (a template VM).
+    #[arg(long, value_parser = husk_vmm_core::NetConfig::parse)]
+    net: Option<husk_vmm_core::NetConfig>,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -135,6 +140,7 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
                 socket,
                 tag: args.fs_tag.clone(),
             }),
+        net: args.net,
         kvm_device: args.kvm_device,
         seccomp: !args.no_seccomp,
         restore_from: args.restore_from,
@@ -233,6 +239,11 @@ fn ensure_template(
     .arg("--make-template")
     .arg(&path)
     .args(["--log", "warn"]);
+    // The template's network device has no tap and a placeholder MAC: each
+    // restored VM brings its own tap, and its agent sets the MAC and MTU.
+    if let Some(net) = &config.net {
+        cmd.args(["--net", &format!("mac={TEMPLATE_MAC},mtu={}", net.mtu)]);
+    }
     if let Some(serial) = &config.serial_log {
         cmd.arg("--serial-log")
             .arg(serial.with_extension("template.log"));
@@ -267,6 +278,9 @@ fn ensure_template(
     }
     Ok(path)
 }
+
+/// The MAC of a template VM's network device (locally administered).
+const TEMPLATE_MAC: &str = "02:68:75:73:6b:00";
 
 /// The virtio-fs daemon of a template VM, with its empty shared directory.
 struct TemplateFsDaemon {

@@ -190,6 +190,8 @@ pub fn key(
         }
         None => h.update(b"no fs\0"),
     }
+    // A network device (its MAC, MTU and tap are set per VM after restore).
+    h.update([u8::from(config.net.is_some())]);
     let digest = h.finalize();
     Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
 }

@@ -49,6 +49,7 @@ use crate::{
         virtio::{
             fs::{FsBackend, VhostUserFs},
             mmio::MmioTransport,
+            net::{tap::Tap, Net},
             vsock::{muxer::Muxer, Vsock},
             Interrupt,
         },
@@ -279,13 +280,15 @@ pub fn take_termination_signals() -> Option<nix::sys::signalfd::SignalFd> {
     .ok()
 }
 
-/// Connections to device backends (daemons) that a VM's devices use. They
-/// are made before the VM is built and outlive a failed build, so a VM
-/// whose snapshot is refused can boot cold on the same daemons (each serves
-/// a single connection).
+/// Connections to device backends (daemons, the tap) that a VM's devices
+/// use. They are made before the VM is built and outlive a failed build, so
+/// a VM whose snapshot is refused can boot cold on the same daemons (each
+/// serves a single connection) and the same tap (an inherited descriptor
+/// can be taken over only once).
 #[derive(Debug, Default)]
 pub struct Backends {
     fs: Option<FsBackend>,
+    tap: Option<Tap>,
 }
 
 impl Backends {
@@ -297,7 +300,17 @@ impl Backends {
             ),
             None => None,
         };
-        Ok(Self { fs })
+        let tap = match config.net.as_ref().and_then(|n| n.tap.as_ref()) {
+            None => None,
+            // SAFETY: the fd was handed to this process to own (the command
+            // line's fd=); nothing else in it uses the number, and
+            // validation refused 0-2.
+            Some(crate::TapSource::Fd(fd)) => Some(unsafe { Tap::from_raw_fd(*fd) }),
+            Some(crate::TapSource::Name(name)) => Some(Tap::open(name)),
+        }
+        .transpose()
+        .map_err(device_err("the network device's tap"))?;
+        Ok(Self { fs, tap })
     }
 }
 
@@ -407,6 +420,26 @@ impl Vmm {
                 &mut mmio,
                 Box::new(fs),
                 "the virtio-fs device",
+            )?);
+            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        }
+        if let Some(net_cfg) = &config.net {
+            let backend = backends
+                .tap
+                .as_ref()
+                .map(Tap::try_clone)
+                .transpose()
+                .map_err(device_err("the network device's tap"))?
+                .map(|t| Box::new(t) as Box<dyn crate::devices::virtio::net::tap::FrameBackend>);
+            let net = Net::new(net_cfg.mac, net_cfg.mtu, backend)
+                .map_err(device_err("the network device"))?;
+            let handler = net.handler().map_err(device_err("the network device"))?;
+            cmdline.push(virtio.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                Box::new(net),
+                "the network device",
             )?);
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
         }

@@ -105,6 +105,13 @@ impl Tap {
         Self::from_fd(file.into())
     }
 
+    /// A second handle on the same tap (a dup of its descriptor).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+        })
+    }
+
     /// Takes over raw descriptor `fd` (a command-line `--net fd=N`).
     ///
     /// # Safety
