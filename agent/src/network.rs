@@ -36,6 +36,10 @@ pub enum NetworkError {
     NoDevice,
 }
 
+/// A route: destination network (none: default) and next hop (none: on
+/// the link).
+pub type Route = (Option<(IpAddr, u8)>, Option<IpAddr>);
+
 /// A checked request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -47,7 +51,7 @@ pub struct Plan {
     pub addresses: Vec<(IpAddr, u8)>,
     /// Routes: destination network (none: default), next hop (none: on
     /// link).
-    pub routes: Vec<(Option<(IpAddr, u8)>, Option<IpAddr>)>,
+    pub routes: Vec<Route>,
 }
 
 const MIN_MTU: u32 = 68;
@@ -299,7 +303,8 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_before_anything_changes() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ConfigureNetworkRequest)>)> = vec![
+        type Edit = Box<dyn Fn(&mut ConfigureNetworkRequest)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("MAC of 5 bytes", Box::new(|r| r.mac.truncate(5))),
             ("unicast", Box::new(|r| r.mac[0] = 1)),
             ("MTU 67", Box::new(|r| r.mtu = 67)),

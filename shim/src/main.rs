@@ -10,6 +10,7 @@
 mod config;
 mod exits;
 mod io;
+mod network;
 mod rootfs;
 mod sandbox;
 mod task;

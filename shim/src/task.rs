@@ -309,13 +309,20 @@ impl HuskTask {
             .await;
     }
 
-    /// The pod VM, started for `sandbox` with `hostname` if it is not yet.
-    async fn ensure_vm(&self, cfg: &Config, sandbox: &str, hostname: &str) -> TtrpcResult<Arc<Vm>> {
+    /// The pod VM, started for `sandbox` with `hostname` (and cabled to
+    /// `net`) if it is not yet.
+    async fn ensure_vm(
+        &self,
+        cfg: &Config,
+        sandbox: &str,
+        hostname: &str,
+        net: Option<crate::network::PodNetwork>,
+    ) -> TtrpcResult<Arc<Vm>> {
         let mut st = self.state.lock().await;
         if let Some(vm) = &st.vm {
             return Ok(vm.clone());
         }
-        let vm = Vm::start(cfg, &self.namespace, sandbox, hostname, &self.exits)
+        let vm = Vm::start(cfg, &self.namespace, sandbox, hostname, net, &self.exits)
             .await
             .map_err(|e| {
                 err(
@@ -383,7 +390,7 @@ impl Task for HuskTask {
             .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         let pod = role.pod(&req.id);
         let vm = self
-            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod))
+            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod), None)
             .await?;
         // Lets `delete` find the pod after a shim crash.
         let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
@@ -1004,9 +1011,30 @@ impl HuskTask {
         req: &api::CreateTaskRequest,
         spec: &oci_spec::runtime::Spec,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        let vm = self
-            .ensure_vm(cfg, &req.id, &sandbox::hostname(spec, &req.id))
-            .await?;
+        let netns = crate::network::pod_netns(spec)
+            .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+        let net = match netns {
+            Some(ns) => Some(crate::network::attach(ns.clone()).await.map_err(|e| {
+                err(
+                    shim_ttrpc::Code::UNAVAILABLE,
+                    format!("connecting the pod network: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let netns = net.as_ref().map(|n| n.netns.clone());
+        let vm = match self
+            .ensure_vm(cfg, &req.id, &sandbox::hostname(spec, &req.id), net)
+            .await
+        {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(ns) = netns {
+                    crate::network::detach(ns).await;
+                }
+                return Err(e);
+            }
+        };
         let _ = std::fs::write(
             PathBuf::from(&req.bundle).join("husk-pod"),
             vm.dir.display().to_string(),
@@ -1066,6 +1094,11 @@ impl HuskTask {
             Ok(libc::SIGTERM | libc::SIGINT) => 0,
             _ => return,
         };
+        // The pod is stopping: unwire its network now, before CNI tears
+        // down the namespace.
+        if let Ok(vm) = self.vm().await {
+            vm.detach_network().await;
+        }
         self.record_exit(id, "", pid, code).await;
     }
 

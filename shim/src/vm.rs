@@ -12,6 +12,7 @@
 //! (root file systems mounted later, per container) reach it.
 
 use std::{
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::Stdio,
     sync::atomic::{AtomicBool, AtomicU32, Ordering},
@@ -19,7 +20,10 @@ use std::{
 };
 
 use husk_protocols::{
-    agent::{MountSharedRequest, PersonalizeRequest, ShutdownRequest},
+    agent::{
+        ConfigureNetworkRequest, IpNetwork, MountSharedRequest, NetworkRoute, PersonalizeRequest,
+        ShutdownRequest,
+    },
     agent_ttrpc::AgentClient,
     connect_agent,
 };
@@ -30,7 +34,11 @@ use nix::{
 };
 use tokio::sync::watch;
 
-use crate::{config::Config, exits::Exits};
+use crate::{
+    config::Config,
+    exits::Exits,
+    network::{self, PodNetwork},
+};
 
 /// The guest path of the shared directory.
 pub const GUEST_SHARED: &str = "/run/husk/shared";
@@ -76,6 +84,8 @@ pub struct Vm {
     pub vmm_exit: watch::Receiver<Option<i32>>,
     daemon_exit: watch::Receiver<Option<i32>>,
     stopping: AtomicBool,
+    /// The pod's network namespace, whose wiring goes with the VM.
+    netns: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -94,6 +104,43 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 
 fn nix_io(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// The descriptor husk-vmm finds the pod's tap on.
+const TAP_FD: i32 = 3;
+/// The MAC of a VM's network card when it has no pod network (`ctr run`).
+const UNCABLED_MAC: &str = "02:68:75:73:6b:01";
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The agent's ConfigureNetwork request for `net`.
+fn network_request(net: &PodNetwork) -> ConfigureNetworkRequest {
+    let mut req = ConfigureNetworkRequest::new();
+    req.mac = net.mac.to_vec();
+    req.mtu = net.mtu;
+    for (ip, prefix) in &net.addresses {
+        let mut a = IpNetwork::new();
+        a.address = ip.to_string();
+        a.prefix_len = u32::from(*prefix);
+        req.addresses.push(a);
+    }
+    for (dest, gw) in &net.routes {
+        let mut r = NetworkRoute::new();
+        if let Some((d, p)) = dest {
+            r.destination = d.to_string();
+            r.prefix_len = u32::from(*p);
+        }
+        if let Some(g) = gw {
+            r.gateway = g.to_string();
+        }
+        req.routes.push(r);
+    }
+    req
 }
 
 /// The pod directory of sandbox `id` in `namespace`.
@@ -133,6 +180,7 @@ impl Vm {
         namespace: &str,
         id: &str,
         hostname: &str,
+        net: Option<PodNetwork>,
         exits: &Exits,
     ) -> Result<Self, VmError> {
         let dir = pod_dir(cfg, namespace, id);
@@ -207,6 +255,35 @@ impl Vm {
         if cfg.serial_console {
             cmd.arg("--serial-log").arg(dir.join("serial.log"));
         }
+        // Every VM has a network card, so one template serves all; only a
+        // CRI pod's is cabled (its tap, as fd 3 of husk-vmm).
+        match &net {
+            Some(n) => {
+                cmd.args([
+                    "--net",
+                    &format!("mac={},mtu={},fd={TAP_FD}", format_mac(&n.mac), n.mtu),
+                ]);
+                let tap = n.tap.as_raw_fd();
+                // SAFETY: runs in the child between fork and exec and calls
+                // only dup2(2)/fcntl(2), which are async-signal-safe; `tap`
+                // is open in the parent across the fork.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if tap == TAP_FD {
+                            if libc::fcntl(tap, libc::F_SETFD, 0) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(tap, TAP_FD) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            None => {
+                cmd.args(["--net", &format!("mac={UNCABLED_MAC},mtu=1500")]);
+            }
+        }
         // A cold boot announces readiness; listen before the VM starts.
         let ready_path = husk_protocols::hybrid_vsock::port_socket_path(
             &vsock,
@@ -227,6 +304,10 @@ impl Vm {
             .spawn()
             .map_err(|e| VmError::Spawn(cfg.vmm_binary().display().to_string(), e))?;
         let vmm_pid = i32::try_from(vmm.id()).unwrap_or(0);
+        // husk-vmm holds the tap now; the shim's copy would keep it alive
+        // after the VM is gone.
+        let net_config = net.as_ref().map(network_request);
+        let netns = net.map(|n| n.netns);
         let vmm_exit = exits.watch(vmm_pid);
         std::fs::write(
             dir.join("pids"),
@@ -271,8 +352,15 @@ impl Vm {
             vmm_exit,
             daemon_exit,
             stopping: AtomicBool::new(false),
+            netns,
         };
         vm.prepare_guest(id, hostname).await?;
+        if let Some(req) = net_config {
+            vm.agent
+                .configure_network(ttrpc::context::with_timeout(60_000_000_000), &req)
+                .await
+                .map_err(|e| VmError::Agent(format!("ConfigureNetwork: {e}")))?;
+        }
         Ok(vm)
     }
 
@@ -374,7 +462,16 @@ impl Vm {
             let _ = tokio::time::timeout(Duration::from_secs(5), daemon.wait_for(Option::is_some))
                 .await;
         }
+        self.detach_network().await;
         cleanup_pod_dir(&self.dir);
+    }
+
+    /// Takes the pod network's wiring apart (see `network::detach`); safe
+    /// to repeat.
+    pub async fn detach_network(&self) {
+        if let Some(netns) = &self.netns {
+            network::detach(netns.clone()).await;
+        }
     }
 }
 

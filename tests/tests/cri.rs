@@ -90,27 +90,90 @@ fn cri_harness_runs_a_runc_pod() {
     assert!(s.cri.pods().expect("list").is_empty());
 }
 
-/// A husk pod: RunPodSandbox starts one pod VM, a container runs in it and
-/// answers ExecSync with the pod's hostname; removing the pod leaves
-/// nothing behind.
+/// An HTTP GET of `/` on `ip:port`, from inside `netns`: the body.
+fn http_get(netns: &NetNs, ip: &str, port: u16) -> Result<String, String> {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+    netns
+        .run(move || -> Result<String, String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| e.to_string())?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+                .map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+            Ok(out)
+        })
+        .map_err(|e| e.to_string())?
+}
+
+/// Serves `body` over HTTP on port 80 with busybox httpd.
+const HTTPD: &[&str] = &[
+    "sh",
+    "-c",
+    "mkdir -p /www && echo hello-from-husk > /www/index.html && exec busybox httpd -f -p 80 -h /www",
+];
+
+/// A husk pod: RunPodSandbox starts one pod VM cabled to the CNI network;
+/// a container serves HTTP on the pod's IP, reachable from the test's
+/// network namespace, and answers ExecSync with the pod's hostname; a
+/// second container reaches the first over localhost (one network
+/// namespace per pod); removing the pod leaves nothing behind.
 #[test]
-fn husk_pod_runs_a_container() {
+fn husk_pod_serves_on_the_pod_network() {
     require_kvm();
     let s = setup("cri-husk");
     let pod = s.cri.run_pod(&s.pod_spec("web"), "husk").expect("pod");
-    let ctr = s
+    let ip = s.cri.pod_ip(&pod.id).expect("pod ip");
+    let vmms = husk_e2e::processes_mentioning(&s.c.pods.display().to_string());
+    let web = s
         .cri
-        .create_container(&pod, "app", IMAGE, &["sleep", "3600"])
+        .create_container(&pod, "web", IMAGE, HTTPD)
         .expect("create");
-    s.cri.start_container(&ctr).expect("start");
-    let out = s.cri.exec_sync(&ctr, &["hostname"], 120).expect("exec");
+    s.cri.start_container(&web).expect("start");
+    // httpd listens within moments of its start; allow for a slow guest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        match http_get(&s.netns, &ip, 80) {
+            Ok(p) => break p,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "GET {ip}:80: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    assert!(page.contains("hello-from-husk"), "{page}");
+    let out = s.cri.exec_sync(&web, &["hostname"], 120).expect("exec");
     assert_eq!(out.stdout.trim(), "web-host", "{out:?}");
-    assert_eq!(out.exit_code, 0);
     let out = s
         .cri
-        .exec_sync(&ctr, &["sh", "-c", "exit 7"], 120)
+        .exec_sync(&web, &["sh", "-c", "exit 7"], 120)
         .expect("exec");
     assert_eq!(out.exit_code, 7, "{out:?}");
+
+    // A second container of the pod: same VM, same network namespace.
+    let client = s
+        .cri
+        .create_container(&pod, "client", IMAGE, &["sleep", "3600"])
+        .expect("create");
+    s.cri.start_container(&client).expect("start");
+    let out = s
+        .cri
+        .exec_sync(
+            &client,
+            &["busybox", "wget", "-q", "-O", "-", "http://localhost:80/"],
+            120,
+        )
+        .expect("exec");
+    assert!(out.stdout.contains("hello-from-husk"), "{out:?}");
+    assert_eq!(
+        husk_e2e::processes_mentioning(&s.c.pods.display().to_string()),
+        vmms,
+        "the second container started no VM of its own"
+    );
+
     s.cri.stop_pod(&pod.id).expect("stop");
     s.cri.remove_pod(&pod.id).expect("remove");
     assert!(s.cri.pods().expect("list").is_empty());
