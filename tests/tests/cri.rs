@@ -116,21 +116,81 @@ const HTTPD: &[&str] = &[
     "mkdir -p /www && echo hello-from-husk > /www/index.html && exec busybox httpd -f -p 80 -h /www",
 ];
 
+/// The lines of a CRI log file: (stream, tag, text), after checking each
+/// line's RFC 3339 timestamp.
+fn log_lines(path: &std::path::Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(4, ' ');
+            let (ts, stream, tag, text) = (
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+                f.next().unwrap_or(""),
+            );
+            assert!(
+                ts.len() >= 20 && ts.as_bytes()[4] == b'-' && ts.contains('T'),
+                "timestamp of {l:?}"
+            );
+            (stream.into(), tag.into(), text.into())
+        })
+        .collect()
+}
+
+/// Waits until `path`'s log has `line` (stream, text).
+fn wait_log(path: &std::path::Path, stream: &str, text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines = log_lines(path);
+        if lines
+            .iter()
+            .any(|(s, tag, t)| s == stream && tag == "F" && t == text)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stream} {text:?} not in {}: {lines:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// A husk pod: RunPodSandbox starts one pod VM cabled to the CNI network;
 /// a container serves HTTP on the pod's IP, reachable from the test's
-/// network namespace, and answers ExecSync with the pod's hostname; a
-/// second container reaches the first over localhost (one network
-/// namespace per pod); removing the pod leaves nothing behind.
+/// network namespace and from a second pod, and answers ExecSync with the
+/// pod's hostname, DNS settings and hosts file; a second container reaches
+/// the first over localhost (one network namespace per pod) and logs to
+/// its CRI log file, which ReopenContainerLog rotates; removing the pods
+/// leaves nothing behind.
 #[test]
 fn husk_pod_serves_on_the_pod_network() {
     require_kvm();
     let s = setup("cri-husk");
-    let pod = s.cri.run_pod(&s.pod_spec("web"), "husk").expect("pod");
+    let mut spec = s.pod_spec("web");
+    spec.dns = Some(k8s_cri::v1::DnsConfig {
+        servers: vec!["10.88.0.53".into()],
+        searches: vec!["husk.test".into()],
+        options: vec!["ndots:2".into()],
+    });
+    let pod = s.cri.run_pod(&spec, "husk").expect("pod");
     let ip = s.cri.pod_ip(&pod.id).expect("pod ip");
     let vmms = husk_e2e::processes_mentioning(&s.c.pods.display().to_string());
+    // As kubelet does: a hosts file of the pod, mounted over /etc/hosts.
+    let hosts = s.dir.path().join("web-hosts");
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{ip} web-host\n")).expect("hosts");
     let web = s
         .cri
-        .create_container(&pod, "web", IMAGE, HTTPD)
+        .create_container_with(&pod, "web", IMAGE, HTTPD, |c| {
+            c.mounts.push(k8s_cri::v1::Mount {
+                container_path: "/etc/hosts".into(),
+                host_path: hosts.display().to_string(),
+                ..Default::default()
+            });
+        })
         .expect("create");
     s.cri.start_container(&web).expect("start");
     // httpd listens within moments of its start; allow for a slow guest.
@@ -145,20 +205,81 @@ fn husk_pod_serves_on_the_pod_network() {
         }
     };
     assert!(page.contains("hello-from-husk"), "{page}");
-    let out = s.cri.exec_sync(&web, &["hostname"], 120).expect("exec");
-    assert_eq!(out.stdout.trim(), "web-host", "{out:?}");
+    let out = s
+        .cri
+        .exec_sync(
+            &web,
+            &[
+                "sh",
+                "-c",
+                "hostname; cat /etc/hostname /etc/resolv.conf /etc/hosts",
+            ],
+            120,
+        )
+        .expect("exec");
+    let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    assert_eq!(lines.first(), Some(&"web-host"), "{out:?}");
+    assert_eq!(lines.get(1), Some(&"web-host"), "/etc/hostname: {out:?}");
+    for want in [
+        "nameserver 10.88.0.53".to_string(),
+        "search husk.test".into(),
+        "options ndots:2".into(),
+        format!("{ip} web-host"),
+    ] {
+        assert!(lines.contains(&want.as_str()), "{want:?} in {out:?}");
+    }
     let out = s
         .cri
         .exec_sync(&web, &["sh", "-c", "exit 7"], 120)
         .expect("exec");
     assert_eq!(out.exit_code, 7, "{out:?}");
 
-    // A second container of the pod: same VM, same network namespace.
+    let stats = s.cri.container_stats(&web).expect("stats");
+    let mem = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value);
+    let cpu = stats
+        .cpu
+        .and_then(|c| c.usage_core_nano_seconds)
+        .map_or(0, |v| v.value);
+    assert!(mem > 0 && cpu > 0, "memory {mem}, cpu {cpu}");
+
+    // A second container of the pod: same VM, same network namespace. It
+    // logs a line per stream, then echoes what arrives on a FIFO (no
+    // process per line: forks are dear in this guest).
     let client = s
         .cri
-        .create_container(&pod, "client", IMAGE, &["sleep", "3600"])
+        .create_container(
+            &pod,
+            "client",
+            IMAGE,
+            &[
+                "sh",
+                "-c",
+                "echo out-line; echo err-line >&2; mkfifo /tmp/say; \
+                 while true; do read l < /tmp/say && echo \"$l\"; done",
+            ],
+        )
         .expect("create");
     s.cri.start_container(&client).expect("start");
+    let log = spec.log_dir.join("client.log");
+    wait_log(&log, "stdout", "out-line");
+    wait_log(&log, "stderr", "err-line");
+    // Log rotation as kubelet does it: rename, then ReopenContainerLog.
+    let rotated = spec.log_dir.join("client.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    s.cri.reopen_log(&client).expect("reopen");
+    s.cri
+        .exec_sync(&client, &["sh", "-c", "echo after-reopen > /tmp/say"], 120)
+        .expect("exec");
+    wait_log(&log, "stdout", "after-reopen");
+    assert!(
+        !log_lines(&rotated)
+            .iter()
+            .any(|(_, _, t)| t == "after-reopen"),
+        "the old file got the new line"
+    );
     let out = s
         .cri
         .exec_sync(
@@ -174,8 +295,73 @@ fn husk_pod_serves_on_the_pod_network() {
         "the second container started no VM of its own"
     );
 
-    s.cri.stop_pod(&pod.id).expect("stop");
-    s.cri.remove_pod(&pod.id).expect("remove");
+    // A second pod reaches the first by its IP.
+    let other = s.cri.run_pod(&s.pod_spec("other"), "husk").expect("pod");
+    let probe = s
+        .cri
+        .create_container(&other, "probe", IMAGE, &["sleep", "3600"])
+        .expect("create");
+    s.cri.start_container(&probe).expect("start");
+    let out = s
+        .cri
+        .exec_sync(
+            &probe,
+            &[
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{ip}:80/"),
+            ],
+            120,
+        )
+        .expect("exec");
+    assert!(out.stdout.contains("hello-from-husk"), "{out:?}");
+
+    // A container over its memory limit is OOM-killed: reason OOMKilled,
+    // exit 137, and its pod goes on.
+    let hog = s
+        .cri
+        .create_container_with(
+            &other,
+            "hog",
+            IMAGE,
+            &["husk-testprog", "alloc", "64"],
+            |c| {
+                c.linux = Some(k8s_cri::v1::LinuxContainerConfig {
+                    resources: Some(k8s_cri::v1::LinuxContainerResources {
+                        memory_limit_in_bytes: 24 << 20,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            },
+        )
+        .expect("create");
+    s.cri.start_container(&hog).expect("start");
+    let st = s
+        .cri
+        .wait_exited(&hog, Duration::from_secs(180))
+        .expect("exit");
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (137, "OOMKilled"),
+        "{st:?}"
+    );
+    let out = s.cri.exec_sync(&probe, &["true"], 120).expect("neighbour");
+    assert_eq!(out.exit_code, 0);
+
+    // Deleting one container leaves its neighbour serving.
+    s.cri.stop_container(&client, 0).expect("stop client");
+    s.cri.remove_container(&client).expect("remove client");
+    let page = http_get(&s.netns, &ip, 80).expect("GET after the neighbour went");
+    assert!(page.contains("hello-from-husk"), "{page}");
+
+    for p in [&pod.id, &other.id] {
+        s.cri.stop_pod(p).expect("stop");
+        s.cri.remove_pod(p).expect("remove");
+    }
     assert!(s.cri.pods().expect("list").is_empty());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
