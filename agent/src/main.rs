@@ -10,6 +10,7 @@
 
 mod cgroups;
 mod containers;
+mod forward;
 mod identity;
 mod init;
 mod listener;
@@ -102,6 +103,12 @@ async fn run(settings: Settings, is_init: bool) -> Result<()> {
     if settings.selfcheck_local_api {
         tokio::spawn(listener::self_check_local_api(port));
     }
+    // Bound before readiness, so a template's guest has it too.
+    tokio::spawn(async {
+        if let Err(e) = forward::serve().await {
+            tracing::warn!("port forwarding is unavailable: {e}");
+        }
+    });
 
     if let Err(e) = announce_ready(settings.ready_port).await {
         // The host may have given up waiting; the API still works, so keep

@@ -9,10 +9,11 @@ use husk_protocols::{
         stream_check_request::Direction, ConfigureNetworkRequest, ContainerRequest,
         CreateContainerRequest, CreateContainerResponse, DeleteContainerRequest, Empty,
         ExecProcessRequest, ExecProcessResponse, HealthRequest, HealthResponse, ListPidsResponse,
-        MountSharedRequest, MountSharedResponse, OomEvent, PersonalizeRequest, PersonalizeResponse,
-        ProcessRequest, ResizePtyRequest, ShutdownRequest, ShutdownResponse, SignalProcessRequest,
-        StartContainerResponse, StatsContainerResponse, StreamCheckRequest, StreamCheckResponse,
-        UpdateContainerRequest, VersionRequest, VersionResponse, WaitProcessResponse,
+        ListenersResponse, MountSharedRequest, MountSharedResponse, OomEvent, PersonalizeRequest,
+        PersonalizeResponse, ProcessRequest, ResizePtyRequest, ShutdownRequest, ShutdownResponse,
+        SignalProcessRequest, StartContainerResponse, StatsContainerResponse, StreamCheckRequest,
+        StreamCheckResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
+        WaitListenersRequest, WaitProcessResponse,
     },
     agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
@@ -599,6 +600,26 @@ impl agent_ttrpc::Agent for AgentService {
         let mut ev = OomEvent::new();
         ev.container_id = id;
         Ok(ev)
+    }
+
+    async fn wait_listeners(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitListenersRequest,
+    ) -> ttrpc::Result<ListenersResponse> {
+        let known = req
+            .known
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok())
+            .collect();
+        let ports = crate::forward::wait_listeners(
+            &known,
+            std::time::Duration::from_millis(u64::from(req.max_wait_ms)),
+        )
+        .await;
+        let mut resp = ListenersResponse::new();
+        resp.ports = ports.into_iter().map(u32::from).collect();
+        Ok(resp)
     }
 
     async fn configure_network(

@@ -65,6 +65,10 @@ pub const READY_VSOCK_PORT: u32 = 1025;
 /// The vsock CID of the host, as seen from the guest.
 pub const HOST_CID: u32 = 2;
 
+/// The guest vsock port of port forwarding (see WaitListeners in the
+/// agent API): the host sends a TCP port, the agent relays to it.
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
+
 /// Prefix of the one line the agent sends on the readiness connection:
 /// `husk-agent ready <agent version> api <API_VERSION>\n`.
 pub const READY_PREFIX: &str = "husk-agent ready ";

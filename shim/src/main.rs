@@ -11,6 +11,7 @@ mod config;
 mod exits;
 mod io;
 mod network;
+mod portfwd;
 mod rootfs;
 mod sandbox;
 mod task;

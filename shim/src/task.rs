@@ -1039,6 +1039,9 @@ impl HuskTask {
             PathBuf::from(&req.bundle).join("husk-pod"),
             vm.dir.display().to_string(),
         );
+        if let Some(ns) = netns {
+            tokio::spawn(crate::portfwd::mirror(vm.clone(), ns));
+        }
         let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         proc.pid = vm.vmm_pid();
         self.state.lock().await.containers.insert(

@@ -177,6 +177,28 @@ impl Cri {
         r.status.context("PodSandboxStatus without a status")
     }
 
+    /// The pod's network namespace (from the sandbox's runtime spec in
+    /// PodSandboxStatus's verbose info).
+    pub fn pod_netns(&self, id: &str) -> Result<std::path::PathBuf> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "PodSandboxStatus",
+            Duration::from_secs(30),
+            c.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            }),
+        )?;
+        let info: serde_json::Value =
+            serde_json::from_str(r.info.get("info").context("no verbose info")?)?;
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["type"] == "network"))
+            .and_then(|n| n["path"].as_str())
+            .map(std::path::PathBuf::from)
+            .context("no network namespace path in the sandbox spec")
+    }
+
     /// The pod's IP (PodSandboxStatus.network.ip).
     pub fn pod_ip(&self, id: &str) -> Result<String> {
         self.pod_status(id)?

@@ -59,13 +59,7 @@ impl NetNs {
     /// Runs `f` on a thread of its own inside the namespace (network
     /// namespaces are per thread, so the caller's stays as it is).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let fd = self.open()?;
-        std::thread::spawn(move || -> Result<T> {
-            enter(&fd)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in the namespace panicked"))?
+        run_in(&self.path(), f)
     }
 
     /// The names of the links in the namespace.
@@ -80,6 +74,23 @@ impl NetNs {
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
             .collect())
     }
+}
+
+/// Runs `f` on a thread of its own inside the network namespace at `path`
+/// (e.g. a pod's, pinned by containerd).
+pub fn run_in<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let fd: OwnedFd = std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .into();
+    std::thread::spawn(move || -> Result<T> {
+        enter(&fd)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in the namespace panicked"))?
 }
 
 /// Moves the calling thread into the network namespace `fd`.

@@ -92,21 +92,25 @@ fn cri_harness_runs_a_runc_pod() {
 
 /// An HTTP GET of `/` on `ip:port`, from inside `netns`: the body.
 fn http_get(netns: &NetNs, ip: &str, port: u16) -> Result<String, String> {
+    http_get_in(&netns.path(), ip, port)
+}
+
+/// An HTTP GET of `/` on `ip:port`, from inside the namespace at `netns`.
+fn http_get_in(netns: &std::path::Path, ip: &str, port: u16) -> Result<String, String> {
     let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
-    netns
-        .run(move || -> Result<String, String> {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                .map_err(|e| format!("connecting to {addr}: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))
-                .map_err(|e| e.to_string())?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")
-                .map_err(|e| e.to_string())?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-            Ok(out)
-        })
-        .map_err(|e| e.to_string())?
+    husk_e2e::netns::run_in(netns, move || -> Result<String, String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    })
+    .map_err(|e| e.to_string())?
 }
 
 /// Serves `body` over HTTP on port 80 with busybox httpd.
@@ -201,6 +205,24 @@ fn husk_pod_serves_on_the_pod_network() {
             Err(e) => {
                 assert!(std::time::Instant::now() < deadline, "GET {ip}:80: {e}");
                 std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    assert!(page.contains("hello-from-husk"), "{page}");
+
+    // Port forwarding: containerd dials localhost:PORT inside the pod's
+    // network namespace; the guest's port 80 answers there.
+    let pod_ns = s.cri.pod_netns(&pod.id).expect("pod netns");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        match http_get_in(&pod_ns, "127.0.0.1", 80) {
+            Ok(p) => break p,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "localhost:80 in the pod: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
             }
         }
     };
