@@ -30,7 +30,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := vsock_packets vsock_tx_chain mmio_transport emulate_step ready_line guest_metrics
 
-.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run soak fuzz-smoke clean
+.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod soak fuzz-smoke clean
 
 all: build
 
@@ -68,6 +68,11 @@ test: build
 ## husk vs runc on one private containerd: ctr run, exec, idle memory.
 bench-run: build
 	$(BIN_DIR)/husk-bench-run --runs $(BENCH_RUNS)
+
+## husk vs runc pods through CRI: pod start to first HTTP answer, TCP
+## throughput into the pod.
+bench-pod: build
+	$(BIN_DIR)/husk-bench-pod --runs $(BENCH_RUNS)
 
 ## 50 container run/delete cycles under a private containerd: nothing left
 ## behind, host memory flat.

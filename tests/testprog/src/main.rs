@@ -17,6 +17,9 @@
 //!   vsock socket (see `probe`); exits 0 only if all were refused.
 //! - `vector-check SECONDS SEED`: checks that vector registers survive
 //!   context switches (see `vectors`); run two at once.
+//! - `sink PORT`: accepts TCP connections on PORT, one after another; reads
+//!   each to its end and answers the byte count in decimal (the pod
+//!   throughput benchmark's receiver).
 //! - `pause`: what Kubernetes' pause image runs: sleeps until SIGINT or
 //!   SIGTERM (then exits 0), reaping any child that exits. The CRI tests'
 //!   sandbox image runs it (no registry here to pull the real one from).
@@ -92,8 +95,28 @@ fn pause() -> ! {
     }
 }
 
+fn sink(port: u16) -> std::io::Result<()> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    for conn in listener.incoming() {
+        let mut conn = conn?;
+        let mut total: u64 = 0;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = conn.write_all(total.to_string().as_bytes());
+    }
+    Ok(())
+}
+
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
     std::process::exit(2)
 }
 
@@ -113,6 +136,13 @@ fn main() {
         }
         Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
         Some("pause") => pause(),
+        Some("sink") => {
+            let port = u16::try_from(num(1)).unwrap_or_else(|_| usage());
+            if let Err(e) = sink(port) {
+                eprintln!("husk-testprog: sink: {e}");
+                std::process::exit(1);
+            }
+        }
         Some("vector-check") => std::process::exit(vectors::main(num(1), num(2))),
         Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
         _ => usage(),
