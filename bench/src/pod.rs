@@ -104,43 +104,38 @@ impl Bench {
         let pod = self.cri.run_pod(&spec, handler)?;
         let ip = self.cri.pod_ip(&pod.id)?;
         let port = SINK_PORT.to_string();
-        let c = self.cri.create_container(
-            &pod,
-            "sink",
-            IMAGE,
-            &["husk-testprog", "sink", &port],
-        )?;
+        let c =
+            self.cri
+                .create_container(&pod, "sink", IMAGE, &["husk-testprog", "sink", &port])?;
         self.cri.start_container(&c)?;
         let bytes = mib << 20;
         let addr: std::net::SocketAddr = format!("{ip}:{SINK_PORT}").parse()?;
-        let secs = self
-            .netns
-            .run(move || -> Result<f64> {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut s = loop {
-                    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                        Ok(s) => break s,
-                        Err(e) if Instant::now() < deadline => {
-                            let _ = e;
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(e) => return Err(e).context("connecting to the sink"),
+        let secs = self.netns.run(move || -> Result<f64> {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut s = loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(50));
                     }
-                };
-                let chunk = vec![0x5au8; 1 << 20];
-                let t = Instant::now();
-                for _ in 0..(bytes >> 20) {
-                    s.write_all(&chunk)?;
+                    Err(e) => return Err(e).context("connecting to the sink"),
                 }
-                s.shutdown(std::net::Shutdown::Write)?;
-                let mut answer = String::new();
-                s.read_to_string(&mut answer)?;
-                let secs = t.elapsed().as_secs_f64();
-                if answer.trim() != bytes.to_string() {
-                    bail!("the sink got {answer:?} bytes of {bytes}");
-                }
-                Ok(secs)
-            })??;
+            };
+            let chunk = vec![0x5au8; 1 << 20];
+            let t = Instant::now();
+            for _ in 0..(bytes >> 20) {
+                s.write_all(&chunk)?;
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            let secs = t.elapsed().as_secs_f64();
+            if answer.trim() != bytes.to_string() {
+                bail!("the sink got {answer:?} bytes of {bytes}");
+            }
+            Ok(secs)
+        })??;
         self.remove(&pod)?;
         Ok(mib as f64 / secs)
     }
@@ -228,7 +223,7 @@ fn main() -> Result<()> {
         let ht = b.throughput(&format!("husk-tput-{i}"), "husk", args.mib)?;
         let rt = b.throughput(&format!("runc-tput-{i}"), "runc", args.mib)?;
         println!(
-            "run {i}: pod to first HTTP answer: husk {hs:.3} s, runc {rs:.3} s; TCP to the pod: husk {ht:.1} MiB/s, runc {rt:.1} MiB/s"
+            "run {i}: pod to first HTTP answer: husk {hs:.3} s, runc {rs:.3} s; TCP to the pod: husk {ht:.3} MiB/s, runc {rt:.1} MiB/s"
         );
         husk_start.push(hs);
         runc_start.push(rs);
@@ -259,7 +254,7 @@ fn main() -> Result<()> {
         report.pod_to_http_ratio_husk_over_runc
     );
     println!(
-        "TCP throughput into the pod ({} MiB): husk {ht:.1} MiB/s, runc {rt:.1} MiB/s (median), husk/runc {:.3}",
+        "TCP throughput into the pod ({} MiB): husk {ht:.3} MiB/s, runc {rt:.1} MiB/s (median), husk/runc {:.3}",
         args.mib, report.throughput_ratio_husk_over_runc
     );
     println!("{}", serde_json::to_string(&report)?);

@@ -126,7 +126,22 @@ def vsock_packets():
     write("vsock_packets", "two-connections", bytes(seq))
 
 
+def net_tx_chain():
+    frame = bytes(range(60))
+    hdr = bytes(12)
+    # Header and frame in two descriptors.
+    write("net_tx_chain", "two-descriptors", tx_memory(
+        [desc(0x300, 12, NEXT, 1), desc(0x340, 60)], [0],
+        {0x300: hdr, 0x340: frame}))
+    # One descriptor holding both; then a header asking for a checksum.
+    csum = bytes([1]) + bytes(11)
+    write("net_tx_chain", "one-then-offload", tx_memory(
+        [desc(0x300, 72), desc(0x380, 72)], [0, 1],
+        {0x300: hdr + frame, 0x380: csum + frame}))
+
+
 if __name__ == "__main__":
+    net_tx_chain()
     vsock_packets()
     vsock_tx_chain()
     mmio_activation()

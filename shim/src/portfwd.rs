@@ -24,6 +24,29 @@ use crate::vm::Vm;
 
 /// How long one WaitListeners call may wait in the guest.
 const WAIT_MS: u32 = 30_000;
+/// The least time between two WaitListeners calls.
+const MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// The most ports mirrored for one pod. The list comes from the guest,
+/// which is not trusted: a guest claiming every port must not make the
+/// shim hold 65,535 sockets.
+const MAX_PORTS: usize = 256;
+
+/// The ports to mirror of what the guest reported: valid, non-zero, at
+/// most [`MAX_PORTS`] (the lowest ones).
+fn ports_to_mirror(reported: &[u32]) -> BTreeSet<u16> {
+    let ports: BTreeSet<u16> = reported
+        .iter()
+        .filter_map(|p| u16::try_from(*p).ok())
+        .filter(|p| *p != 0)
+        .collect();
+    if ports.len() > MAX_PORTS {
+        tracing::warn!(
+            reported = ports.len(),
+            "the guest reports more listening ports than husk mirrors; forwarding the lowest {MAX_PORTS}"
+        );
+    }
+    ports.into_iter().take(MAX_PORTS).collect()
+}
 
 /// Binds `127.0.0.1:port` inside network namespace `netns` (a socket
 /// belongs to the namespace of the thread that makes it).
@@ -49,12 +72,8 @@ pub async fn mirror(vm: Arc<Vm>, netns: PathBuf) {
         req.known = known.iter().map(|p| u32::from(*p)).collect();
         req.max_wait_ms = WAIT_MS;
         let ctx = ttrpc::context::with_timeout(i64::from(WAIT_MS + 30_000) * 1_000_000);
-        let ports: BTreeSet<u16> = match vm.agent.wait_listeners(ctx, &req).await {
-            Ok(r) => r
-                .ports
-                .iter()
-                .filter_map(|p| u16::try_from(*p).ok())
-                .collect(),
+        let reported = match vm.agent.wait_listeners(ctx, &req).await {
+            Ok(r) => r.ports,
             Err(e) => {
                 if vm.stopping() || !vm.alive() {
                     break;
@@ -72,6 +91,13 @@ pub async fn mirror(vm: Arc<Vm>, netns: PathBuf) {
                 continue;
             }
         };
+        // `known` is what the guest said (so it answers only on a change);
+        // what is mirrored is bounded.
+        let ports = ports_to_mirror(&reported);
+        let all: BTreeSet<u16> = reported
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok())
+            .collect();
         listeners.retain(|port, task| {
             let keep = ports.contains(port);
             if !keep {
@@ -95,7 +121,10 @@ pub async fn mirror(vm: Arc<Vm>, netns: PathBuf) {
             }
         }
         tracing::debug!(?ports, "guest listening ports mirrored");
-        known = ports;
+        known = all;
+        // A guest that answers at once, call after call, gets at most four
+        // calls a second.
+        tokio::time::sleep(MIN_INTERVAL).await;
     }
     for (_, task) in listeners {
         task.abort();
@@ -137,4 +166,21 @@ async fn relay(mut conn: tokio::net::TcpStream, vm: &Vm, port: u16) -> std::io::
     }
     tokio::io::copy_bidirectional(&mut conn, &mut guest).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_reported_ports_are_bounded_and_checked() {
+        assert_eq!(
+            ports_to_mirror(&[80, 0, 70_000, 443, 80]),
+            BTreeSet::from([80, 443])
+        );
+        let all: Vec<u32> = (0..=65_535).collect();
+        let got = ports_to_mirror(&all);
+        assert_eq!(got.len(), MAX_PORTS);
+        assert_eq!(got.first(), Some(&1));
+    }
 }
