@@ -27,7 +27,7 @@ use husk_e2e::{
     cri::{Cri, Pod, PodSpec},
     median,
     netns::NetNs,
-    require_kvm, Artifacts, TestDir,
+    ratio, require_kvm, Artifacts, TestDir,
 };
 use serde::Serialize;
 
@@ -173,14 +173,6 @@ struct Report {
     runc_pod_to_http_s: Vec<f64>,
     husk_throughput_mib_s: Vec<f64>,
     runc_throughput_mib_s: Vec<f64>,
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        0.0
-    }
 }
 
 fn main() -> Result<()> {

@@ -24,7 +24,7 @@ use clap::Parser;
 use husk_e2e::{
     containerd::{Containerd, IMAGE, RUNTIME},
     hostmem::{host_memory, HostMemory},
-    median, process_tree, require_kvm, Artifacts, TestDir,
+    median, process_tree, ratio, require_kvm, Artifacts, TestDir,
 };
 use serde::Serialize;
 
@@ -185,14 +185,6 @@ struct Report {
     runc_exec_s: Vec<f64>,
     husk_metrics_s: Vec<f64>,
     runc_metrics_s: Vec<f64>,
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        0.0
-    }
 }
 
 fn main() -> Result<()> {

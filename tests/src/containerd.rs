@@ -496,7 +496,12 @@ impl Containerd {
     /// [`Self::leftovers`]) and containerd still answers. Panics with what
     /// is left otherwise (for tests).
     pub fn assert_nothing_left(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.assert_nothing_left_within(Duration::from_secs(30));
+    }
+
+    /// Like [`Self::assert_nothing_left`], giving teardown `within`.
+    pub fn assert_nothing_left_within(&self, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
             let left = self.leftovers();
             if left.is_empty() {

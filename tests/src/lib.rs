@@ -704,6 +704,16 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     out
 }
 
+/// `a / b` for the benchmarks' husk/peer ratios; 0 when `b` is not
+/// positive.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 /// Median of `v` (sorted in place); 0 when empty.
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {

@@ -385,18 +385,7 @@ fn husk_pod_serves_on_the_pod_network() {
         s.cri.remove_pod(p).expect("remove");
     }
     assert!(s.cri.pods().expect("list").is_empty());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = s.c.leftovers();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "left behind: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    s.c.assert_nothing_left_within(Duration::from_secs(60));
 }
 
 /// Five pods made and removed one after another: each leaves nothing behind
@@ -426,18 +415,7 @@ fn pod_cycles_leave_nothing_behind() {
         let kib = host_memory(&process_tree(shims[0])).total_kib();
         s.cri.stop_pod(&pod.id).expect("stop");
         s.cri.remove_pod(&pod.id).expect("remove");
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = s.c.leftovers();
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "cycle {i} left: {left:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        s.c.assert_nothing_left_within(Duration::from_secs(60));
         assert!(!ns.exists(), "cycle {i}: {} is still there", ns.display());
         eprintln!("cycle {i}: pod host memory {kib} KiB");
         let base = *first.get_or_insert(kib);

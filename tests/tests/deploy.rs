@@ -22,15 +22,21 @@ fn install(root: &Path, target: &Path, extra: &[&str]) -> std::process::Output {
         .expect("running install.sh")
 }
 
-#[test]
-fn installer_places_and_removes_everything() {
+/// The cargo target directory the built artifacts are in
+/// (target/<profile>/husk-vmm -> target).
+fn target_dir() -> std::path::PathBuf {
     let artifacts = Artifacts::locate().expect("artifacts (make build)");
-    // target/<profile>/husk-vmm -> target
-    let target = artifacts
+    artifacts
         .vmm
         .parent()
         .and_then(Path::parent)
-        .expect("target dir");
+        .expect("target dir")
+        .to_path_buf()
+}
+
+#[test]
+fn installer_places_and_removes_everything() {
+    let target = &target_dir();
     let dir = TestDir::new("deploy").expect("dir");
     let root = dir.path().join("root");
     let o = install(&root, target, &[]);
@@ -124,12 +130,7 @@ fn husk_runtime(dump: &str) {
 
 #[test]
 fn installer_refuses_a_second_husk_runtime() {
-    let artifacts = Artifacts::locate().expect("artifacts (make build)");
-    let target = artifacts
-        .vmm
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir");
+    let target = &target_dir();
     let dir = TestDir::new("deploy-dup").expect("dir");
     let root = dir.path().join("root");
     let main = root.join("etc/containerd/config.toml");

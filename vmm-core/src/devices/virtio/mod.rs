@@ -17,7 +17,7 @@ use std::sync::{
     Arc,
 };
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
@@ -116,6 +116,40 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     {
         Some(src) => data.copy_from_slice(src),
         None => data.fill(0),
+    }
+}
+
+/// The queues of an activated device as the transport handed them over,
+/// with what a device needs to use them.
+#[derive(Debug)]
+pub struct ActiveQueues {
+    /// Guest memory the queues live in.
+    pub mem: GuestMemory,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// The queues, in the device's order.
+    pub queues: Vec<Queue>,
+    /// Their notification eventfds.
+    pub evts: Vec<EventFd>,
+}
+
+impl ActiveQueues {
+    /// Raises the interrupt for `queue` if the driver wants to hear of new
+    /// used buffers (or if that cannot be told: better a spurious one).
+    pub fn notify(&mut self, queue: usize, device: &str) {
+        match self.queues[queue].needs_notification(&self.mem) {
+            Ok(true) => self.interrupt.signal(INT_VRING),
+            Ok(false) => {}
+            Err(e) => {
+                crate::logger::guest_warn!("{device}: checking queue {queue} notification: {e}");
+                self.interrupt.signal(INT_VRING);
+            }
+        }
+    }
+
+    /// The live state of every queue, for snapshots.
+    pub fn states(&self) -> Vec<virtio_queue::QueueState> {
+        self.queues.iter().map(|q| q.state()).collect()
     }
 }
 

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{tap::FrameBackend, QUEUE_SIZE, VIRTIO_ID_NET};
 use crate::{
-    devices::virtio::{ActivateError, Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1},
+    devices::virtio::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1},
     memory::GuestMemory,
 };
 
@@ -95,13 +95,7 @@ where
 }
 
 /// Queues of an activated device.
-#[derive(Debug)]
-pub(super) struct Active {
-    pub mem: GuestMemory,
-    pub interrupt: Arc<Interrupt>,
-    pub queues: Vec<Queue>,
-    pub evts: Vec<EventFd>,
-}
+pub(super) use crate::devices::virtio::ActiveQueues as Active;
 
 /// Frame counters, for diagnostics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -244,10 +238,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.lock()
-            .active
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+        self.lock().active.as_ref().map(Active::states)
     }
 
     fn reset(&mut self) -> Option<Vec<EventFd>> {
@@ -293,7 +284,7 @@ impl Inner {
             }
         }
         if used {
-            Self::notify(active, TXQ);
+            active.notify(TXQ, "net");
         }
     }
 
@@ -371,18 +362,7 @@ impl Inner {
             used = true;
         }
         if used {
-            Self::notify(active, RXQ);
-        }
-    }
-
-    fn notify(active: &mut Active, queue: usize) {
-        match active.queues[queue].needs_notification(&active.mem) {
-            Ok(true) => active.interrupt.signal(INT_VRING),
-            Ok(false) => {}
-            Err(e) => {
-                crate::logger::guest_warn!("net: checking queue {queue} notification: {e}");
-                active.interrupt.signal(INT_VRING);
-            }
+            active.notify(RXQ, "net");
         }
     }
 }

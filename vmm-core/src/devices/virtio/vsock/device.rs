@@ -20,7 +20,7 @@ use super::{
     QUEUE_SIZE, VIRTIO_ID_VSOCK,
 };
 use crate::{
-    devices::virtio::{ActivateError, Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1},
+    devices::virtio::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1},
     memory::GuestMemory,
 };
 
@@ -70,13 +70,7 @@ where
 }
 
 /// Queues of an activated device.
-#[derive(Debug)]
-pub(super) struct Active {
-    pub mem: GuestMemory,
-    pub interrupt: Arc<Interrupt>,
-    pub queues: Vec<Queue>,
-    pub evts: Vec<EventFd>,
-}
+pub(super) use crate::devices::virtio::ActiveQueues as Active;
 
 /// State shared between the device and its event handler.
 #[derive(Debug)]
@@ -187,10 +181,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        self.lock()
-            .active
-            .as_ref()
-            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+        self.lock().active.as_ref().map(Active::states)
     }
 
     fn save_device_state(&self) -> Vec<u8> {
@@ -274,7 +265,7 @@ impl Inner {
             }
         }
         if used {
-            Self::notify(active, TXQ);
+            active.notify(TXQ, "vsock");
         }
     }
 
@@ -317,7 +308,7 @@ impl Inner {
             used = true;
         }
         if used {
-            Self::notify(active, RXQ);
+            active.notify(RXQ, "vsock");
         }
     }
 
@@ -347,23 +338,12 @@ impl Inner {
         }
         self.transport_reset_pending = !written;
         self.awaiting_reset_ack = written;
-        Self::notify(active, EVQ);
+        active.notify(EVQ, "vsock");
     }
 
     /// The guest notified the event queue: it handled the reset event.
     pub fn event_queue_notified(&mut self) {
         self.awaiting_reset_ack = false;
-    }
-
-    fn notify(active: &mut Active, queue: usize) {
-        match active.queues[queue].needs_notification(&active.mem) {
-            Ok(true) => active.interrupt.signal(INT_VRING),
-            Ok(false) => {}
-            Err(e) => {
-                crate::logger::guest_warn!("vsock: checking queue {queue} notification: {e}");
-                active.interrupt.signal(INT_VRING);
-            }
-        }
     }
 }
 
