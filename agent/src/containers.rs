@@ -26,7 +26,7 @@ use std::{
 
 use husk_protocols::{
     agent::{StatsContainerResponse, Stdio},
-    HOST_CID, STDIO_TOKEN_LEN,
+    HOST_CID, POD_PID_NAMESPACE, STDIO_TOKEN_LEN,
 };
 use nix::{
     fcntl::OFlag,
@@ -41,7 +41,7 @@ use tokio::{
 };
 use tokio_vsock::{VsockAddr, VsockStream};
 
-use crate::{cgroups, reaper::Reaper, runtime::Outcome};
+use crate::{cgroups, podns::PodPidNamespace, reaper::Reaper, runtime::Outcome};
 
 /// Scratch files of the runtime helper (results, exec process specs).
 const RT_DIR: &str = "/run/husk/rt";
@@ -193,6 +193,8 @@ pub struct Containers {
     map: Mutex<HashMap<String, Entry>>,
     oom_tx: mpsc::Sender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::Receiver<String>>,
+    /// The pod's shared PID namespace, made when a container first asks.
+    pod_pid: PodPidNamespace,
 }
 
 impl Default for Containers {
@@ -202,6 +204,7 @@ impl Default for Containers {
             map: Mutex::default(),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
+            pod_pid: PodPidNamespace::new(POD_PID_NAMESPACE),
         }
     }
 }
@@ -252,6 +255,11 @@ impl Containers {
             ContainerError::Invalid(format!("{} is not a valid OCI spec: {e}", config.display()))
         })?;
         own_mount_namespace(&spec)?;
+        if joins_pod_pid_namespace(&spec, self.pod_pid.link()) {
+            self.pod_pid
+                .ensure()
+                .map_err(|e| ContainerError::Failed(e.to_string()))?;
+        }
         let terminal = spec
             .process()
             .as_ref()
@@ -595,6 +603,17 @@ fn own_mount_namespace(spec: &oci_spec::runtime::Spec) -> Result<()> {
     }
 }
 
+/// Whether `spec` joins the pod's shared PID namespace, named by `link`.
+fn joins_pod_pid_namespace(spec: &oci_spec::runtime::Spec, link: &Path) -> bool {
+    use oci_spec::runtime::LinuxNamespaceType;
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+        .any(|n| n.typ() == LinuxNamespaceType::Pid && n.path().as_deref() == Some(link))
+}
+
 /// The process's stdio token, checked: required when any stream is asked for.
 fn stdio_token(stdio: &Stdio) -> Result<&[u8]> {
     let any = stdio.stdin_port != 0 || stdio.stdout_port != 0 || stdio.stderr_port != 0;
@@ -935,5 +954,16 @@ mod tests {
             own_mount_namespace(&joined),
             Err(ContainerError::Invalid(m)) if m.contains("existing mount namespace")
         ));
+    }
+
+    #[test]
+    fn only_the_pod_pid_namespace_link_means_the_pod() {
+        let link = Path::new(POD_PID_NAMESPACE);
+        let pod = spec_with(serde_json::json!([{"type": "pid", "path": POD_PID_NAMESPACE}]));
+        assert!(joins_pod_pid_namespace(&pod, link));
+        let own = spec_with(serde_json::json!([{"type": "pid"}, {"type": "mount"}]));
+        assert!(!joins_pod_pid_namespace(&own, link));
+        let net = spec_with(serde_json::json!([{"type": "network", "path": POD_PID_NAMESPACE}]));
+        assert!(!joins_pod_pid_namespace(&net, link));
     }
 }

@@ -15,6 +15,7 @@ mod identity;
 mod init;
 mod listener;
 mod network;
+mod podns;
 mod reaper;
 mod rpc;
 mod runtime;

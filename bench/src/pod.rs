@@ -15,7 +15,6 @@
 //! JSON object.
 
 use std::{
-    collections::HashMap,
     io::{Read, Write},
     time::{Duration, Instant},
 };
@@ -64,11 +63,8 @@ impl Bench {
         let log_dir = self.dir.path().join("logs").join(name);
         std::fs::create_dir_all(&log_dir)?;
         Ok(PodSpec {
-            name: name.into(),
             hostname: name.into(),
-            log_dir,
-            dns: None,
-            annotations: HashMap::new(),
+            ..PodSpec::new(name, log_dir)
         })
     }
 

@@ -69,6 +69,12 @@ pub const HOST_CID: u32 = 2;
 /// agent API): the host sends a TCP port, the agent relays to it.
 pub const FORWARD_VSOCK_PORT: u32 = 1026;
 
+/// The guest path that names a pod's shared PID namespace in a container's
+/// spec (CRI's `shareProcessNamespace`): the shim puts it where the host
+/// spec names the sandbox's PID namespace, and the agent makes it exist
+/// (a holder process, PID 1 of that namespace) before the container does.
+pub const POD_PID_NAMESPACE: &str = "/run/husk/pod/pid";
+
 /// Prefix of the one line the agent sends on the readiness connection:
 /// `husk-agent ready <agent version> api <API_VERSION>\n`.
 pub const READY_PREFIX: &str = "husk-agent ready ";

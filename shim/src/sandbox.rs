@@ -12,9 +12,13 @@
 //! kernel code is emulated) and a process in every pod.
 //!
 //! App containers that name a pod namespace by host path (CRI's
-//! `/proc/<sandbox pid>/ns/{net,ipc,uts}`) stay in the guest's; every
-//! other namespace is made new in the guest.
+//! `/proc/<sandbox pid>/ns/{net,ipc,uts}`) stay in the guest's. A PID
+//! namespace named by host path (`shareProcessNamespace`) is the pod's
+//! shared one, which the agent makes in the guest when a container first
+//! joins it (no cost to pods that do not share); every other namespace is
+//! made new in the guest.
 
+use husk_protocols::POD_PID_NAMESPACE;
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
 
 const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -81,14 +85,17 @@ fn pod_shared(typ: LinuxNamespaceType) -> bool {
 
 /// The guest's namespaces for a container whose spec asks for `namespaces`:
 /// a pod namespace named by host path is left out (the container stays in
-/// the guest's, which is the pod's); any other host path means nothing in
-/// the guest, so that namespace is made new.
+/// the guest's, which is the pod's); a PID namespace named by host path
+/// (CRI's `shareProcessNamespace`: the sandbox's) becomes the pod's shared
+/// one in the guest, which the agent makes on first use; any other host
+/// path means nothing in the guest, so that namespace is made new.
 pub fn guest_namespaces(namespaces: Vec<LinuxNamespace>) -> Vec<LinuxNamespace> {
     namespaces
         .into_iter()
         .filter(|n| n.path().is_none() || !pod_shared(n.typ()))
         .map(|mut n| {
-            n.set_path(None);
+            let shared_pid = n.typ() == LinuxNamespaceType::Pid && n.path().is_some();
+            n.set_path(shared_pid.then(|| POD_PID_NAMESPACE.into()));
             n
         })
         .collect()
@@ -151,14 +158,20 @@ mod tests {
             ns(LinuxNamespaceType::Mount, None),
             ns(LinuxNamespaceType::Network, None),
         ]);
-        let kinds: Vec<_> = got.iter().map(|n| (n.typ(), n.path().is_some())).collect();
+        let kinds: Vec<_> = got
+            .iter()
+            .map(|n| (n.typ(), n.path().as_ref().map(|p| p.display().to_string())))
+            .collect();
         assert_eq!(
             kinds,
             vec![
-                (LinuxNamespaceType::Pid, false),
-                (LinuxNamespaceType::Mount, false),
-                (LinuxNamespaceType::Network, false),
+                (LinuxNamespaceType::Pid, Some(POD_PID_NAMESPACE.to_string())),
+                (LinuxNamespaceType::Mount, None),
+                (LinuxNamespaceType::Network, None),
             ]
         );
+        // A container of its own PID namespace gets a new one.
+        let own = guest_namespaces(vec![ns(LinuxNamespaceType::Pid, None)]);
+        assert_eq!(own[0].path(), &None);
     }
 }

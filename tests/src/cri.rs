@@ -34,6 +34,26 @@ pub struct PodSpec {
     pub dns: Option<DnsConfig>,
     /// Annotations kubelet passes through.
     pub annotations: HashMap<String, String>,
+    /// `shareProcessNamespace`: one PID namespace for the pod's containers.
+    pub share_processes: bool,
+    /// Whether the pod may run privileged containers.
+    pub privileged: bool,
+}
+
+impl PodSpec {
+    /// A pod called `name` (hostname `<name>-host`) logging below
+    /// `log_dir`, asking for nothing else.
+    pub fn new(name: &str, log_dir: std::path::PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            hostname: format!("{name}-host"),
+            log_dir,
+            dns: None,
+            annotations: HashMap::new(),
+            share_processes: false,
+            privileged: false,
+        }
+    }
 }
 
 /// A pod that runs: its id and the config it was made with (CreateContainer
@@ -141,7 +161,19 @@ impl Cri {
             annotations: spec.annotations.clone(),
             linux: Some(LinuxPodSandboxConfig {
                 security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(NamespaceOption::default()),
+                    // As kubelet sets them: network and IPC of the pod, PID
+                    // per container unless the pod shares it.
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Pod as i32,
+                        pid: if spec.share_processes {
+                            NamespaceMode::Pod
+                        } else {
+                            NamespaceMode::Container
+                        } as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    privileged: spec.privileged,
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -277,7 +309,19 @@ impl Cri {
             }),
             command: command.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}.log"),
-            linux: Some(LinuxContainerConfig::default()),
+            // kubelet gives each container the pod's namespace options.
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    namespace_options: pod
+                        .config
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .and_then(|s| s.namespace_options.clone()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         edit(&mut config);
@@ -407,6 +451,58 @@ impl Cri {
             }),
         )?;
         Ok(())
+    }
+
+    /// Exec: the streaming URL for `cmd` in container `id` with standard
+    /// input, standard output and, without a terminal, standard error.
+    pub fn exec_url(&self, id: &str, cmd: &[&str], tty: bool) -> Result<String> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "Exec",
+            Duration::from_secs(60),
+            c.exec(ExecRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                tty,
+                stdin: true,
+                stdout: true,
+                stderr: !tty,
+            }),
+        )?;
+        Ok(r.url)
+    }
+
+    /// Attach: the streaming URL for container `id`'s standard streams.
+    pub fn attach_url(&self, id: &str, tty: bool) -> Result<String> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "Attach",
+            Duration::from_secs(60),
+            c.attach(AttachRequest {
+                container_id: id.into(),
+                stdin: true,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            }),
+        )?;
+        Ok(r.url)
+    }
+
+    /// PortForward: the streaming URL for `port` of pod `id`, with the
+    /// port in its query as the API server passes it on.
+    pub fn port_forward_url(&self, id: &str, port: u16) -> Result<String> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "PortForward",
+            Duration::from_secs(60),
+            c.port_forward(PortForwardRequest {
+                pod_sandbox_id: id.into(),
+                port: vec![port.into()],
+            }),
+        )?;
+        let sep = if r.url.contains('?') { '&' } else { '?' };
+        Ok(format!("{}{sep}port={port}", r.url))
     }
 
     /// Stops and removes every pod CRI lists (a failing test's cleanup).

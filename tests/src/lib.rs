@@ -17,6 +17,7 @@ pub mod containerd;
 pub mod cri;
 pub mod hostmem;
 pub mod netns;
+pub mod stream;
 
 use anyhow::{bail, Context, Result};
 use husk_protocols::{hybrid_vsock::port_socket_path, parse_ready_line, READY_VSOCK_PORT};

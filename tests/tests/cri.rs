@@ -3,13 +3,15 @@
 //! containerd drop-in (runtime handler `husk`) and a CNI bridge, all inside
 //! a network namespace the test creates, so no pod traffic leaves it.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use husk_e2e::{
     containerd::{Containerd, IMAGE, PAUSE_IMAGE},
     cri::{Cri, PodSpec},
     netns::NetNs,
-    require_kvm, Artifacts, TestDir,
+    require_kvm,
+    stream::{forwarded, Stream, STDERR, STDIN, STDOUT},
+    Artifacts, TestDir,
 };
 
 struct Setup {
@@ -42,13 +44,7 @@ impl Setup {
     fn pod_spec(&self, name: &str) -> PodSpec {
         let log_dir = self.dir.path().join("logs").join(name);
         std::fs::create_dir_all(&log_dir).expect("log dir");
-        PodSpec {
-            name: name.into(),
-            hostname: format!("{name}-host"),
-            log_dir,
-            dns: None,
-            annotations: HashMap::new(),
-        }
+        PodSpec::new(name, log_dir)
     }
 }
 
@@ -306,11 +302,19 @@ fn husk_pod_serves_on_the_pod_network() {
         .cri
         .exec_sync(
             &client,
-            &["busybox", "wget", "-q", "-O", "-", "http://localhost:80/"],
+            &[
+                "sh",
+                "-c",
+                "busybox wget -q -O - http://localhost:80/ && echo processes: && ps",
+            ],
             120,
         )
         .expect("exec");
     assert!(out.stdout.contains("hello-from-husk"), "{out:?}");
+    // Without shareProcessNamespace each container has its own PID
+    // namespace: the client does not see httpd.
+    let (_, ps) = out.stdout.split_once("processes:").expect("ps ran");
+    assert!(!ps.contains("httpd"), "the client sees its neighbour: {ps}");
     assert_eq!(
         husk_e2e::processes_mentioning(&s.c.pods.display().to_string()),
         vmms,
@@ -351,13 +355,11 @@ fn husk_pod_serves_on_the_pod_network() {
             IMAGE,
             &["husk-testprog", "alloc", "64"],
             |c| {
-                c.linux = Some(k8s_cri::v1::LinuxContainerConfig {
-                    resources: Some(k8s_cri::v1::LinuxContainerResources {
+                c.linux.get_or_insert_default().resources =
+                    Some(k8s_cri::v1::LinuxContainerResources {
                         memory_limit_in_bytes: 24 << 20,
                         ..Default::default()
-                    }),
-                    ..Default::default()
-                });
+                    });
             },
         )
         .expect("create");
@@ -427,4 +429,168 @@ fn pod_cycles_leave_nothing_behind() {
         }
     }
     assert!(s.cri.pods().expect("list").is_empty());
+}
+
+/// One PortForward session to `port` of `pod` through the streaming
+/// server: sends an HTTP GET and returns what came back before the server
+/// closed the session.
+fn port_forward_get(s: &Setup, pod: &str, port: u16) -> anyhow::Result<String> {
+    let url = s.cri.port_forward_url(pod, port)?;
+    let mut st = Stream::connect(&s.netns.path(), &url)?;
+    st.send(0, b"GET / HTTP/1.0\r\n\r\n")?;
+    st.read_to_close(Duration::from_secs(60))?;
+    let errors = String::from_utf8_lossy(st.bytes(1).get(2..).unwrap_or_default()).into_owned();
+    anyhow::ensure!(errors.is_empty(), "port-forward error: {errors}");
+    Ok(String::from_utf8_lossy(forwarded(&st, port)?).into_owned())
+}
+
+/// The streaming side of CRI, through containerd's streaming server over
+/// WebSocket as the API server proxies `kubectl exec -it`, `attach` and
+/// `port-forward`: a shell with a terminal that sees its size and its
+/// resize and reports its exit code; attach to a running container's
+/// standard streams; port-forward to the pod's port 80. The pod shares one
+/// PID namespace (`shareProcessNamespace`): its containers see each other,
+/// with `pause` as PID 1 as under runc. A container whose start fails
+/// leaves no cgroup in the guest.
+#[test]
+fn husk_pod_streams_and_shares_processes() {
+    require_kvm();
+    let s = setup("cri-streams");
+    let mut spec = s.pod_spec("tools");
+    spec.share_processes = true;
+    spec.privileged = true;
+    let pod = s.cri.run_pod(&spec, "husk").expect("pod");
+    let web = s
+        .cri
+        .create_container(&pod, "web", IMAGE, HTTPD)
+        .expect("create");
+    s.cri.start_container(&web).expect("start");
+    // Reads lines from standard input (attach's) and answers each; it is
+    // privileged so that it sees the guest's whole cgroup tree.
+    let echo = s
+        .cri
+        .create_container_with(
+            &pod,
+            "echo",
+            IMAGE,
+            &["sh", "-c", "while read l; do echo \"got $l\"; done"],
+            |c| {
+                c.stdin = true;
+                c.linux
+                    .get_or_insert_default()
+                    .security_context
+                    .get_or_insert_default()
+                    .privileged = true;
+            },
+        )
+        .expect("create");
+    s.cri.start_container(&echo).expect("start");
+
+    // PortForward: containerd dials localhost:80 in the pod's network
+    // namespace, where husk relays to the guest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let page = loop {
+        match port_forward_get(&s, &pod.id, 80) {
+            Ok(p) if p.contains("hello-from-husk") => break p,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "port-forward to 80: {other:?}"
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    assert!(page.starts_with("HTTP/1."), "{page}");
+
+    // Attach: what is written to the container's stdin reaches it, its
+    // answer comes back; leaving does not stop it.
+    let url = s.cri.attach_url(&echo, false).expect("attach");
+    let mut a = Stream::connect(&s.netns.path(), &url).expect("attach stream");
+    a.send(STDIN, b"ping\n").expect("send");
+    a.read_until(Duration::from_secs(60), |st| {
+        st.text(STDOUT).contains("got ping")
+    })
+    .expect("the answer");
+    a.close();
+    let st = s.cri.container_status(&echo).expect("status");
+    assert_eq!(
+        st.state,
+        k8s_cri::v1::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+
+    // Exec with a terminal: its size is the client's, a resize reaches the
+    // running shell, and its exit code comes back on the status channel.
+    let url = s.cri.exec_url(&echo, &["sh"], true).expect("exec");
+    let mut e = Stream::connect(&s.netns.path(), &url).expect("exec stream");
+    e.resize(100, 40).expect("resize");
+    e.read_until(Duration::from_secs(120), |st| {
+        st.text(STDOUT).contains("# ")
+    })
+    .expect("a prompt");
+    e.send(STDIN, b"stty size; tty\n").expect("send");
+    e.read_until(Duration::from_secs(60), |st| {
+        st.text(STDOUT).contains("40 100") && st.text(STDOUT).contains("/dev/pts/")
+    })
+    .expect("the terminal's size");
+    e.resize(120, 50).expect("resize");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !e.text(STDOUT).contains("50 120") {
+        assert!(std::time::Instant::now() < deadline, "resized: {e:?}");
+        e.send(STDIN, b"stty size\n").expect("send");
+        let _ = e.read_until(Duration::from_secs(3), |st| {
+            st.text(STDOUT).contains("50 120")
+        });
+    }
+    e.send(STDIN, b"exit 3\n").expect("send");
+    e.read_until(Duration::from_secs(60), |st| {
+        st.exit_code().ok().flatten().is_some()
+    })
+    .expect("the exit status");
+    assert_eq!(e.exit_code().expect("status"), Some(3), "{e:?}");
+    assert!(
+        e.bytes(STDERR).is_empty(),
+        "a terminal has no stderr: {e:?}"
+    );
+    e.close();
+
+    // One PID namespace for the pod: pause is PID 1, httpd is visible.
+    let out = s
+        .cri
+        .exec_sync(&echo, &["sh", "-c", "cat /proc/1/comm; ps"], 120)
+        .expect("exec");
+    assert_eq!(out.stdout.lines().next(), Some("pause"), "{out:?}");
+    assert!(out.stdout.contains("httpd"), "{out:?}");
+
+    // A container whose start fails (no such binary) reports it and
+    // leaves no cgroup in the guest; the privileged neighbour sees the
+    // guest's cgroups (its own is there, so the search works).
+    let bad = s
+        .cri
+        .create_container(&pod, "bad", IMAGE, &["/no/such/binary"])
+        .expect("create");
+    let err = s.cri.start_container(&bad).expect_err("a missing binary");
+    assert!(
+        format!("{err:#}").contains("/no/such/binary"),
+        "the error names the binary: {err:#}"
+    );
+    let find = |id: &str| {
+        s.cri
+            .exec_sync(
+                &echo,
+                &["find", "/sys/fs/cgroup", "-name", &format!("*{id}*")],
+                120,
+            )
+            .expect("find")
+            .stdout
+    };
+    assert!(!find(&echo).trim().is_empty(), "the search finds nothing");
+    assert_eq!(find(&bad).trim(), "", "the failed container's cgroup");
+    s.cri.remove_container(&bad).expect("remove");
+
+    s.cri.stop_pod(&pod.id).expect("stop");
+    s.cri.remove_pod(&pod.id).expect("remove");
+    assert!(s.cri.pods().expect("list").is_empty());
+    s.c.assert_nothing_left_within(Duration::from_secs(60));
 }

@@ -126,6 +126,12 @@ fn husk_runtime(dump: &str) {
         section.contains("ConfigPath = \"/etc/husk/husk.toml\""),
         "{section}"
     );
+    // Until the next table: the husk runtime's own settings.
+    let own = section.split("\n[").next().unwrap_or_default();
+    assert!(
+        own.contains("privileged_without_host_devices = true"),
+        "{own}"
+    );
 }
 
 #[test]
