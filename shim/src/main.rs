@@ -7,7 +7,10 @@
 //! (`task`) until containerd calls Shutdown. The server logs to the
 //! bundle's `log` FIFO, which containerd copies into its own log.
 
+mod agent;
 mod config;
+mod container;
+mod error;
 mod exits;
 mod io;
 mod network;

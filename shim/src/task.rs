@@ -11,9 +11,15 @@
 //!
 //! A CRI sandbox container runs nothing in the guest (`sandbox`): its task
 //! stands for the pod VM, with `husk-vmm`'s pid.
+//!
+//! The handlers are thin: lookups and phase rules live in `container`,
+//! errors and their codes in `error`, guest calls behind `agent::Agent`,
+//! events behind `Events`. So the lifecycle below is unit-tested with a
+//! fake agent and a recording publisher, without a VM (the tests at the
+//! end); what needs the VM itself (Create, a sandbox's start, Shutdown) is
+//! covered end to end.
 
 use std::{
-    collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -36,16 +42,14 @@ use containerd_shim::{
     },
     util::convert_to_any,
 };
-use husk_protocols::agent::{
-    ContainerRequest, CreateContainerRequest, DeleteContainerRequest, Empty as AgentEmpty,
-    ExecProcessRequest, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
-    UpdateContainerRequest,
-};
 use husk_shim::metrics;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::Mutex;
 
 use crate::{
+    agent::{Agent, AgentResult},
     config::{config_path_from_options, Config},
+    container::{Container, Containers, Exited, Phase, Proc},
+    error::TaskError,
     exits::Exits,
     io::ProcessIo,
     rootfs,
@@ -54,40 +58,10 @@ use crate::{
 };
 
 type TtrpcResult<T> = shim_ttrpc::Result<T>;
+type TaskResult<T> = Result<T, TaskError>;
 
 /// How long output may keep flowing after the agent reported an exit.
 const DRAIN: Duration = Duration::from_secs(5);
-
-fn err(code: shim_ttrpc::Code, msg: impl Into<String>) -> shim_ttrpc::Error {
-    shim_ttrpc::Error::RpcStatus(shim_ttrpc::get_status(code, msg.into()))
-}
-
-fn not_found(what: impl Into<String>) -> shim_ttrpc::Error {
-    err(shim_ttrpc::Code::NOT_FOUND, what)
-}
-
-/// Maps an agent error to a shim error, keeping its code and message.
-fn agent_err(what: &str, e: ttrpc::Error) -> shim_ttrpc::Error {
-    match e {
-        ttrpc::Error::RpcStatus(s) => {
-            let code = <shim_ttrpc::Code as protobuf::Enum>::from_i32(s.code.value())
-                .unwrap_or(shim_ttrpc::Code::UNKNOWN);
-            err(code, format!("{what}: {}", s.message))
-        }
-        other => err(shim_ttrpc::Code::UNAVAILABLE, format!("{what}: {other}")),
-    }
-}
-
-/// The agent's request naming container `id`.
-fn container_request(id: &str) -> ContainerRequest {
-    let mut r = ContainerRequest::new();
-    r.container_id = id.to_string();
-    r
-}
-
-fn ctx(secs: u64) -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(i64::try_from(secs * 1_000_000_000).unwrap_or(i64::MAX))
-}
 
 fn now() -> Timestamp {
     let d = std::time::SystemTime::now()
@@ -99,109 +73,22 @@ fn now() -> Timestamp {
     t
 }
 
-/// A process's life as containerd sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Created,
-    Running,
-    Paused,
-    Stopped,
+/// Where task events go: containerd's event service.
+#[async_trait]
+pub trait Events: Send + Sync {
+    /// Publishes `event` on `topic`; a failure is logged, not returned
+    /// (containerd also learns the state from the Task API).
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
 }
 
-impl Phase {
-    fn status(self) -> api::Status {
-        match self {
-            Phase::Created => api::Status::CREATED,
-            Phase::Running => api::Status::RUNNING,
-            Phase::Paused => api::Status::PAUSED,
-            Phase::Stopped => api::Status::STOPPED,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Exited {
-    code: u32,
-    at: Timestamp,
-}
-
-#[derive(Debug)]
-struct Proc {
-    pid: u32,
-    phase: Phase,
-    stdin: String,
-    stdout: String,
-    stderr: String,
-    terminal: bool,
-    io: Option<ProcessIo>,
-    exit_tx: watch::Sender<Option<Exited>>,
-    /// An exec's OCI Process (JSON), until it starts.
-    spec: Vec<u8>,
-}
-
-impl Proc {
-    fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Self {
-        Self {
-            pid: 0,
-            phase: Phase::Created,
-            stdin: stdin.into(),
-            stdout: stdout.into(),
-            stderr: stderr.into(),
-            terminal,
-            io: None,
-            exit_tx: watch::channel(None).0,
-            spec: Vec::new(),
-        }
-    }
-
-    fn exited(&self) -> Option<Exited> {
-        self.exit_tx.borrow().clone()
-    }
-}
-
-#[derive(Debug)]
-struct Container {
-    bundle: String,
-    init: Proc,
-    execs: HashMap<String, Proc>,
-    /// CRI's sandbox container: the pod VM, with no process in the guest.
-    sandbox: bool,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    vm: Option<Arc<Vm>>,
-    containers: HashMap<String, Container>,
-}
-
-/// The Task service.
-#[derive(Clone)]
-pub struct HuskTask {
-    state: Arc<Mutex<State>>,
-    publisher: Arc<RemotePublisher>,
+/// containerd's event service, for one containerd namespace.
+struct Publisher {
+    publisher: RemotePublisher,
     namespace: String,
-    exit: Arc<ExitSignal>,
-    exits: Arc<Exits>,
 }
 
-impl HuskTask {
-    /// A service publishing to `publisher` for containerd namespace
-    /// `namespace`; `exit` ends the shim.
-    pub fn new(
-        publisher: RemotePublisher,
-        namespace: &str,
-        exit: Arc<ExitSignal>,
-        exits: Arc<Exits>,
-    ) -> Self {
-        Self {
-            state: Arc::default(),
-            publisher: Arc::new(publisher),
-            namespace: namespace.to_string(),
-            exit,
-            exits,
-        }
-    }
-
+#[async_trait]
+impl Events for Publisher {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         if let Err(e) = self
             .publisher
@@ -216,14 +103,67 @@ impl HuskTask {
             tracing::warn!("publishing {topic}: {e}");
         }
     }
+}
 
-    async fn vm(&self) -> TtrpcResult<Arc<Vm>> {
-        self.state.lock().await.vm.clone().ok_or_else(|| {
-            err(
-                shim_ttrpc::Code::FAILED_PRECONDITION,
-                "the pod VM is not running",
-            )
-        })
+#[derive(Default)]
+struct State {
+    vm: Option<Arc<Vm>>,
+    /// The pod VM's agent (set with `vm`; alone in unit tests).
+    agent: Option<Arc<dyn Agent>>,
+    containers: Containers,
+}
+
+/// The Task service.
+#[derive(Clone)]
+pub struct HuskTask {
+    state: Arc<Mutex<State>>,
+    events: Arc<dyn Events>,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    exits: Arc<Exits>,
+}
+
+impl HuskTask {
+    /// A service publishing to `publisher` for containerd namespace
+    /// `namespace`; `exit` ends the shim.
+    pub fn new(
+        publisher: RemotePublisher,
+        namespace: &str,
+        exit: Arc<ExitSignal>,
+        exits: Arc<Exits>,
+    ) -> Self {
+        let events = Publisher {
+            publisher,
+            namespace: namespace.to_string(),
+        };
+        Self::with_events(Arc::new(events), namespace, exit, exits)
+    }
+
+    fn with_events(
+        events: Arc<dyn Events>,
+        namespace: &str,
+        exit: Arc<ExitSignal>,
+        exits: Arc<Exits>,
+    ) -> Self {
+        Self {
+            state: Arc::default(),
+            events,
+            namespace: namespace.to_string(),
+            exit,
+            exits,
+        }
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        self.events.publish(topic, event).await;
+    }
+
+    async fn vm(&self) -> TaskResult<Arc<Vm>> {
+        self.state.lock().await.vm.clone().ok_or(TaskError::NoVm)
+    }
+
+    async fn agent(&self) -> TaskResult<Arc<dyn Agent>> {
+        self.state.lock().await.agent.clone().ok_or(TaskError::NoVm)
     }
 
     /// Waits for process `exec_id` of `id` in the guest, then records and
@@ -231,37 +171,15 @@ impl HuskTask {
     fn spawn_waiter(&self, id: String, exec_id: String, pid: u32) {
         let this = self.clone();
         tokio::spawn(async move {
-            let code = match this.vm().await {
-                Ok(vm) => {
-                    let mut req = ProcessRequest::new();
-                    req.container_id = id.clone();
-                    req.exec_id = exec_id.clone();
-                    // No deadline: a container may run for months.
-                    match vm
-                        .agent
-                        .wait_process(ttrpc::context::Context::default(), &req)
-                        .await
-                    {
-                        Ok(r) => u32::try_from(r.exit_status).unwrap_or(255),
-                        Err(e) => {
-                            tracing::error!(container = %id, exec = %exec_id, "waiting for the process: {e}");
-                            255
-                        }
-                    }
-                }
+            let code = match this.agent().await {
+                Ok(agent) => exit_status(agent.wait_process(&id, &exec_id).await, &id, &exec_id),
                 Err(_) => 255,
             };
             let io = {
                 let mut st = this.state.lock().await;
                 st.containers
-                    .get_mut(&id)
-                    .and_then(|c| {
-                        if exec_id.is_empty() {
-                            Some(&mut c.init)
-                        } else {
-                            c.execs.get_mut(&exec_id)
-                        }
-                    })
+                    .process_mut(&id, &exec_id)
+                    .ok()
                     .and_then(|p| p.io.take())
             };
             if let Some(mut io) = io {
@@ -275,29 +193,18 @@ impl HuskTask {
     /// publishes TaskExit, once: a process already stopped is left as it is.
     async fn record_exit(&self, id: &str, exec_id: &str, pid: u32, code: u32) {
         let at = now();
+        let exit = Exited {
+            code,
+            at: at.clone(),
+        };
+        if !self
+            .state
+            .lock()
+            .await
+            .containers
+            .record_exit(id, exec_id, exit)
         {
-            let mut st = self.state.lock().await;
-            let proc = st.containers.get_mut(id).and_then(|c| {
-                if exec_id.is_empty() {
-                    Some(&mut c.init)
-                } else {
-                    c.execs.get_mut(exec_id)
-                }
-            });
-            match proc {
-                Some(p) if p.phase != Phase::Stopped => {
-                    p.phase = Phase::Stopped;
-                    // send_replace, not send: send drops the value when no
-                    // Wait is listening at this moment (a detached task),
-                    // and every later Wait (containerd's forced delete
-                    // waits first) then blocked forever.
-                    p.exit_tx.send_replace(Some(Exited {
-                        code,
-                        at: at.clone(),
-                    }));
-                }
-                _ => return,
-            }
+            return;
         }
         let mut ev = TaskExit::new();
         ev.container_id = id.to_string();
@@ -317,22 +224,22 @@ impl HuskTask {
         sandbox: &str,
         hostname: &str,
         net: Option<crate::network::PodNetwork>,
-    ) -> TtrpcResult<Arc<Vm>> {
+    ) -> TaskResult<Arc<Vm>> {
         let mut st = self.state.lock().await;
         if let Some(vm) = &st.vm {
             return Ok(vm.clone());
         }
         let vm = Vm::start(cfg, &self.namespace, sandbox, hostname, net, &self.exits)
             .await
-            .map_err(|e| {
-                err(
-                    shim_ttrpc::Code::UNAVAILABLE,
-                    format!("starting the pod VM: {e}"),
-                )
-            })?;
+            .map_err(TaskError::VmStart)?;
         let vm = Arc::new(vm);
         st.vm = Some(vm.clone());
-        tokio::spawn(self.clone().relay_oom_events(vm.clone()));
+        st.agent = Some(vm.guest.clone());
+        let gone = vm.clone();
+        tokio::spawn(
+            self.clone()
+                .relay_oom_events(vm.guest.clone(), move || gone.stopping() || !gone.alive()),
+        );
         let watched = vm.clone();
         tokio::spawn(async move {
             let who = watched.watch_death().await;
@@ -347,22 +254,23 @@ impl HuskTask {
     }
 }
 
+/// The exit status a WaitProcess answer stands for: 255 when the wait
+/// failed (the VM died) or the status is out of range.
+fn exit_status(answer: AgentResult<i32>, id: &str, exec_id: &str) -> u32 {
+    match answer {
+        Ok(s) => u32::try_from(s).unwrap_or(255),
+        Err(e) => {
+            tracing::error!(container = %id, exec = %exec_id, "waiting for the process: {e}");
+            255
+        }
+    }
+}
+
 fn load_config(
     options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
-) -> TtrpcResult<Config> {
+) -> TaskResult<Config> {
     let explicit = options.and_then(|o| config_path_from_options(&o.type_url, &o.value));
-    Config::load(explicit.as_deref()).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        err(
-            shim_ttrpc::Code::INVALID_ARGUMENT,
-            format!("husk.toml: {msg}"),
-        )
-    })
+    Config::load(explicit.as_deref()).map_err(TaskError::Config)
 }
 
 #[async_trait]
@@ -372,65 +280,7 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if self.state.lock().await.containers.contains_key(&req.id) {
-            return Err(err(
-                shim_ttrpc::Code::ALREADY_EXISTS,
-                format!("container {} exists", req.id),
-            ));
-        }
-        let cfg = load_config(req.options.as_ref())?;
-        let bundle = PathBuf::from(&req.bundle);
-        let spec = rootfs::read_spec(&bundle)
-            .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-        let role = sandbox::role(&spec);
-        if role == Role::Sandbox {
-            return self.create_sandbox(&cfg, &req, &spec).await;
-        }
-        rootfs::check(&bundle, &req.rootfs, &spec)
-            .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-        let pod = role.pod(&req.id);
-        let vm = self
-            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod), None)
-            .await?;
-        // Lets `delete` find the pod after a shim crash.
-        let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
-
-        let guest_bundle = rootfs::prepare(&vm.shared, &req.id, &bundle, &req.rootfs, spec)
-            .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
-        let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        let io = ProcessIo::setup(&vm, &req.stdin, &req.stdout, &req.stderr, req.terminal)
-            .map_err(|e| {
-                rootfs::release(&vm.shared, &req.id);
-                err(shim_ttrpc::Code::INTERNAL, e.to_string())
-            })?;
-        let mut creq = CreateContainerRequest::new();
-        creq.container_id = req.id.clone();
-        creq.bundle = guest_bundle;
-        creq.stdio = Some(io.stdio()).into();
-        let created = vm.agent.create_container(ctx(120), &creq).await;
-        let pid = match created {
-            Ok(r) => r.pid,
-            Err(e) => {
-                drop(io);
-                rootfs::release(&vm.shared, &req.id);
-                return Err(agent_err("creating the container in the guest", e));
-            }
-        };
-        proc.pid = pid;
-        proc.io = Some(io);
-        self.state.lock().await.containers.insert(
-            req.id.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                init: proc,
-                execs: HashMap::new(),
-                sandbox: false,
-            },
-        );
-        self.publish_create(&req, pid).await;
-        let mut resp = api::CreateTaskResponse::new();
-        resp.pid = pid;
-        Ok(resp)
+        Ok(self.create_task(&req).await?)
     }
 
     async fn start(
@@ -438,95 +288,12 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let vm = self.vm().await?;
-        let pid = if req.exec_id.is_empty() && self.is_sandbox(&req.id).await {
-            let pid = self.start_sandbox(&req.id, vm).await?;
-            let mut ev = TaskStart::new();
-            ev.container_id = req.id.clone();
-            ev.pid = pid;
-            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
-                .await;
-            pid
-        } else if req.exec_id.is_empty() {
-            {
-                let st = self.state.lock().await;
-                let c = st
-                    .containers
-                    .get(&req.id)
-                    .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-                if c.init.phase != Phase::Created {
-                    return Err(err(
-                        shim_ttrpc::Code::FAILED_PRECONDITION,
-                        format!("container {} was started", req.id),
-                    ));
-                }
-            }
-            let r = container_request(&req.id);
-            let pid = vm
-                .agent
-                .start_container(ctx(60), &r)
-                .await
-                .map_err(|e| agent_err("starting the container", e))?
-                .pid;
-            if let Some(c) = self.state.lock().await.containers.get_mut(&req.id) {
-                c.init.phase = Phase::Running;
-            }
-            self.spawn_waiter(req.id.clone(), String::new(), pid);
-            let mut ev = TaskStart::new();
-            ev.container_id = req.id.clone();
-            ev.pid = pid;
-            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
-                .await;
-            pid
+        let pid = if !req.exec_id.is_empty() {
+            self.start_exec(&req.id, &req.exec_id).await?
+        } else if self.state.lock().await.containers.is_sandbox(&req.id) {
+            self.start_sandbox(&req.id).await?
         } else {
-            let (spec, io) = {
-                let st = self.state.lock().await;
-                let p = st
-                    .containers
-                    .get(&req.id)
-                    .and_then(|c| c.execs.get(&req.exec_id))
-                    .ok_or_else(|| not_found(format!("process {}", req.exec_id)))?;
-                if p.phase != Phase::Created {
-                    return Err(err(
-                        shim_ttrpc::Code::FAILED_PRECONDITION,
-                        format!("process {} was started", req.exec_id),
-                    ));
-                }
-                let io = ProcessIo::setup(&vm, &p.stdin, &p.stdout, &p.stderr, p.terminal)
-                    .map_err(|e| err(shim_ttrpc::Code::INTERNAL, e.to_string()))?;
-                (p.spec.clone(), io)
-            };
-            let mut r = ExecProcessRequest::new();
-            r.container_id = req.id.clone();
-            r.exec_id = req.exec_id.clone();
-            r.process_json = spec;
-            r.stdio = Some(io.stdio()).into();
-            let pid = vm
-                .agent
-                .exec_process(ctx(60), &r)
-                .await
-                .map_err(|e| agent_err("starting the process", e))?
-                .pid;
-            if let Some(p) = self
-                .state
-                .lock()
-                .await
-                .containers
-                .get_mut(&req.id)
-                .and_then(|c| c.execs.get_mut(&req.exec_id))
-            {
-                p.pid = pid;
-                p.phase = Phase::Running;
-                p.io = Some(io);
-            }
-            self.spawn_waiter(req.id.clone(), req.exec_id.clone(), pid);
-            let mut ev = TaskExecStarted::new();
-            ev.container_id = req.id.clone();
-            ev.exec_id = req.exec_id.clone();
-            ev.pid = pid;
-            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
-                .await;
-            pid
+            self.start_container(&req.id).await?
         };
         let mut resp = api::StartResponse::new();
         resp.pid = pid;
@@ -538,78 +305,17 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let vm = self.state.lock().await.vm.clone();
-        let mut resp = api::DeleteResponse::new();
-        if !req.exec_id.is_empty() {
-            let mut st = self.state.lock().await;
-            let c = st
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-            let p = c
-                .execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(format!("process {}", req.exec_id)))?;
-            if p.phase == Phase::Running {
-                return Err(err(
-                    shim_ttrpc::Code::FAILED_PRECONDITION,
-                    format!("process {} is running", req.exec_id),
-                ));
-            }
-            if let Some(e) = p.exited() {
-                resp.exit_status = e.code;
-                resp.exited_at = Some(e.at).into();
-            }
-            resp.pid = p.pid;
-            if let (Some(vm), true) = (&vm, p.phase == Phase::Stopped) {
-                let mut r = ProcessRequest::new();
-                r.container_id = req.id.clone();
-                r.exec_id = req.exec_id.clone();
-                let _ = vm.agent.delete_process(ctx(30), &r).await;
-            }
-            c.execs.remove(&req.exec_id);
-            return Ok(resp);
-        }
-        let (pid, exited, is_sandbox) = {
-            let st = self.state.lock().await;
-            let c = st
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-            if matches!(c.init.phase, Phase::Running | Phase::Paused) {
-                return Err(err(
-                    shim_ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} is running", req.id),
-                ));
-            }
-            (c.init.pid, c.init.exited(), c.sandbox)
+        let (pid, exited) = if req.exec_id.is_empty() {
+            self.delete_container(&req.id).await?
+        } else {
+            self.delete_exec(&req.id, &req.exec_id).await?
         };
-        // The sandbox has nothing in the guest; the VM goes at Shutdown.
-        if let (Some(vm), false) = (&vm, is_sandbox) {
-            if vm.alive() {
-                let mut r = DeleteContainerRequest::new();
-                r.container_id = req.id.clone();
-                // A created container that never ran is taken down too.
-                r.force = true;
-                if let Err(e) = vm.agent.delete_container(ctx(60), &r).await {
-                    tracing::warn!(container = %req.id, "deleting in the guest: {e}");
-                }
-            }
-            rootfs::release(&vm.shared, &req.id);
-        }
-        self.state.lock().await.containers.remove(&req.id);
-        let exited = exited.unwrap_or(Exited { code: 0, at: now() });
+        let mut resp = api::DeleteResponse::new();
         resp.pid = pid;
-        resp.exit_status = exited.code;
-        resp.exited_at = Some(exited.at.clone()).into();
-        let mut ev = TaskDelete::new();
-        ev.container_id = req.id.clone();
-        ev.id = req.id.clone();
-        ev.pid = pid;
-        ev.exit_status = exited.code;
-        ev.exited_at = Some(exited.at).into();
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
-            .await;
+        if let Some(e) = exited {
+            resp.exit_status = e.code;
+            resp.exited_at = Some(e.at).into();
+        }
         Ok(resp)
     }
 
@@ -619,21 +325,12 @@ impl Task for HuskTask {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let st = self.state.lock().await;
-        let c = st
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-        let p = if req.exec_id.is_empty() {
-            &c.init
-        } else {
-            c.execs
-                .get(&req.exec_id)
-                .ok_or_else(|| not_found(format!("process {}", req.exec_id)))?
-        };
+        let bundle = st.containers.get(&req.id)?.bundle.clone();
+        let p = st.containers.process(&req.id, &req.exec_id)?;
         let mut resp = api::StateResponse::new();
         resp.id = req.id.clone();
         resp.exec_id = req.exec_id.clone();
-        resp.bundle = c.bundle.clone();
+        resp.bundle = bundle;
         resp.pid = p.pid;
         resp.status = p.phase.status().into();
         resp.stdin = p.stdin.clone();
@@ -652,30 +349,7 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
-        let mut rx = {
-            let st = self.state.lock().await;
-            let c = st
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(format!("process {}", req.exec_id)))?
-            };
-            p.exit_tx.subscribe()
-        };
-        let exited = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| err(shim_ttrpc::Code::UNAVAILABLE, "the process went away"))?
-            .clone()
-            .unwrap_or(Exited {
-                code: 255,
-                at: now(),
-            });
+        let exited = self.wait_exit(&req.id, &req.exec_id).await?;
         let mut resp = api::WaitResponse::new();
         resp.exit_status = exited.code;
         resp.exited_at = Some(exited.at).into();
@@ -683,39 +357,8 @@ impl Task for HuskTask {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let vm = self.vm().await?;
-        {
-            let st = self.state.lock().await;
-            let c = st
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(format!("process {}", req.exec_id)))?
-            };
-            if p.phase == Phase::Stopped && !req.all {
-                return Err(not_found("process already finished"));
-            }
-            if c.sandbox && req.exec_id.is_empty() {
-                let pid = p.pid;
-                drop(st);
-                self.kill_sandbox(&req.id, pid, req.signal).await;
-                return Ok(api::Empty::new());
-            }
-        }
-        let mut r = SignalProcessRequest::new();
-        r.container_id = req.id.clone();
-        r.exec_id = req.exec_id.clone();
-        r.signal = req.signal;
-        r.all = req.all;
-        vm.agent
-            .signal_process(ctx(30), &r)
-            .await
-            .map_err(|e| agent_err("signalling", e))?;
+        self.signal(&req.id, &req.exec_id, req.signal, req.all)
+            .await?;
         Ok(api::Empty::new())
     }
 
@@ -724,45 +367,17 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
-        let spec = req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
-            err(
-                shim_ttrpc::Code::INVALID_ARGUMENT,
-                "exec without a process spec",
-            )
-        })?;
-        serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
-            err(
-                shim_ttrpc::Code::INVALID_ARGUMENT,
-                format!("invalid process spec: {e}"),
-            )
-        })?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| TaskError::Invalid("exec without a process spec".into()))?;
+        serde_json::from_slice::<oci_spec::runtime::Process>(&spec)
+            .map_err(|e| TaskError::Invalid(format!("invalid process spec: {e}")))?;
         {
             let mut st = self.state.lock().await;
-            let c = st
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-            if c.sandbox {
-                return Err(err(
-                    shim_ttrpc::Code::FAILED_PRECONDITION,
-                    format!(
-                        "{} is the pod's sandbox, which runs no processes in husk",
-                        req.id
-                    ),
-                ));
-            }
-            if c.execs.contains_key(&req.exec_id) {
-                return Err(err(
-                    shim_ttrpc::Code::ALREADY_EXISTS,
-                    format!("process {} exists", req.exec_id),
-                ));
-            }
-            if c.init.phase != Phase::Running {
-                return Err(err(
-                    shim_ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {} is not running", req.id),
-                ));
-            }
+            let c = st.containers.get_mut(&req.id)?;
+            c.check_exec(&req.id, &req.exec_id)?;
             let mut p = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
             p.spec = spec;
             c.execs.insert(req.exec_id.clone(), p);
@@ -780,16 +395,11 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        let vm = self.vm().await?;
-        let mut r = ResizePtyRequest::new();
-        r.container_id = req.id.clone();
-        r.exec_id = req.exec_id.clone();
-        r.width = req.width;
-        r.height = req.height;
-        vm.agent
-            .resize_pty(ctx(30), &r)
+        self.agent()
+            .await?
+            .resize_pty(&req.id, &req.exec_id, req.width, req.height)
             .await
-            .map_err(|e| agent_err("resizing the terminal", e))?;
+            .map_err(|e| TaskError::agent("resizing the terminal", e))?;
         Ok(api::Empty::new())
     }
 
@@ -800,18 +410,7 @@ impl Task for HuskTask {
     ) -> TtrpcResult<api::Empty> {
         if req.stdin {
             let st = self.state.lock().await;
-            let c = st
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(format!("container {}", req.id)))?;
-            let p = if req.exec_id.is_empty() {
-                &c.init
-            } else {
-                c.execs
-                    .get(&req.exec_id)
-                    .ok_or_else(|| not_found(format!("process {}", req.exec_id)))?
-            };
-            if let Some(io) = &p.io {
+            if let Some(io) = &st.containers.process(&req.id, &req.exec_id)?.io {
                 io.close_stdin();
             }
         }
@@ -823,21 +422,15 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let vm = self.vm().await?;
-        if self.is_sandbox(&req.id).await {
-            let mut p = ProcessInfo::new();
-            p.pid = vm.vmm_pid();
-            let mut resp = api::PidsResponse::new();
-            resp.processes = vec![p];
-            return Ok(resp);
-        }
-        let r = container_request(&req.id);
-        let pids = vm
-            .agent
-            .list_pids(ctx(30), &r)
-            .await
-            .map_err(|e| agent_err("listing processes", e))?
-            .pids;
+        let pids = if self.state.lock().await.containers.is_sandbox(&req.id) {
+            vec![self.vm().await?.vmm_pid()]
+        } else {
+            self.agent()
+                .await?
+                .list_pids(&req.id)
+                .await
+                .map_err(|e| TaskError::agent("listing processes", e))?
+        };
         let mut resp = api::PidsResponse::new();
         resp.processes = pids
             .into_iter()
@@ -881,7 +474,7 @@ impl Task for HuskTask {
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
         resp.version = env!("CARGO_PKG_VERSION").into();
-        if let Some(c) = st.containers.get(&req.id) {
+        if let Ok(c) = st.containers.get(&req.id) {
             resp.task_pid = c.init.pid;
         }
         Ok(resp)
@@ -892,16 +485,15 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        self.known(&req.id).await?;
-        let vm = self.vm().await?;
-        let r = container_request(&req.id);
-        let stats = vm
-            .agent
-            .stats_container(ctx(30), &r)
+        self.state.lock().await.containers.get(&req.id)?;
+        let stats = self
+            .agent()
+            .await?
+            .stats(&req.id)
             .await
-            .map_err(|e| agent_err("reading the container's metrics", e))?;
+            .map_err(|e| TaskError::agent("reading the container's metrics", e))?;
         let any = convert_to_any(Box::new(metrics::v1_metrics(&stats)))
-            .map_err(|e| err(shim_ttrpc::Code::INTERNAL, format!("encoding metrics: {e}")))?;
+            .map_err(|e| TaskError::Internal(format!("encoding metrics: {e}")))?;
         let mut resp = api::StatsResponse::new();
         resp.stats = Some(any).into();
         Ok(resp)
@@ -912,16 +504,13 @@ impl Task for HuskTask {
         _ctx: &TtrpcContext,
         req: api::UpdateTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.known(&req.id).await?;
+        self.state.lock().await.containers.get(&req.id)?;
         let json = resources_json(req.resources.as_ref())?;
-        let vm = self.vm().await?;
-        let mut r = UpdateContainerRequest::new();
-        r.container_id = req.id.clone();
-        r.resources_json = json;
-        vm.agent
-            .update_container(ctx(90), &r)
+        self.agent()
+            .await?
+            .update(&req.id, &json)
             .await
-            .map_err(|e| agent_err("updating the container's resources", e))?;
+            .map_err(|e| TaskError::agent("updating the container's resources", e))?;
         Ok(api::Empty::new())
     }
 
@@ -935,6 +524,7 @@ impl Task for HuskTask {
             if !st.containers.is_empty() {
                 return Ok(api::Empty::new());
             }
+            st.agent = None;
             st.vm.take()
         };
         // containerd gives Shutdown a few seconds, then drops the call,
@@ -960,32 +550,76 @@ impl Task for HuskTask {
 /// marshals them as a JSON-typed Any), checked before it goes to the guest.
 fn resources_json(
     any: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
-) -> TtrpcResult<Vec<u8>> {
-    let any = any.ok_or_else(|| {
-        err(
-            shim_ttrpc::Code::INVALID_ARGUMENT,
-            "the update carries no resources",
-        )
-    })?;
+) -> TaskResult<Vec<u8>> {
+    let any = any.ok_or_else(|| TaskError::Invalid("the update carries no resources".into()))?;
     if !any.type_url.ends_with("/LinuxResources") {
-        return Err(err(
-            shim_ttrpc::Code::INVALID_ARGUMENT,
-            format!(
-                "resources of type {:?}: husk takes OCI LinuxResources",
-                any.type_url
-            ),
-        ));
+        return Err(TaskError::Invalid(format!(
+            "resources of type {:?}: husk takes OCI LinuxResources",
+            any.type_url
+        )));
     }
-    serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&any.value).map_err(|e| {
-        err(
-            shim_ttrpc::Code::INVALID_ARGUMENT,
-            format!("invalid LinuxResources: {e}"),
-        )
-    })?;
+    serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&any.value)
+        .map_err(|e| TaskError::Invalid(format!("invalid LinuxResources: {e}")))?;
     Ok(any.value.clone())
 }
 
 impl HuskTask {
+    /// Create: a sandbox container starts the pod VM; any other container
+    /// starts it too if it is the first (`ctr run`), then is created in
+    /// the guest.
+    async fn create_task(
+        &self,
+        req: &api::CreateTaskRequest,
+    ) -> TaskResult<api::CreateTaskResponse> {
+        self.state.lock().await.containers.check_new(&req.id)?;
+        let cfg = load_config(req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = rootfs::read_spec(&bundle).map_err(TaskError::Bundle)?;
+        let role = sandbox::role(&spec);
+        if role == Role::Sandbox {
+            return self.create_sandbox(&cfg, req, &spec).await;
+        }
+        rootfs::check(&bundle, &req.rootfs, &spec).map_err(TaskError::Bundle)?;
+        let pod = role.pod(&req.id);
+        let vm = self
+            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod), None)
+            .await?;
+        // Lets `delete` find the pod after a shim crash.
+        let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
+
+        let guest_bundle = rootfs::prepare(&vm.shared, &req.id, &bundle, &req.rootfs, spec)
+            .map_err(TaskError::Bundle)?;
+        let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        let io = ProcessIo::setup(&vm, &req.stdin, &req.stdout, &req.stderr, req.terminal)
+            .map_err(|e| {
+                rootfs::release(&vm.shared, &req.id);
+                TaskError::Stdio(e)
+            })?;
+        let created = vm
+            .guest
+            .create_container(&req.id, &guest_bundle, io.stdio())
+            .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                drop(io);
+                rootfs::release(&vm.shared, &req.id);
+                return Err(TaskError::agent("creating the container in the guest", e));
+            }
+        };
+        proc.pid = pid;
+        proc.io = Some(io);
+        self.state
+            .lock()
+            .await
+            .containers
+            .insert(&req.id, Container::new(&req.bundle, proc, false))?;
+        self.publish_create(req, pid).await;
+        let mut resp = api::CreateTaskResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
     /// Publishes TaskCreate for `req`, whose init process has `pid`.
     async fn publish_create(&self, req: &api::CreateTaskRequest, pid: u32) {
         let mut ev = TaskCreate::new();
@@ -1010,16 +644,14 @@ impl HuskTask {
         cfg: &Config,
         req: &api::CreateTaskRequest,
         spec: &oci_spec::runtime::Spec,
-    ) -> TtrpcResult<api::CreateTaskResponse> {
-        let netns = crate::network::pod_netns(spec)
-            .map_err(|e| err(shim_ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
+    ) -> TaskResult<api::CreateTaskResponse> {
+        let netns = crate::network::pod_netns(spec).map_err(TaskError::PodNetwork)?;
         let net = match netns {
-            Some(ns) => Some(crate::network::attach(ns.clone()).await.map_err(|e| {
-                err(
-                    shim_ttrpc::Code::UNAVAILABLE,
-                    format!("connecting the pod network: {e}"),
-                )
-            })?),
+            Some(ns) => Some(
+                crate::network::attach(ns.clone())
+                    .await
+                    .map_err(TaskError::Network)?,
+            ),
             None => None,
         };
         let netns = net.as_ref().map(|n| n.netns.clone());
@@ -1044,47 +676,196 @@ impl HuskTask {
         }
         let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         proc.pid = vm.vmm_pid();
-        self.state.lock().await.containers.insert(
-            req.id.clone(),
-            Container {
-                bundle: req.bundle.clone(),
-                init: proc,
-                execs: HashMap::new(),
-                sandbox: true,
-            },
-        );
+        self.state
+            .lock()
+            .await
+            .containers
+            .insert(&req.id, Container::new(&req.bundle, proc, true))?;
         self.publish_create(req, vm.vmm_pid()).await;
         let mut resp = api::CreateTaskResponse::new();
         resp.pid = vm.vmm_pid();
         Ok(resp)
     }
 
+    /// Starts container `id`'s init process in the guest.
+    async fn start_container(&self, id: &str) -> TaskResult<u32> {
+        let agent = self.agent().await?;
+        self.state
+            .lock()
+            .await
+            .containers
+            .get(id)?
+            .check_start(id)?;
+        let pid = agent
+            .start_container(id)
+            .await
+            .map_err(|e| TaskError::agent("starting the container", e))?;
+        if let Ok(c) = self.state.lock().await.containers.get_mut(id) {
+            // The pid Create reported; the agent's answer is the authority.
+            c.init.pid = pid;
+            c.init.phase = Phase::Running;
+        }
+        self.spawn_waiter(id.to_string(), String::new(), pid);
+        let mut ev = TaskStart::new();
+        ev.container_id = id.to_string();
+        ev.pid = pid;
+        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(pid)
+    }
+
+    /// Starts exec `exec_id` of container `id`, with its stdio.
+    async fn start_exec(&self, id: &str, exec_id: &str) -> TaskResult<u32> {
+        let vm = self.vm().await?;
+        let (spec, io) = {
+            let st = self.state.lock().await;
+            let p = st.containers.process(id, exec_id)?;
+            p.check_start(exec_id)?;
+            let io = ProcessIo::setup(&vm, &p.stdin, &p.stdout, &p.stderr, p.terminal)
+                .map_err(TaskError::Stdio)?;
+            (p.spec.clone(), io)
+        };
+        let pid = vm
+            .guest
+            .exec_process(id, exec_id, &spec, io.stdio())
+            .await
+            .map_err(|e| TaskError::agent("starting the process", e))?;
+        if let Ok(p) = self.state.lock().await.containers.process_mut(id, exec_id) {
+            p.pid = pid;
+            p.phase = Phase::Running;
+            p.io = Some(io);
+        }
+        self.spawn_waiter(id.to_string(), exec_id.to_string(), pid);
+        let mut ev = TaskExecStarted::new();
+        ev.container_id = id.to_string();
+        ev.exec_id = exec_id.to_string();
+        ev.pid = pid;
+        self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(pid)
+    }
+
     /// Starts the sandbox task: it runs until it is killed or the VM dies.
-    async fn start_sandbox(&self, id: &str, vm: Arc<Vm>) -> TtrpcResult<u32> {
+    async fn start_sandbox(&self, id: &str) -> TaskResult<u32> {
+        let vm = self.vm().await?;
         {
             let mut st = self.state.lock().await;
-            let c = st
-                .containers
-                .get_mut(id)
-                .ok_or_else(|| not_found(format!("container {id}")))?;
-            if c.init.phase != Phase::Created {
-                return Err(err(
-                    shim_ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {id} was started"),
-                ));
-            }
+            let c = st.containers.get_mut(id)?;
+            c.check_start(id)?;
             c.init.phase = Phase::Running;
         }
         let pid = vm.vmm_pid();
         let this = self.clone();
-        let id = id.to_string();
+        let watched = id.to_string();
         let mut vmm_exit = vm.vmm_exit.clone();
         tokio::spawn(async move {
             let _ = vmm_exit.wait_for(Option::is_some).await;
             // The pod VM is gone (a kill recorded the exit already).
-            this.record_exit(&id, "", pid, 255).await;
+            this.record_exit(&watched, "", pid, 255).await;
         });
+        let mut ev = TaskStart::new();
+        ev.container_id = id.to_string();
+        ev.pid = pid;
+        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+            .await;
         Ok(pid)
+    }
+
+    /// Deletes exec `exec_id` of `id` unless it runs; its pid and exit.
+    async fn delete_exec(&self, id: &str, exec_id: &str) -> TaskResult<(u32, Option<Exited>)> {
+        let agent = self.state.lock().await.agent.clone();
+        let (pid, exited, stopped) = {
+            let st = self.state.lock().await;
+            let p = st.containers.process(id, exec_id)?;
+            p.check_delete(exec_id)?;
+            (p.pid, p.exited(), p.phase == Phase::Stopped)
+        };
+        if let (Some(agent), true) = (agent, stopped) {
+            let _ = agent.delete_process(id, exec_id).await;
+        }
+        if let Ok(c) = self.state.lock().await.containers.get_mut(id) {
+            c.execs.remove(exec_id);
+        }
+        Ok((pid, exited))
+    }
+
+    /// Deletes container `id` unless it runs: in the guest, its files on
+    /// the host, its record; publishes TaskDelete. Its pid and exit.
+    async fn delete_container(&self, id: &str) -> TaskResult<(u32, Option<Exited>)> {
+        let (vm, agent) = {
+            let st = self.state.lock().await;
+            (st.vm.clone(), st.agent.clone())
+        };
+        let (pid, exited, is_sandbox) = {
+            let st = self.state.lock().await;
+            let c = st.containers.get(id)?;
+            c.check_delete(id)?;
+            (c.init.pid, c.init.exited(), c.sandbox)
+        };
+        // The sandbox has nothing in the guest; the VM goes at Shutdown.
+        if !is_sandbox {
+            let alive = vm.as_ref().is_none_or(|vm| vm.alive());
+            if let (Some(agent), true) = (agent, alive) {
+                // A created container that never ran is taken down too.
+                if let Err(e) = agent.delete_container(id, true).await {
+                    tracing::warn!(container = %id, "deleting in the guest: {e}");
+                }
+            }
+            if let Some(vm) = &vm {
+                rootfs::release(&vm.shared, id);
+            }
+        }
+        self.state.lock().await.containers.remove(id);
+        let exited = exited.unwrap_or(Exited { code: 0, at: now() });
+        let mut ev = TaskDelete::new();
+        ev.container_id = id.to_string();
+        ev.id = id.to_string();
+        ev.pid = pid;
+        ev.exit_status = exited.code;
+        ev.exited_at = Some(exited.at.clone()).into();
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok((pid, Some(exited)))
+    }
+
+    /// Waits until process `exec_id` of `id` has exited; its exit.
+    async fn wait_exit(&self, id: &str, exec_id: &str) -> TaskResult<Exited> {
+        let mut rx = self
+            .state
+            .lock()
+            .await
+            .containers
+            .process(id, exec_id)?
+            .subscribe();
+        let exited = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| TaskError::Gone)?
+            .clone()
+            .unwrap_or(Exited {
+                code: 255,
+                at: now(),
+            });
+        Ok(exited)
+    }
+
+    /// Kill: a signal for a process in the guest, or for the sandbox.
+    async fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> TaskResult<()> {
+        let agent = self.agent().await?;
+        let sandbox_pid = {
+            let st = self.state.lock().await;
+            let p = st.containers.process(id, exec_id)?;
+            p.check_signal(all)?;
+            (st.containers.is_sandbox(id) && exec_id.is_empty()).then_some(p.pid)
+        };
+        if let Some(pid) = sandbox_pid {
+            self.kill_sandbox(id, pid, signal).await;
+            return Ok(());
+        }
+        agent
+            .signal_process(id, exec_id, signal, all)
+            .await
+            .map_err(|e| TaskError::agent("signalling", e))
     }
 
     /// Kills the sandbox task as `signal` would kill the pause process:
@@ -1105,53 +886,24 @@ impl HuskTask {
         self.record_exit(id, "", pid, code).await;
     }
 
-    /// Whether `id` is the pod's sandbox container.
-    async fn is_sandbox(&self, id: &str) -> bool {
-        self.state
-            .lock()
-            .await
-            .containers
-            .get(id)
-            .is_some_and(|c| c.sandbox)
-    }
-
-    /// Fails with NOT_FOUND unless container `id` exists in this shim.
-    async fn known(&self, id: &str) -> TtrpcResult<()> {
-        if self.state.lock().await.containers.contains_key(id) {
-            Ok(())
-        } else {
-            Err(not_found(format!("container {id}")))
-        }
-    }
-
-    /// Relays the guest's OOM kills as TaskOOM events while the VM runs.
-    /// The container id comes from the guest: only ids of this shim's
-    /// containers are published.
-    async fn relay_oom_events(self, vm: Arc<Vm>) {
+    /// Relays the guest's OOM kills as TaskOOM events until `gone` says the
+    /// VM is going or the agent cannot report them. The container id comes
+    /// from the guest: only ids of this shim's containers are published.
+    async fn relay_oom_events(self, agent: Arc<dyn Agent>, gone: impl Fn() -> bool + Send) {
         loop {
-            let ev = vm
-                .agent
-                .wait_oom_event(ttrpc::context::Context::default(), &AgentEmpty::new())
-                .await;
-            match ev {
-                Ok(ev) => {
-                    if self
-                        .state
-                        .lock()
-                        .await
-                        .containers
-                        .contains_key(&ev.container_id)
-                    {
+            match agent.wait_oom_event().await {
+                Ok(id) => {
+                    if self.state.lock().await.containers.contains(&id) {
                         let mut oom = TaskOOM::new();
-                        oom.container_id = ev.container_id;
+                        oom.container_id = id;
                         self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(oom))
                             .await;
                     } else {
-                        tracing::warn!(id = %ev.container_id, "OOM event for an unknown container dropped");
+                        tracing::warn!(%id, "OOM event for an unknown container dropped");
                     }
                 }
                 Err(e) => {
-                    if vm.stopping() || !vm.alive() {
+                    if gone() {
                         return;
                     }
                     if let ttrpc::Error::RpcStatus(s) = &e {
@@ -1167,34 +919,19 @@ impl HuskTask {
         }
     }
 
-    async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<()> {
-        let vm = self.vm().await?;
-        {
-            let st = self.state.lock().await;
-            let c = st
-                .containers
-                .get(id)
-                .ok_or_else(|| not_found(format!("container {id}")))?;
-            let ok = if paused {
-                c.init.phase == Phase::Running
-            } else {
-                c.init.phase == Phase::Paused
-            };
-            if !ok {
-                return Err(err(
-                    shim_ttrpc::Code::FAILED_PRECONDITION,
-                    format!("container {id} is {:?}", c.init.phase),
-                ));
-            }
-        }
-        let r = container_request(id);
-        let res = if paused {
-            vm.agent.pause_container(ctx(30), &r).await
-        } else {
-            vm.agent.resume_container(ctx(30), &r).await
-        };
-        res.map_err(|e| agent_err(if paused { "pausing" } else { "resuming" }, e))?;
-        if let Some(c) = self.state.lock().await.containers.get_mut(id) {
+    async fn set_paused(&self, id: &str, paused: bool) -> TaskResult<()> {
+        let agent = self.agent().await?;
+        self.state
+            .lock()
+            .await
+            .containers
+            .get(id)?
+            .check_pause(id, paused)?;
+        agent
+            .set_paused(id, paused)
+            .await
+            .map_err(|e| TaskError::agent(if paused { "pausing" } else { "resuming" }, e))?;
+        if let Ok(c) = self.state.lock().await.containers.get_mut(id) {
             if c.init.phase != Phase::Stopped {
                 c.init.phase = if paused {
                     Phase::Paused
@@ -1217,7 +954,437 @@ pub fn pod_of_bundle(bundle: &Path) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use containerd_shim::protos::protobuf::MessageFull;
+    use shim_ttrpc::Code;
+
     use super::*;
+    use crate::agent::fake::FakeAgent;
+
+    /// Keeps what would go to containerd's event service.
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<(String, Box<dyn MessageDyn>)>>);
+
+    #[async_trait]
+    impl Events for Recorded {
+        async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+            self.0
+                .lock()
+                .expect("events")
+                .push((topic.to_string(), event));
+        }
+    }
+
+    impl Recorded {
+        fn topics(&self) -> Vec<String> {
+            self.0
+                .lock()
+                .expect("events")
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect()
+        }
+
+        /// The events of type `M` so far.
+        fn all<M: MessageFull + Clone>(&self) -> Vec<M> {
+            self.0
+                .lock()
+                .expect("events")
+                .iter()
+                .filter_map(|(_, e)| e.downcast_ref::<M>().cloned())
+                .collect()
+        }
+    }
+
+    struct Pod {
+        task: HuskTask,
+        agent: Arc<FakeAgent>,
+        events: Arc<Recorded>,
+    }
+
+    /// A shim whose pod VM is a fake agent, with a created container `app`
+    /// (as Create leaves it) and the sandbox `pod`.
+    async fn pod() -> Pod {
+        let agent = Arc::new(FakeAgent::default());
+        let events = Arc::new(Recorded::default());
+        let task = HuskTask::with_events(
+            events.clone(),
+            "k8s.io",
+            Arc::new(ExitSignal::default()),
+            Arc::new(Exits::default()),
+        );
+        {
+            let mut st = task.state.lock().await;
+            st.agent = Some(agent.clone());
+            let mut sandbox = Proc::new("", "", "", false);
+            sandbox.pid = 7;
+            st.containers
+                .insert("pod", Container::new("/b/pod", sandbox, true))
+                .expect("sandbox");
+            let mut app = Proc::new("", "/fifo/out", "", false);
+            app.pid = 99;
+            st.containers
+                .insert("app", Container::new("/b/app", app, false))
+                .expect("app");
+        }
+        Pod {
+            task,
+            agent,
+            events,
+        }
+    }
+
+    /// The agent calls in order, without the waiters' (they run when the
+    /// runtime gets to them).
+    fn guest_calls(p: &Pod) -> Vec<String> {
+        let mut calls = p.agent.calls();
+        calls.retain(|c| !c.starts_with("wait "));
+        calls
+    }
+
+    fn ctx() -> TtrpcContext {
+        TtrpcContext {
+            fd: -1,
+            mh: shim_ttrpc::MessageHeader::default(),
+            metadata: HashMap::new(),
+            timeout_nano: 0,
+        }
+    }
+
+    fn code(e: shim_ttrpc::Error) -> (Code, String) {
+        match e {
+            shim_ttrpc::Error::RpcStatus(s) => (
+                <Code as protobuf::Enum>::from_i32(s.code.value()).expect("a known code"),
+                s.message,
+            ),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    fn start(id: &str, exec_id: &str) -> api::StartRequest {
+        let mut r = api::StartRequest::new();
+        r.id = id.into();
+        r.exec_id = exec_id.into();
+        r
+    }
+
+    fn kill(id: &str, signal: u32, all: bool) -> api::KillRequest {
+        let mut r = api::KillRequest::new();
+        r.id = id.into();
+        r.signal = signal;
+        r.all = all;
+        r
+    }
+
+    fn delete(id: &str) -> api::DeleteRequest {
+        let mut r = api::DeleteRequest::new();
+        r.id = id.into();
+        r
+    }
+
+    /// Wait for container `id`, failing the test after 10 s.
+    async fn waited(task: &HuskTask, id: &str) -> api::WaitResponse {
+        let mut r = api::WaitRequest::new();
+        r.id = id.into();
+        tokio::time::timeout(Duration::from_secs(10), task.wait(&ctx(), r))
+            .await
+            .expect("Wait returns")
+            .expect("wait")
+    }
+
+    async fn status(p: &Pod, id: &str) -> api::Status {
+        let mut r = api::StateRequest::new();
+        r.id = id.into();
+        p.task
+            .state(&ctx(), r)
+            .await
+            .expect("state")
+            .status
+            .enum_value_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_container_lives_starts_exits_and_goes_through_the_task_api() {
+        let p = pod().await;
+        let pid = p
+            .task
+            .start(&ctx(), start("app", ""))
+            .await
+            .expect("start")
+            .pid;
+        assert_eq!(status(&p, "app").await, api::Status::RUNNING);
+        assert_eq!(p.events.all::<TaskStart>()[0].pid, pid);
+        let (c, m) = code(
+            p.task
+                .start(&ctx(), start("app", ""))
+                .await
+                .expect_err("twice"),
+        );
+        assert_eq!(
+            (c, m.as_str()),
+            (Code::FAILED_PRECONDITION, "container app was started")
+        );
+        let (c, _) = code(
+            p.task
+                .delete(&ctx(), delete("app"))
+                .await
+                .expect_err("running"),
+        );
+        assert_eq!(c, Code::FAILED_PRECONDITION);
+
+        p.task
+            .kill(&ctx(), kill("app", 15, false))
+            .await
+            .expect("kill");
+        let waiter = {
+            let task = p.task.clone();
+            tokio::spawn(async move { waited(&task, "app").await })
+        };
+        p.agent.exit("app", "", Ok(143));
+        let first = waiter.await.expect("join");
+        assert_eq!(first.exit_status, 143);
+        assert_eq!(status(&p, "app").await, api::Status::STOPPED);
+        let exits = p.events.all::<TaskExit>();
+        assert_eq!(exits.len(), 1, "one TaskExit");
+        assert_eq!(
+            (exits[0].id.as_str(), exits[0].pid, exits[0].exit_status),
+            ("app", pid, 143)
+        );
+        // A Wait that comes after the exit gets it too.
+        let again = waited(&p.task, "app").await;
+        assert_eq!(again.exit_status, 143);
+
+        // Killing a finished process is NOT_FOUND (a forced delete goes on
+        // on exactly that); a kill of all its processes still goes through.
+        let (c, _) = code(
+            p.task
+                .kill(&ctx(), kill("app", 9, false))
+                .await
+                .expect_err("done"),
+        );
+        assert_eq!(c, Code::NOT_FOUND);
+        p.task
+            .kill(&ctx(), kill("app", 9, true))
+            .await
+            .expect("kill all");
+
+        let gone = p.task.delete(&ctx(), delete("app")).await.expect("delete");
+        assert_eq!((gone.pid, gone.exit_status), (pid, 143));
+        assert_eq!(p.events.all::<TaskDelete>()[0].exit_status, 143);
+        assert_eq!(
+            guest_calls(&p),
+            [
+                "start app",
+                "signal app  15",
+                "signal app  9 all",
+                "delete app force"
+            ]
+        );
+        let mut r = api::StateRequest::new();
+        r.id = "app".into();
+        let (c, m) = code(p.task.state(&ctx(), r).await.expect_err("deleted"));
+        assert_eq!((c, m.as_str()), (Code::NOT_FOUND, "container app"));
+        // The sandbox is still there: deleting one container leaves the pod.
+        assert_eq!(status(&p, "pod").await, api::Status::CREATED);
+    }
+
+    #[tokio::test]
+    async fn execs_run_only_in_running_containers_and_never_in_the_sandbox() {
+        let p = pod().await;
+        let exec = |id: &str, spec: &[u8]| {
+            let mut r = api::ExecProcessRequest::new();
+            r.id = id.into();
+            r.exec_id = "e1".into();
+            let mut any = containerd_shim::protos::protobuf::well_known_types::any::Any::new();
+            any.value = spec.to_vec();
+            r.spec = Some(any).into();
+            r
+        };
+        let good = br#"{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}}"#;
+        let (c, m) = code(
+            p.task
+                .exec(&ctx(), exec("app", b"{not json"))
+                .await
+                .expect_err("bad"),
+        );
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        assert!(m.starts_with("invalid process spec"), "{m}");
+        let (c, m) = code(
+            p.task
+                .exec(&ctx(), exec("app", good))
+                .await
+                .expect_err("created"),
+        );
+        assert_eq!(
+            (c, m.as_str()),
+            (Code::FAILED_PRECONDITION, "container app is not running")
+        );
+        let (c, m) = code(
+            p.task
+                .exec(&ctx(), exec("pod", good))
+                .await
+                .expect_err("sandbox"),
+        );
+        assert_eq!(c, Code::FAILED_PRECONDITION);
+        assert!(m.contains("sandbox"), "{m}");
+        p.task.start(&ctx(), start("app", "")).await.expect("start");
+        p.task.exec(&ctx(), exec("app", good)).await.expect("exec");
+        assert_eq!(p.events.all::<TaskExecAdded>().len(), 1);
+        let (c, _) = code(
+            p.task
+                .exec(&ctx(), exec("app", good))
+                .await
+                .expect_err("twice"),
+        );
+        assert_eq!(c, Code::ALREADY_EXISTS);
+        let mut r = api::StateRequest::new();
+        r.id = "app".into();
+        r.exec_id = "e1".into();
+        let st = p.task.state(&ctx(), r).await.expect("state");
+        assert_eq!(st.status.enum_value_or_default(), api::Status::CREATED);
+        // An exec that never started can be deleted; the guest has none.
+        let mut d = delete("app");
+        d.exec_id = "e1".into();
+        p.task.delete(&ctx(), d).await.expect("delete exec");
+        assert!(!p
+            .agent
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("delete-process")));
+    }
+
+    #[tokio::test]
+    async fn the_agents_refusal_keeps_its_code_and_the_container_its_phase() {
+        let p = pod().await;
+        p.agent.fail(
+            "start",
+            ttrpc::Code::INVALID_ARGUMENT,
+            "exec \"/no/such/binary\": not found",
+        );
+        let (c, m) = code(
+            p.task
+                .start(&ctx(), start("app", ""))
+                .await
+                .expect_err("refused"),
+        );
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        assert!(
+            m.contains("starting the container") && m.contains("/no/such/binary"),
+            "{m}"
+        );
+        assert_eq!(status(&p, "app").await, api::Status::CREATED);
+        assert!(p.events.all::<TaskStart>().is_empty());
+        p.task.delete(&ctx(), delete("app")).await.expect("delete");
+        assert_eq!(p.agent.calls(), ["start app", "delete app force"]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_vm_ends_every_process_with_255() {
+        let p = pod().await;
+        p.task.start(&ctx(), start("app", "")).await.expect("start");
+        p.agent.exit(
+            "app",
+            "",
+            Err(ttrpc::Error::Others("the connection is closed".into())),
+        );
+        let waited = waited(&p.task, "app").await;
+        assert_eq!(waited.exit_status, 255);
+    }
+
+    #[tokio::test]
+    async fn the_sandbox_dies_as_pause_would_and_runs_nothing_in_the_guest() {
+        let p = pod().await;
+        p.task
+            .state
+            .lock()
+            .await
+            .containers
+            .get_mut("pod")
+            .expect("pod")
+            .init
+            .phase = Phase::Running;
+        // SIGHUP: pause ignores it.
+        p.task
+            .kill(&ctx(), kill("pod", 1, false))
+            .await
+            .expect("hup");
+        assert_eq!(status(&p, "pod").await, api::Status::RUNNING);
+        p.task
+            .kill(&ctx(), kill("pod", 9, false))
+            .await
+            .expect("kill");
+        let waited = waited(&p.task, "pod").await;
+        assert_eq!(waited.exit_status, 137);
+        let exits = p.events.all::<TaskExit>();
+        assert_eq!((exits.len(), exits[0].pid), (1, 7));
+        p.task.delete(&ctx(), delete("pod")).await.expect("delete");
+        assert!(p.agent.calls().is_empty(), "{:?}", p.agent.calls());
+    }
+
+    #[tokio::test]
+    async fn pause_and_resume_follow_the_phase() {
+        let p = pod().await;
+        let pause = |id: &str| {
+            let mut r = api::PauseRequest::new();
+            r.id = id.into();
+            r
+        };
+        let resume = |id: &str| {
+            let mut r = api::ResumeRequest::new();
+            r.id = id.into();
+            r
+        };
+        let (c, _) = code(
+            p.task
+                .pause(&ctx(), pause("app"))
+                .await
+                .expect_err("created"),
+        );
+        assert_eq!(c, Code::FAILED_PRECONDITION);
+        p.task.start(&ctx(), start("app", "")).await.expect("start");
+        p.task.pause(&ctx(), pause("app")).await.expect("pause");
+        assert_eq!(status(&p, "app").await, api::Status::PAUSED);
+        p.task.resume(&ctx(), resume("app")).await.expect("resume");
+        assert_eq!(status(&p, "app").await, api::Status::RUNNING);
+        let topics = p.events.topics();
+        assert!(
+            topics.contains(&topics::TASK_PAUSED_EVENT_TOPIC.to_string()),
+            "{topics:?}"
+        );
+        assert!(
+            topics.contains(&topics::TASK_RESUMED_EVENT_TOPIC.to_string()),
+            "{topics:?}"
+        );
+        assert_eq!(guest_calls(&p), ["start app", "pause app", "resume app"]);
+    }
+
+    #[tokio::test]
+    async fn oom_kills_reach_containerd_only_for_this_shims_containers() {
+        let p = pod().await;
+        p.agent.oom(Ok("app".into()));
+        p.agent.oom(Ok("someone-elses".into()));
+        p.agent.oom(Ok("app".into()));
+        p.agent.oom(Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            ttrpc::Code::UNIMPLEMENTED,
+            "old agent",
+        ))));
+        // Returns at UNIMPLEMENTED: an agent that cannot report is not
+        // asked again and again.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            p.task.clone().relay_oom_events(p.agent.clone(), || false),
+        )
+        .await
+        .expect("the relay ends");
+        let ooms: Vec<String> = p
+            .events
+            .all::<TaskOOM>()
+            .into_iter()
+            .map(|e| e.container_id)
+            .collect();
+        assert_eq!(ooms, ["app", "app"]);
+    }
 
     #[test]
     fn update_resources_are_checked_before_they_reach_the_guest() {
@@ -1234,23 +1401,15 @@ mod tests {
             r#"{"memory":{"limit":33554432},"cpu":{"quota":50000}}"#,
         );
         assert_eq!(resources_json(Some(&ok)).expect("valid"), ok.value);
-        let code = |r: TtrpcResult<Vec<u8>>| match r {
-            Err(shim_ttrpc::Error::RpcStatus(s)) => (s.code.value(), s.message),
-            other => panic!("expected a status, got {other:?}"),
-        };
-        let (c, m) = code(resources_json(None));
-        assert_eq!(c, shim_ttrpc::Code::INVALID_ARGUMENT as i32);
-        assert!(m.contains("no resources"), "{m}");
-        let (_, m) = code(resources_json(Some(&any(
-            "types.containerd.io/WindowsResources",
-            "{}",
-        ))));
-        assert!(m.contains("LinuxResources"), "{m}");
-        let (c, m) = code(resources_json(Some(&any(
-            url,
-            r#"{"memory":{"limit":"lots"}}"#,
-        ))));
-        assert_eq!(c, shim_ttrpc::Code::INVALID_ARGUMENT as i32);
-        assert!(m.contains("invalid LinuxResources"), "{m}");
+        let e = resources_json(None).expect_err("none");
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains("no resources"), "{e}");
+        let e = resources_json(Some(&any("types.containerd.io/WindowsResources", "{}")))
+            .expect_err("windows");
+        assert!(e.to_string().contains("LinuxResources"), "{e}");
+        let e =
+            resources_json(Some(&any(url, r#"{"memory":{"limit":"lots"}}"#))).expect_err("lots");
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains("invalid LinuxResources"), "{e}");
     }
 }

@@ -15,7 +15,10 @@ use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::Stdio,
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -35,6 +38,7 @@ use nix::{
 use tokio::sync::watch;
 
 use crate::{
+    agent::{Agent, TtrpcAgent},
     config::Config,
     exits::Exits,
     network::{self, PodNetwork},
@@ -75,8 +79,11 @@ pub struct Vm {
     pub shared: PathBuf,
     /// The hybrid vsock socket.
     pub vsock: PathBuf,
-    /// The agent.
+    /// The agent's client, for the VM's own calls (setup, listeners,
+    /// shutdown).
     pub agent: AgentClient,
+    /// The agent's container operations, for the Task service.
+    pub guest: Arc<dyn Agent>,
     vmm_pid: i32,
     daemon_pid: i32,
     next_port: AtomicU32,
@@ -345,6 +352,7 @@ impl Vm {
             dir,
             shared,
             vsock,
+            guest: Arc::new(TtrpcAgent::new(agent.clone())),
             agent,
             vmm_pid,
             daemon_pid,

@@ -59,7 +59,14 @@ impl Stream {
     /// Opens `url` (from Exec, Attach or PortForward) from inside the
     /// network namespace at `netns`.
     pub fn connect(netns: &Path, url: &str) -> Result<Self> {
-        let mut request = url
+        // containerd hands out http:// URLs; the same address speaks
+        // WebSocket after an upgrade. It serves no TLS in this setup.
+        let ws_url = match url.strip_prefix("http://") {
+            Some(rest) => format!("ws://{rest}"),
+            None => bail!("stream URL {url:?} is not plain http://"),
+        };
+        let mut request = ws_url
+            .as_str()
             .into_client_request()
             .with_context(|| format!("stream URL {url:?}"))?;
         let authority = request
@@ -72,9 +79,13 @@ impl Stream {
             .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(PROTOCOL));
         let tcp = crate::netns::run_in(netns, move || TcpStream::connect(&authority))?
             .with_context(|| format!("connecting to the streaming server for {url}"))?;
-        tcp.set_read_timeout(Some(Duration::from_millis(200)))?;
+        // Blocking for the handshake (bounded), short reads afterwards so
+        // that read_until can watch its deadline.
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
         let (ws, response) = tungstenite::client(request, tcp)
             .map_err(|e| anyhow!("WebSocket handshake with {url}: {e}"))?;
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))?;
         let chosen = response
             .headers()
             .get("Sec-WebSocket-Protocol")
