@@ -14,6 +14,7 @@ use std::{
     collections::HashMap,
     os::fd::{AsFd, AsRawFd, RawFd},
     path::{Component, Path, PathBuf},
+    time::Duration,
 };
 
 use husk_protocols::agent::{
@@ -47,6 +48,32 @@ pub fn cgroup_dir(cgroup_path: &str) -> Result<PathBuf, String> {
         return Err(format!("cgroup path {cgroup_path:?} is the root cgroup"));
     }
     Ok(dir)
+}
+
+/// Removes the cgroup at `dir` (without children) once its processes are
+/// gone: kills what is left in it (`cgroup.kill`) and retries while the
+/// kernel still counts them, for up to `within`. A cgroup that does not
+/// exist is fine; one that stays is logged.
+pub async fn remove(dir: &Path, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                if std::time::Instant::now() >= deadline {
+                    tracing::warn!(cgroup = %dir.display(), "still in use after {within:?}; left behind");
+                    return;
+                }
+                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::warn!(cgroup = %dir.display(), "removing: {e}");
+                return;
+            }
+        }
+    }
 }
 
 fn read(dir: &Path, file: &str) -> String {
@@ -364,6 +391,24 @@ mod tests {
             .expect("the watch ends when the cgroup goes")
             .expect("task");
         assert!(rx.try_recv().is_err(), "no event without an OOM kill");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn remove_takes_an_empty_cgroup_and_leaves_anything_else() {
+        let dir = std::env::temp_dir().join(format!("husk-cg-rm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        remove(&dir, Duration::from_secs(1)).await;
+        assert!(!dir.exists(), "an empty one goes");
+        remove(&dir, Duration::from_secs(1)).await;
+        // Not a cgroup with processes but a directory with files: not
+        // EBUSY, so it is not retried or emptied, only logged.
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("keep"), "x").expect("write");
+        let since = std::time::Instant::now();
+        remove(&dir, Duration::from_secs(5)).await;
+        assert!(since.elapsed() < Duration::from_secs(1));
+        assert!(dir.join("keep").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

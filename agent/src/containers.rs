@@ -54,6 +54,9 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting a stdio stream to the host may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the cgroup of a container whose create failed may take to
+/// empty before the agent gives up removing it.
+const FAILED_CGROUP_PATIENCE: Duration = Duration::from_secs(15);
 const CHUNK: usize = 32 * 1024;
 
 /// Why a container operation failed; the RPC layer maps it to a ttrpc code.
@@ -272,12 +275,29 @@ impl Containers {
             )));
         }
         let bundle_arg = bundle.display().to_string();
-        let proc = spawn_process(id, "", stdio, |extra| {
+        let created = spawn_process(id, "", stdio, |extra| {
             let mut args = vec!["create", "--id", id, "--bundle", bundle_arg.as_str()];
             args.extend(extra.iter().map(String::as_str));
             args.into_iter().map(String::from).collect()
         })
-        .await?;
+        .await;
+        let proc = match created {
+            Ok(p) => p,
+            Err(e) => {
+                // libcontainer removes a failed container's cgroup but gives
+                // up after a few hundred milliseconds, and its processes take
+                // longer than that to die where guest kernel code is slow:
+                // the empty cgroup would stay until the pod goes.
+                let path = libcontainer::utils::get_cgroup_path(
+                    &spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()),
+                    id,
+                );
+                if let Ok(dir) = cgroups::cgroup_dir(&path.display().to_string()) {
+                    cgroups::remove(&dir, FAILED_CGROUP_PATIENCE).await;
+                }
+                return Err(e);
+            }
+        };
         let pid = proc.pid;
         let cgroup = match proc.cgroup_path.as_deref().map(cgroups::cgroup_dir) {
             Some(Ok(dir)) => Some(dir),
