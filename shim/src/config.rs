@@ -60,6 +60,11 @@ pub struct Config {
     pub log_level: String,
     /// Keep the guest's serial console in the pod directory (debugging).
     pub serial_console: bool,
+    /// Profile every pod VM's guest and write each profile here when its VM
+    /// ends (docs/profiling.md) [default: off].
+    pub profile_dir: Option<PathBuf>,
+    /// Profile samples per second per vCPU.
+    pub profile_hz: u32,
 }
 
 impl Default for Config {
@@ -78,6 +83,8 @@ impl Default for Config {
             agent_timeout_secs: 300,
             log_level: "info".into(),
             serial_console: false,
+            profile_dir: None,
+            profile_hz: 97,
         }
     }
 }
@@ -108,6 +115,12 @@ impl Config {
         }
         if cfg.agent_timeout_secs == 0 {
             return invalid("agent_timeout_secs must be positive");
+        }
+        if cfg.profile_hz == 0 || cfg.profile_hz > 10_000 {
+            return invalid("profile_hz must be 1 to 10000");
+        }
+        if cfg.profile_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            return invalid("profile_dir must be an absolute path");
         }
         for (name, p) in [
             ("template_dir", &cfg.template_dir),

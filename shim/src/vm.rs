@@ -262,6 +262,18 @@ impl Vm {
         if cfg.serial_console {
             cmd.arg("--serial-log").arg(dir.join("serial.log"));
         }
+        if let Some(out) = &cfg.profile_dir {
+            std::fs::create_dir_all(out).map_err(setup("creating the profile directory"))?;
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let name = dir
+                .file_name()
+                .map_or_else(|| id.to_string(), |n| n.to_string_lossy().into_owned());
+            cmd.arg("--profile-guest")
+                .arg(out.join(format!("{namespace}-{name}-{secs}.folded")))
+                .args(["--profile-hz", &cfg.profile_hz.to_string()]);
+        }
         // Every VM has a network card, so one template serves all; only a
         // CRI pod's is cabled (its tap, as fd 3 of husk-vmm).
         match &net {

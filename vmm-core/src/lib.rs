@@ -21,6 +21,7 @@ pub mod devices;
 pub mod logger;
 pub mod memory;
 pub mod persist;
+pub mod profile;
 pub mod seccomp;
 pub mod snapshot;
 pub mod template;

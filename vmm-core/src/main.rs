@@ -84,6 +84,19 @@ struct Args {
     /// next to husk-vmm].
     #[arg(long)]
     virtiofsd: Option<PathBuf>,
+    /// Profile the guest while it runs and write, when the VM ends, folded
+    /// stacks here, a flame graph as FILE.svg and the busiest functions as
+    /// FILE.top (docs/profiling.md).
+    #[arg(long, value_name = "FILE")]
+    profile_guest: Option<PathBuf>,
+    /// Profile samples per second per vCPU.
+    #[arg(long, default_value_t = 97, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    profile_hz: u32,
+    /// The guest kernel's symbols for the profile [default: System.map
+    /// beside the kernel]. Kernel stacks are walked when the kernel's
+    /// `config` beside it has CONFIG_FRAME_POINTER=y.
+    #[arg(long)]
+    system_map: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. "info" or "husk_vmm_core=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -147,6 +160,16 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         make_template: args.make_template,
     };
     let mut config = config;
+    // Read before the VM runs: afterwards this thread may not open files
+    // for reading (seccomp).
+    let profile = match &args.profile_guest {
+        Some(out) => Some(GuestProfile::prepare(
+            out,
+            args.system_map.as_deref(),
+            &config.kernel,
+        )?),
+        None => None,
+    };
     let template = match &args.template_dir {
         Some(dir) => {
             let path = ensure_template(&config, dir, args.virtiofsd.as_deref())?;
@@ -178,13 +201,78 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         }
         other => other?,
     };
+    let mut vmm = vmm;
+    let profiler = profile
+        .as_ref()
+        .map(|p| vmm.enable_profiler(args.profile_hz, p.walk_stacks));
     tracing::info!(cmdline = %vmm.cmdline, "starting the VM");
     let reason = vmm.run()?;
     tracing::info!("VM ended: {reason}");
+    if let (Some(p), Some(profiler)) = (&profile, profiler) {
+        p.write(&profiler);
+    }
     if reason.exit_code() != 0 {
         eprintln!("husk-vmm: {reason}");
     }
     Ok(reason.exit_code())
+}
+
+/// What `--profile-guest` needs before the VM runs.
+struct GuestProfile {
+    out: PathBuf,
+    symbols: husk_vmm_core::profile::symbols::Symbols,
+    walk_stacks: bool,
+}
+
+impl GuestProfile {
+    /// Loads the guest kernel's symbols (`map`, else `System.map` beside
+    /// `kernel`) and finds out whether its stacks can be walked.
+    fn prepare(
+        out: &std::path::Path,
+        map: Option<&std::path::Path>,
+        kernel: &std::path::Path,
+    ) -> Result<Self> {
+        use anyhow::Context;
+        let beside = |name: &str| kernel.with_file_name(name);
+        let map = map.map_or_else(|| beside("System.map"), std::path::Path::to_path_buf);
+        let text = std::fs::read_to_string(&map)
+            .with_context(|| format!("reading the guest kernel's symbols {}", map.display()))?;
+        let symbols = husk_vmm_core::profile::symbols::Symbols::parse(&text);
+        anyhow::ensure!(
+            !symbols.is_empty(),
+            "{} names no kernel code",
+            map.display()
+        );
+        let walk_stacks = std::fs::read_to_string(beside("config"))
+            .is_ok_and(|c| c.lines().any(|l| l == "CONFIG_FRAME_POINTER=y"));
+        if !walk_stacks {
+            tracing::warn!(
+                "the guest kernel has no frame pointers (no CONFIG_FRAME_POINTER=y in its config): \
+                 the profile has the sampled functions without their callers"
+            );
+        }
+        Ok(Self {
+            out: out.to_path_buf(),
+            symbols,
+            walk_stacks,
+        })
+    }
+
+    /// Writes the profile; a failure is logged (the VM's outcome stands).
+    fn write(&self, profiler: &husk_vmm_core::profile::Profiler) {
+        let (counts, dropped) = profiler.snapshot();
+        let report = husk_vmm_core::profile::report::build(&counts, dropped, &self.symbols);
+        match report.write(&self.out) {
+            Ok(()) => tracing::info!(
+                samples = report.samples,
+                kernel = report.kernel,
+                "guest profile written to {}\n{}",
+                self.out.display(),
+                report.table(10)
+            ),
+            Err(e) => tracing::error!("writing the guest profile {}: {e}", self.out.display()),
+        }
+    }
 }
 
 /// The template for `config` in `dir`, made first if it does not exist.

@@ -27,6 +27,9 @@ pub enum ThreadKind {
     Vmm,
     /// A vCPU thread: KVM_RUN and MMIO/PIO exits.
     Vcpu,
+    /// The guest profiler's sampling thread: it sleeps and kicks vCPU
+    /// threads (tgkill), nothing else.
+    Sampler,
 }
 
 /// Errors building or installing a filter.
@@ -194,6 +197,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             );
             map.insert(libc::SYS_close, Vec::new());
         }
+        ThreadKind::Sampler => {}
     }
     Ok(map)
 }
@@ -257,6 +261,7 @@ mod tests {
     fn filters_build() {
         assert!(!filter(ThreadKind::Vmm).expect("vmm").is_empty());
         assert!(!filter(ThreadKind::Vcpu).expect("vcpu").is_empty());
+        assert!(!filter(ThreadKind::Sampler).expect("sampler").is_empty());
     }
 
     /// Forks; the child installs the vCPU filter and runs `forbidden`. The

@@ -56,6 +56,7 @@ use crate::{
     },
     memory::{create_guest_memory, GuestMemory},
     persist::{self, Persist, PersistError},
+    profile::Profiler,
     seccomp::{self, ThreadKind},
     snapshot::Identity,
     template::{TemplateMaker, TemplateOutcome},
@@ -252,6 +253,8 @@ pub struct Vmm {
     outcome: Arc<Mutex<Option<ExitReason>>>,
     /// The kernel command line the guest got.
     pub cmdline: String,
+    /// Samples where the guest spends its time, when asked to.
+    profiler: Option<Arc<Profiler>>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -596,7 +599,19 @@ impl Vmm {
             shared,
             outcome,
             cmdline,
+            profiler: None,
         })
+    }
+
+    /// Profiles the guest while it runs (`profile`): each vCPU sampled `hz`
+    /// times a second, kernel stacks walked if `walk_stacks` (the guest
+    /// kernel keeps frame pointers). The samples are read from the returned
+    /// profiler, during the run or after it.
+    pub fn enable_profiler(&mut self, hz: u32, walk_stacks: bool) -> Arc<Profiler> {
+        let vcpus = u8::try_from(self.controls.len()).unwrap_or(u8::MAX);
+        let p = Arc::new(Profiler::new(vcpus, hz, walk_stacks));
+        self.profiler = Some(p.clone());
+        p
     }
 
     /// Runs the VM to its end; returns why it ended.
@@ -620,7 +635,10 @@ impl Vmm {
             None
         };
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
-        for vcpu in std::mem::take(&mut self.vcpus) {
+        for mut vcpu in std::mem::take(&mut self.vcpus) {
+            if let Some(p) = &self.profiler {
+                vcpu.set_profiler(p.clone());
+            }
             let tx = self.vcpu_tx.clone();
             let wake = self.exit_evt.try_clone().map_err(VmmError::Thread)?;
             let name = format!("vcpu{}", handles.len());
@@ -640,6 +658,16 @@ impl Vmm {
                 .map_err(VmmError::Thread)?;
             handles.push(handle);
         }
+        let sampler = match &self.profiler {
+            Some(p) => match self.spawn_sampler(p.clone(), filters.is_some()) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    stop_vcpus(&self.controls, handles);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         if let Some((vmm_filter, _)) = &filters {
             // From here on the main thread only runs the event loop and the
             // teardown; the vCPU threads confine themselves.
@@ -664,8 +692,35 @@ impl Vmm {
         };
 
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).state = VmState::Stopping;
+        if let (Some(p), Some(h)) = (&self.profiler, sampler) {
+            p.finish();
+            let _ = h.join();
+        }
         stop_vcpus(&self.controls, handles);
         result
+    }
+
+    /// Starts the profiler's sampling thread, confined to sleeping and
+    /// kicking vCPU threads when `confine`.
+    fn spawn_sampler(&self, p: Arc<Profiler>, confine: bool) -> Result<JoinHandle<()>, VmmError> {
+        let filter = if confine {
+            Some(seccomp::filter(ThreadKind::Sampler)?)
+        } else {
+            None
+        };
+        let controls = self.controls.clone();
+        std::thread::Builder::new()
+            .name("profiler".into())
+            .spawn(move || {
+                if let Some(f) = filter {
+                    if let Err(e) = seccomp::apply(ThreadKind::Sampler, &f) {
+                        tracing::error!("the profiler cannot confine itself: {e}; not sampling");
+                        return;
+                    }
+                }
+                p.run(&controls);
+            })
+            .map_err(VmmError::Thread)
     }
 }
 

@@ -20,6 +20,9 @@
 //! - `sink PORT`: accepts TCP connections on PORT, one after another; reads
 //!   each to its end and answers the byte count in decimal (the pod
 //!   throughput benchmark's receiver).
+//! - `syscalls SECONDS`: calls `getppid` in a loop for SECONDS seconds
+//!   and prints how many calls it made: guest kernel work and nothing else
+//!   (the guest profiler's test).
 //! - `pause`: what Kubernetes' pause image runs: sleeps until SIGINT or
 //!   SIGTERM (then exits 0), reaping any child that exits. The CRI tests'
 //!   sandbox image runs it (no registry here to pull the real one from).
@@ -120,6 +123,18 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+fn syscalls(seconds: u64) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut calls = 0u64;
+    while std::time::Instant::now() < end {
+        for _ in 0..100 {
+            std::hint::black_box(std::os::unix::process::parent_id());
+        }
+        calls += 100;
+    }
+    println!("{calls} getppid calls");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize| -> u64 {
@@ -136,6 +151,7 @@ fn main() {
         }
         Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
         Some("pause") => pause(),
+        Some("syscalls") => syscalls(num(1)),
         Some("sink") => {
             let port = u16::try_from(num(1)).unwrap_or_else(|_| usage());
             if let Err(e) = sink(port) {

@@ -30,6 +30,7 @@ use crate::{
     },
     bus::Bus,
     memory::GuestMemory,
+    profile::{is_kernel_address, walk_kernel_stack, GuestStack, Profiler, Sample},
     vstate::control::{VcpuControl, Wake, Wanted},
 };
 
@@ -107,6 +108,8 @@ pub struct Vcpu {
     control: Arc<VcpuControl>,
     /// Instructions stepped over because the host could not emulate them.
     pub stepped: u64,
+    /// The guest profiler, when one samples this VM.
+    profiler: Option<Arc<Profiler>>,
 }
 
 fn kvm_seg(s: Segment) -> kvm_segment {
@@ -148,6 +151,7 @@ impl Vcpu {
             mem,
             control,
             stepped: 0,
+            profiler: None,
         })
     }
 
@@ -386,7 +390,43 @@ impl Vcpu {
                     return VcpuExit::Error(format!("vCPU {}: KVM_RUN failed: {e}", self.index))
                 }
             }
+            self.sample_if_wanted();
         }
+    }
+
+    /// Has this vCPU sampled by `profiler` (before it runs).
+    pub fn set_profiler(&mut self, profiler: Arc<Profiler>) {
+        self.profiler = Some(profiler);
+    }
+
+    /// Takes a profile sample if the profiler asked for one: where the
+    /// guest is (user: which address space; kernel: the stack).
+    fn sample_if_wanted(&self) {
+        let Some(p) = &self.profiler else {
+            return;
+        };
+        if !p.wanted(self.index) {
+            return;
+        }
+        let Ok(regs) = self.fd.get_regs() else {
+            return;
+        };
+        let sample = if is_kernel_address(regs.rip) {
+            if p.walks_stacks() {
+                let mut stack = VcpuStack {
+                    fd: &self.fd,
+                    mem: &self.mem,
+                    page: None,
+                };
+                Sample::Kernel(walk_kernel_stack(regs.rip, regs.rbp, &mut stack))
+            } else {
+                Sample::Kernel(vec![regs.rip])
+            }
+        } else {
+            let cr3 = self.fd.get_sregs().map_or(0, |s| s.cr3);
+            Sample::User(cr3 & !0xfff)
+        };
+        p.record(sample);
     }
 
     /// Handles `KVM_EXIT_INTERNAL_ERROR`: if it is an emulation failure on
@@ -450,6 +490,40 @@ impl Vcpu {
             Ok(()) => buf.to_vec(),
             Err(_) => Vec::new(),
         }
+    }
+}
+
+/// Guest memory as a vCPU sees it, for the profiler's stack walk: each
+/// page translated once by KVM (`KVM_TRANSLATE`, whatever the paging mode).
+struct VcpuStack<'a> {
+    fd: &'a VcpuFd,
+    mem: &'a GuestMemory,
+    /// The last page translated: (guest virtual, guest physical).
+    page: Option<(u64, u64)>,
+}
+
+impl GuestStack for VcpuStack<'_> {
+    fn read_u64(&mut self, gva: u64) -> Option<u64> {
+        // Aligned, so never across a page boundary.
+        if gva % 8 != 0 {
+            return None;
+        }
+        let virt = gva & !0xfff;
+        let phys = match self.page {
+            Some((v, p)) if v == virt => p,
+            _ => {
+                let t = self.fd.translate_gva(virt).ok()?;
+                if t.valid == 0 {
+                    return None;
+                }
+                let p = t.physical_address & !0xfff;
+                self.page = Some((virt, p));
+                p
+            }
+        };
+        self.mem
+            .read_obj::<u64>(GuestAddress(phys + (gva & 0xfff)))
+            .ok()
     }
 }
 
