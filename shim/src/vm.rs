@@ -435,7 +435,10 @@ impl Vm {
             _ = daemon.wait_for(Option::is_some) => "husk-virtiofsd",
         };
         // Only signal a process not yet reaped (its pid cannot be reused).
-        if self.vmm_exit.borrow().is_none() {
+        // In an orderly shutdown the daemon leaves as soon as the VMM lets
+        // go of it, while the VMM may still be finishing (writing a guest
+        // profile): `shutdown` gives it time and kills it if need be.
+        if self.vmm_exit.borrow().is_none() && !self.stopping() {
             let _ = kill(Pid::from_raw(self.vmm_pid), Signal::SIGKILL);
         }
         if self.daemon_exit.borrow().is_none() {

@@ -3,22 +3,24 @@
 //! `System.map` is written by the kernel build beside `vmlinux` (the guest
 //! image installs it there): one "ADDRESS TYPE NAME" line per symbol. Only
 //! code symbols (types `t`, `T`, `w`, `W`) are kept; an address names the
-//! closest code symbol at or below it, up to `_etext`.
+//! closest code symbol at or below it, up to the end of kernel text
+//! (`_etext`, or `_einittext` for the boot-time code after it).
 
 /// The guest kernel's code symbols, sorted by address.
 #[derive(Debug, Default)]
 pub struct Symbols {
     /// (address, name), ascending.
     code: Vec<(u64, String)>,
-    /// The end of kernel text (`_etext`), or past the last symbol.
-    end: u64,
+    /// Where kernel code is: [first symbol, `_etext`) and
+    /// [`_sinittext`, `_einittext`) (boot-time code).
+    text: Vec<(u64, u64)>,
 }
 
 impl Symbols {
     /// Parses `System.map` text; lines that do not parse are skipped.
     pub fn parse(text: &str) -> Self {
         let mut code = Vec::new();
-        let mut end = None;
+        let mut marks = std::collections::HashMap::new();
         for line in text.lines() {
             let mut it = line.split_ascii_whitespace();
             let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
@@ -27,8 +29,8 @@ impl Symbols {
             let Ok(addr) = u64::from_str_radix(addr, 16) else {
                 continue;
             };
-            if name == "_etext" {
-                end = Some(addr);
+            if matches!(name, "_etext" | "_sinittext" | "_einittext") {
+                marks.insert(name, addr);
             }
             if matches!(kind, "t" | "T" | "w" | "W") {
                 code.push((addr, name.to_string()));
@@ -39,8 +41,13 @@ impl Symbols {
         code.reverse();
         code.sort_by_key(|(a, _)| *a);
         code.dedup_by_key(|(a, _)| *a);
-        let end = end.unwrap_or_else(|| code.last().map_or(0, |(a, _)| a.saturating_add(4096)));
-        Self { code, end }
+        let first = code.first().map_or(0, |(a, _)| *a);
+        let last = code.last().map_or(0, |(a, _)| a.saturating_add(4096));
+        let mut text = vec![(first, marks.get("_etext").copied().unwrap_or(last))];
+        if let (Some(&s), Some(&e)) = (marks.get("_sinittext"), marks.get("_einittext")) {
+            text.push((s, e));
+        }
+        Self { code, text }
     }
 
     /// How many code symbols there are.
@@ -53,9 +60,9 @@ impl Symbols {
         self.code.is_empty()
     }
 
-    /// Whether `addr` is in kernel text.
+    /// Whether `addr` is in kernel code.
     pub fn is_text(&self, addr: u64) -> bool {
-        self.code.first().is_some_and(|(a, _)| addr >= *a) && addr < self.end
+        !self.code.is_empty() && self.text.iter().any(|&(s, e)| addr >= s && addr < e)
     }
 
     /// The function `addr` is in.
@@ -82,6 +89,9 @@ ffffffff81002040 W weak_thing
 ffffffff81003000 D some_data
 ffffffff81004000 T _etext
 ffffffff82000000 D init_task
+ffffffff83000000 T _sinittext
+ffffffff83000000 T start_kernel
+ffffffff83001000 T _einittext
 garbage line
 ";
 
@@ -97,9 +107,16 @@ garbage line
         // Outside kernel text: no name.
         assert_eq!(s.name(0xffff_ffff_8100_4000), None);
         assert_eq!(s.name(0xffff_ffff_8200_0000), None);
+        // Boot-time code after _etext, up to _einittext.
+        assert_eq!(s.name(0xffff_ffff_8300_0010), Some("start_kernel"));
+        assert_eq!(s.name(0xffff_ffff_8300_1000), None);
         assert_eq!(s.name(0x40_1000), None);
         assert!(s.is_text(0xffff_ffff_8100_1234) && !s.is_text(0x1000));
-        assert_eq!(s.len(), 5, "_text/startup_64 share an address");
+        assert_eq!(
+            s.len(),
+            7,
+            "_text/startup_64 and _sinittext/start_kernel share"
+        );
         assert!(Symbols::parse("").is_empty());
     }
 }
