@@ -396,6 +396,11 @@ impl agent_ttrpc::Agent for AgentService {
         _req: ShutdownRequest,
     ) -> ttrpc::Result<ShutdownResponse> {
         tracing::info!("Shutdown called");
+        // What the guest wrote through virtio-fs is on the host already,
+        // except pages still dirty in its page cache (shared mappings):
+        // flush them before answering, so that the host may end the VM as
+        // soon as the answer arrives.
+        let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
         // A second Shutdown while one is in progress finds the channel full,
         // which is fine: one is enough.
         let _ = self.shutdown.try_send(());

@@ -465,6 +465,16 @@ impl Vm {
             let ctx = ttrpc::context::with_timeout(5_000_000_000);
             let _ = self.agent.shutdown(ctx, &ShutdownRequest::new()).await;
         }
+        // The agent answers once the guest's file systems are flushed; the
+        // pod's containers are gone, so nothing in the guest needs an
+        // orderly end. End the VM now (on SIGTERM husk-vmm stops the vCPUs,
+        // writes what it owes, such as a guest profile, and exits) instead
+        // of waiting for the guest kernel's reboot, which takes seconds
+        // where guest kernel code is emulated and outlasted containerd's
+        // Shutdown deadline.
+        if self.vmm_exit.borrow().is_none() {
+            let _ = kill(Pid::from_raw(self.vmm_pid), Signal::SIGTERM);
+        }
         let mut vmm = self.vmm_exit.clone();
         if tokio::time::timeout(Duration::from_secs(10), vmm.wait_for(Option::is_some))
             .await

@@ -49,7 +49,11 @@ fn a_syscall_loop_shows_the_kernels_syscall_path() {
         if let Some(p) = found {
             break p;
         }
-        assert!(Instant::now() < deadline, "no profile written");
+        assert!(
+            Instant::now() < deadline,
+            "no profile written; containerd log:\n{}",
+            c.log()
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     let table = std::fs::read_to_string(&top).expect("table");
