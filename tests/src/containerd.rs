@@ -493,8 +493,9 @@ impl Containerd {
     }
 
     /// Waits (up to 30 s) until nothing of any container is left (see
-    /// [`Self::leftovers`]) and containerd still answers. Panics with what
-    /// is left otherwise (for tests).
+    /// [`Self::leftovers`]) and containerd still answers, and checks that no
+    /// shim's Shutdown timed out. Panics with what is wrong otherwise (for
+    /// tests).
     pub fn assert_nothing_left(&self) {
         self.assert_nothing_left_within(Duration::from_secs(30));
     }
@@ -516,6 +517,13 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(200));
         }
         assert!(self.ctr(&["version"]).is_ok_and(|o| o.status.success()));
+        // Every shim shut its pod VM down within containerd's Shutdown
+        // deadline (containerd logs this when a shim's Shutdown times out).
+        let log = self.log();
+        assert!(
+            !log.contains("failed to shutdown shim task"),
+            "a shim's Shutdown outlasted containerd's deadline:\n{log}"
+        );
     }
 
     /// Builds the busybox test image and imports it as [`IMAGE`] (and the
