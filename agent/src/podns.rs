@@ -149,9 +149,10 @@ fn ns_inode(pid: Pid) -> Option<u64> {
 /// Clones the holder: PID 1 of a new PID namespace.
 fn spawn_holder() -> Result<Pid, PodNsError> {
     let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the child runs `hold` on its own copy of `stack` (no
-    // CLONE_VM: it gets a copy of the address space, so the parent freeing
-    // the buffer cannot touch it), and `hold` makes only async-signal-safe
+    // The child runs `hold` on its own copy of `stack`: without CLONE_VM it
+    // gets a copy of the address space, so the parent freeing the buffer
+    // cannot touch it.
+    // SAFETY: a private stack copy, and `hold` makes only async-signal-safe
     // system calls, as a child of a multi-threaded process must.
     unsafe {
         clone(

@@ -29,13 +29,8 @@ fn a_syscall_loop_shows_the_kernels_syscall_path() {
 
     let mut args = c.run_args();
     args.extend(["--rm", IMAGE, "prof1", "husk-testprog", "syscalls", "8"].map(String::from));
-    let o = c.ctr(&args).expect("ctr run");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = c.ctr_ok(&args).expect("ctr run");
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("getppid calls"), "{out}");
 
     // The profile is written when husk-vmm ends, just after the task goes.
