@@ -1052,6 +1052,11 @@ mod tests {
         }
     }
 
+    /// The code and message of a request that must fail.
+    fn refused<T: std::fmt::Debug>(r: TtrpcResult<T>, why: &str) -> (Code, String) {
+        code(r.expect_err(why))
+    }
+
     fn code(e: shim_ttrpc::Error) -> (Code, String) {
         match e {
             shim_ttrpc::Error::RpcStatus(s) => (
@@ -1115,22 +1120,12 @@ mod tests {
             .pid;
         assert_eq!(status(&p, "app").await, api::Status::RUNNING);
         assert_eq!(p.events.all::<TaskStart>()[0].pid, pid);
-        let (c, m) = code(
-            p.task
-                .start(&ctx(), start("app", ""))
-                .await
-                .expect_err("twice"),
-        );
+        let (c, m) = refused(p.task.start(&ctx(), start("app", "")).await, "twice");
         assert_eq!(
             (c, m.as_str()),
             (Code::FAILED_PRECONDITION, "container app was started")
         );
-        let (c, _) = code(
-            p.task
-                .delete(&ctx(), delete("app"))
-                .await
-                .expect_err("running"),
-        );
+        let (c, _) = refused(p.task.delete(&ctx(), delete("app")).await, "running");
         assert_eq!(c, Code::FAILED_PRECONDITION);
 
         p.task
@@ -1157,12 +1152,7 @@ mod tests {
 
         // Killing a finished process is NOT_FOUND (a forced delete goes on
         // on exactly that); a kill of all its processes still goes through.
-        let (c, _) = code(
-            p.task
-                .kill(&ctx(), kill("app", 9, false))
-                .await
-                .expect_err("done"),
-        );
+        let (c, _) = refused(p.task.kill(&ctx(), kill("app", 9, false)).await, "done");
         assert_eq!(c, Code::NOT_FOUND);
         p.task
             .kill(&ctx(), kill("app", 9, true))
@@ -1183,7 +1173,7 @@ mod tests {
         );
         let mut r = api::StateRequest::new();
         r.id = "app".into();
-        let (c, m) = code(p.task.state(&ctx(), r).await.expect_err("deleted"));
+        let (c, m) = refused(p.task.state(&ctx(), r).await, "deleted");
         assert_eq!((c, m.as_str()), (Code::NOT_FOUND, "container app"));
         // The sandbox is still there: deleting one container leaves the pod.
         assert_eq!(status(&p, "pod").await, api::Status::CREATED);
@@ -1202,41 +1192,21 @@ mod tests {
             r
         };
         let good = br#"{"cwd":"/","args":["sh"],"user":{"uid":0,"gid":0}}"#;
-        let (c, m) = code(
-            p.task
-                .exec(&ctx(), exec("app", b"{not json"))
-                .await
-                .expect_err("bad"),
-        );
+        let (c, m) = refused(p.task.exec(&ctx(), exec("app", b"{not json")).await, "bad");
         assert_eq!(c, Code::INVALID_ARGUMENT);
         assert!(m.starts_with("invalid process spec"), "{m}");
-        let (c, m) = code(
-            p.task
-                .exec(&ctx(), exec("app", good))
-                .await
-                .expect_err("created"),
-        );
+        let (c, m) = refused(p.task.exec(&ctx(), exec("app", good)).await, "created");
         assert_eq!(
             (c, m.as_str()),
             (Code::FAILED_PRECONDITION, "container app is not running")
         );
-        let (c, m) = code(
-            p.task
-                .exec(&ctx(), exec("pod", good))
-                .await
-                .expect_err("sandbox"),
-        );
+        let (c, m) = refused(p.task.exec(&ctx(), exec("pod", good)).await, "sandbox");
         assert_eq!(c, Code::FAILED_PRECONDITION);
         assert!(m.contains("sandbox"), "{m}");
         p.task.start(&ctx(), start("app", "")).await.expect("start");
         p.task.exec(&ctx(), exec("app", good)).await.expect("exec");
         assert_eq!(p.events.all::<TaskExecAdded>().len(), 1);
-        let (c, _) = code(
-            p.task
-                .exec(&ctx(), exec("app", good))
-                .await
-                .expect_err("twice"),
-        );
+        let (c, _) = refused(p.task.exec(&ctx(), exec("app", good)).await, "twice");
         assert_eq!(c, Code::ALREADY_EXISTS);
         let mut r = api::StateRequest::new();
         r.id = "app".into();
@@ -1262,12 +1232,7 @@ mod tests {
             ttrpc::Code::INVALID_ARGUMENT,
             "exec \"/no/such/binary\": not found",
         );
-        let (c, m) = code(
-            p.task
-                .start(&ctx(), start("app", ""))
-                .await
-                .expect_err("refused"),
-        );
+        let (c, m) = refused(p.task.start(&ctx(), start("app", "")).await, "refused");
         assert_eq!(c, Code::INVALID_ARGUMENT);
         assert!(
             m.contains("starting the container") && m.contains("/no/such/binary"),
@@ -1335,12 +1300,7 @@ mod tests {
             r.id = id.into();
             r
         };
-        let (c, _) = code(
-            p.task
-                .pause(&ctx(), pause("app"))
-                .await
-                .expect_err("created"),
-        );
+        let (c, _) = refused(p.task.pause(&ctx(), pause("app")).await, "created");
         assert_eq!(c, Code::FAILED_PRECONDITION);
         p.task.start(&ctx(), start("app", "")).await.expect("start");
         p.task.pause(&ctx(), pause("app")).await.expect("pause");
