@@ -30,7 +30,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := vsock_packets vsock_tx_chain net_tx_chain mmio_transport emulate_step ready_line guest_metrics profile_stack_walk
 
-.PHONY: all deps build kernel agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod soak fuzz-smoke clean
+.PHONY: all deps build kernel kernel-profiling agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod soak fuzz-smoke clean
 
 all: build
 
@@ -45,6 +45,11 @@ deps:
 
 kernel: deps
 	./guest-image/build-kernel.sh
+
+## The guest kernel with frame pointers, for the guest profiler's stacks
+## (installed in $(HUSK_GUEST_DIR)/profiling; docs/profiling.md).
+kernel-profiling: deps
+	./guest-image/build-kernel.sh --flavour profiling
 
 agent:
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --locked --profile agent -p husk-agent -p husk-testprog --target $(AGENT_TARGET)
@@ -62,7 +67,7 @@ build: deps vmm guest-image
 unit-test:
 	$(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) --workspace --lib --bins
 
-test: build
+test: build kernel-profiling
 	$(CARGO) nextest run --locked $(CARGO_PROFILE_FLAG) --workspace --no-fail-fast
 
 ## husk vs runc on one private containerd: ctr run, exec, idle memory.

@@ -3,16 +3,19 @@
 # line; with --initcalls the guest also logs every initcall with its
 # duration, and the slowest ones are listed (see docs/boot-time.md).
 #
-# Usage: bench/profile-boot.sh [--initcalls] [--mem-mib N] [-- extra kernel words]
+# Usage: bench/profile-boot.sh [--initcalls] [--mem-mib N] [--kernel VMLINUX]
+#                              [-- extra kernel words]
 set -euo pipefail
 vmm=${HUSK_VMM:-$(dirname "$0")/../target/release/husk-vmm}
 mem=128
 extra=""
 initcalls=0
+kernel=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --initcalls) initcalls=1; extra="$extra initcall_debug ignore_loglevel" ;;
     --mem-mib) mem=$2; shift ;;
+    --kernel) kernel=(--kernel "$2"); shift ;;
     --) shift; extra="$extra $*"; break ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -21,7 +24,7 @@ done
 dir=$(mktemp -d /tmp/husk-profile.XXXXXX)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
 start=$(date +%s.%N)
-"$vmm" --mem-mib "$mem" --serial-log "$dir/serial.log" --vsock-uds "$dir/v.sock" \
+"$vmm" "${kernel[@]}" --mem-mib "$mem" --serial-log "$dir/serial.log" --vsock-uds "$dir/v.sock" \
   --api-socket "$dir/api.sock" --cmdline "$extra" > "$dir/vmm.log" 2>&1 &
 pid=$!
 until grep -q "husk-agent .* starting" "$dir/serial.log" 2>/dev/null; do

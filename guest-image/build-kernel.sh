@@ -11,12 +11,34 @@
 # and installed into the guest directory that husk-vmm and the shim read by
 # default ($HUSK_GUEST_DIR, /var/lib/husk/guest).
 #
-# Usage: build-kernel.sh [--print-key]
+# `--flavour profiling` builds the same kernel with frame pointers
+# (kernel/profiling.config on top of husk.config), so that husk-vmm's guest
+# profiler walks kernel stacks, and installs it into $HUSK_GUEST_DIR/profiling.
+# It is not the default because frame pointers make emulated guest kernel
+# code ~15% slower here (docs/profiling.md).
+#
+# Usage: build-kernel.sh [--flavour default|profiling] [--print-key]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${HUSK_CACHE_DIR:-/var/cache/husk}
 guest_dir=${HUSK_GUEST_DIR:-/var/lib/husk/guest}
+flavour=default
+print_key=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --flavour) flavour=${2:-}; shift ;;
+    --print-key) print_key=1 ;;
+    *) printf 'guest-image: error: unknown argument %s\n' "$1" >&2; exit 2 ;;
+  esac
+  shift
+done
+fragments=("$here/kernel/husk.config")
+case "$flavour" in
+  default) ;;
+  profiling) fragments+=("$here/kernel/profiling.config"); guest_dir="$guest_dir/profiling" ;;
+  *) printf 'guest-image: error: unknown flavour %s (default or profiling)\n' "$flavour" >&2; exit 2 ;;
+esac
 src_pkg=${HUSK_LINUX_SOURCE_PKG:-linux-source-6.1}
 jobs=${HUSK_KERNEL_JOBS:-$(nproc)}
 # Reproducible builds: the same inputs give the same vmlinux on any machine
@@ -37,12 +59,12 @@ tarball=$(dpkg-query -L "$src_pkg" | grep -E '/linux-source-[0-9.]+\.tar\.xz$' |
 patches=("$here"/kernel/patches/*.patch)
 key=$( {
   printf 'source %s %s\n' "$src_pkg" "$src_version"
-  cat "$here/kernel/husk.config"
+  cat "${fragments[@]}"
   for p in "${patches[@]}"; do printf 'patch %s\n' "$(basename "$p")"; cat "$p"; done
   cat "$0"
 } | sha256sum | cut -c1-16)
 
-if [ "${1:-}" = "--print-key" ]; then
+if [ "$print_key" = 1 ]; then
   echo "$key"
   exit 0
 fi
@@ -73,18 +95,33 @@ else
     mv "$src.tmp" "$src"
   fi
 
+  # One object directory per flavour: each builds incrementally.
   obj="$cache/kernel/obj-$src_key"
+  [ "$flavour" = default ] || obj="$obj-$flavour"
   mkdir -p "$obj"
-  log "configuring (tinyconfig + husk.config)"
+  log "configuring (tinyconfig + $(for f in "${fragments[@]}"; do basename "$f"; done | paste -sd+))"
   make -s -C "$src" O="$obj" tinyconfig >/dev/null
-  "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$here/kernel/husk.config" >/dev/null
+  "$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "${fragments[@]}" >/dev/null
   make -s -C "$src" O="$obj" olddefconfig >/dev/null
 
-  # Every option the fragment asks for must have landed: a silently dropped
+  # Every option the fragments ask for must have landed: a silently dropped
   # option (a missing dependency) would make a kernel that boots but lacks a
-  # feature the agent relies on.
+  # feature the agent relies on. A later fragment overrides an earlier one,
+  # so only each option's last line counts.
   missing=0
+  declare -A wanted=()
+  order=()
   while IFS= read -r line; do
+    case "$line" in
+      CONFIG_*=*) opt=${line%%=*} ;;
+      "# CONFIG_"*" is not set") opt=${line#\# }; opt=${opt%% *} ;;
+      *) continue ;;
+    esac
+    [ -n "${wanted[$opt]+x}" ] || order+=("$opt")
+    wanted[$opt]=$line
+  done < <(cat "${fragments[@]}")
+  for opt in "${order[@]}"; do
+    line=${wanted[$opt]}
     case "$line" in
       CONFIG_*=*)
         grep -qxF "$line" "$obj/.config" || { log "config: wanted $line, got: $(grep -E "^(# )?${line%%=*}[= ]" "$obj/.config" || echo unset)"; missing=1; } ;;
@@ -92,7 +129,7 @@ else
         opt=${line#\# }; opt=${opt%% *}
         if grep -qE "^$opt=" "$obj/.config"; then log "config: wanted $opt off, got: $(grep -E "^$opt=" "$obj/.config")"; missing=1; fi ;;
     esac
-  done < "$here/kernel/husk.config"
+  done
   [ "$missing" = 0 ] || die "the config fragment did not apply cleanly (see above)"
 
   log "compiling vmlinux with $jobs jobs"

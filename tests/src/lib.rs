@@ -41,6 +41,26 @@ pub struct Artifacts {
 }
 
 impl Artifacts {
+    /// The profiling flavour of the guest kernel (frame pointers), which
+    /// `make kernel-profiling` installs beside the default one; fails with
+    /// that command when it is missing.
+    pub fn profiling_kernel(&self) -> Result<PathBuf> {
+        let k = self
+            .kernel
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join("profiling/vmlinux");
+        if !k.exists() {
+            bail!(
+                "profiling guest kernel not found at {} (run `make kernel-profiling` first)",
+                k.display()
+            );
+        }
+        Ok(k)
+    }
+}
+
+impl Artifacts {
     /// Finds the artifacts: `HUSK_VMM` or `husk-vmm` next to this
     /// executable's target directory; the guest image in `HUSK_GUEST_DIR`
     /// or `/var/lib/husk/guest`. Fails with the command that builds what is

@@ -1,6 +1,7 @@
 //! Turns counted samples into what people read: folded stacks (the input of
 //! flame graph tools), an SVG flame graph, and a table of the kernel
-//! functions samples were taken in.
+//! functions: the samples taken in each one (self) and the samples with it
+//! anywhere on the stack (total, the function and what it called).
 
 use std::{collections::HashMap, fmt::Write as _, io::Write as _, path::Path};
 
@@ -11,15 +12,27 @@ use super::{symbols::Symbols, Sample};
 pub struct Report {
     /// "frame;frame;...;frame COUNT" lines, outermost frame first, sorted.
     pub folded: Vec<String>,
-    /// (function, samples in it), most first: the kernel's own time by
-    /// function, then `[user]` as one line.
-    pub top: Vec<(String, u64)>,
+    /// Every function sampled, busiest (by self) first, with `[user]` as
+    /// one line.
+    pub top: Vec<Row>,
     /// All samples.
     pub samples: u64,
     /// Samples in the guest kernel.
     pub kernel: u64,
     /// Samples lost for want of room (too many distinct stacks).
     pub dropped: u64,
+}
+
+/// One function's share of a profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The function, `[user]`, or an address no symbol covers.
+    pub name: String,
+    /// Samples taken in the function itself.
+    pub own: u64,
+    /// Samples with the function anywhere on the stack (itself and its
+    /// callees); a recursive function counts once per sample.
+    pub total: u64,
 }
 
 /// The name of a code address: its function, or the address itself.
@@ -33,7 +46,7 @@ fn frame(symbols: &Symbols, addr: u64) -> String {
 /// so that a call at the very end of a function names that function.
 pub fn build(counts: &HashMap<Sample, u64>, dropped: u64, symbols: &Symbols) -> Report {
     let mut folded: HashMap<String, u64> = HashMap::new();
-    let mut by_function: HashMap<String, u64> = HashMap::new();
+    let mut rows: HashMap<String, (u64, u64)> = HashMap::new();
     let mut report = Report {
         dropped,
         ..Report::default()
@@ -42,7 +55,9 @@ pub fn build(counts: &HashMap<Sample, u64>, dropped: u64, symbols: &Symbols) -> 
         report.samples += n;
         let line = match sample {
             Sample::User(cr3) => {
-                *by_function.entry("[user]".into()).or_default() += n;
+                let row = rows.entry("[user]".into()).or_default();
+                row.0 += n;
+                row.1 += n;
                 format!("[user cr3={cr3:#x}]")
             }
             Sample::Kernel(pcs) => {
@@ -53,7 +68,14 @@ pub fn build(counts: &HashMap<Sample, u64>, dropped: u64, symbols: &Symbols) -> 
                     .map(|(i, &pc)| frame(symbols, if i == 0 { pc } else { pc.wrapping_sub(1) }))
                     .collect();
                 if let Some(leaf) = names.first() {
-                    *by_function.entry(leaf.clone()).or_default() += n;
+                    rows.entry(leaf.clone()).or_default().0 += n;
+                }
+                let mut seen: Vec<&str> = Vec::with_capacity(names.len());
+                for name in &names {
+                    if !seen.contains(&name.as_str()) {
+                        seen.push(name);
+                        rows.entry(name.clone()).or_default().1 += n;
+                    }
                 }
                 let mut outer_first = names;
                 outer_first.reverse();
@@ -67,27 +89,58 @@ pub fn build(counts: &HashMap<Sample, u64>, dropped: u64, symbols: &Symbols) -> 
         .map(|(stack, n)| format!("{stack} {n}"))
         .collect();
     report.folded.sort();
-    report.top = by_function.into_iter().collect();
-    report
-        .top
-        .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    report.top = rows
+        .into_iter()
+        .map(|(name, (own, total))| Row { name, own, total })
+        .collect();
+    report.top.sort_by(|a, b| {
+        b.own
+            .cmp(&a.own)
+            .then_with(|| b.total.cmp(&a.total))
+            .then_with(|| a.name.cmp(&b.name))
+    });
     report
 }
 
 impl Report {
-    /// The table of the `n` functions with the most samples.
+    /// Two tables: the `n` functions with the most samples of their own
+    /// (where the time is spent), then the `n` with the most samples on
+    /// their stack (which paths spend it). Percentages are of all samples.
     pub fn table(&self, n: usize) -> String {
-        let mut out = format!(
-            "{} samples, {} in the guest kernel, {} dropped\n{:>8} {:>6}  function\n",
-            self.samples, self.kernel, self.dropped, "samples", "%"
-        );
-        for (name, count) in self.top.iter().take(n) {
-            let pct = if self.samples == 0 {
+        let pct = |count: u64| {
+            if self.samples == 0 {
                 0.0
             } else {
-                *count as f64 * 100.0 / self.samples as f64
-            };
-            let _ = writeln!(out, "{count:>8} {pct:>6.2}  {name}");
+                count as f64 * 100.0 / self.samples as f64
+            }
+        };
+        let mut out = format!(
+            "{} samples, {} in the guest kernel, {} dropped\n\nbusiest functions (self)\n{:>8} {:>6} {:>8} {:>6}  function\n",
+            self.samples, self.kernel, self.dropped, "self", "%", "total", "%"
+        );
+        let line = |out: &mut String, r: &Row| {
+            let _ = writeln!(
+                out,
+                "{:>8} {:>6.2} {:>8} {:>6.2}  {}",
+                r.own,
+                pct(r.own),
+                r.total,
+                pct(r.total),
+                r.name
+            );
+        };
+        for r in self.top.iter().take(n) {
+            line(&mut out, r);
+        }
+        let _ = write!(
+            out,
+            "\nbusiest paths (total: the function and its callees)\n{:>8} {:>6} {:>8} {:>6}  function\n",
+            "self", "%", "total", "%"
+        );
+        let mut by_total: Vec<&Row> = self.top.iter().collect();
+        by_total.sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.name.cmp(&b.name)));
+        for r in by_total.into_iter().take(n) {
+            line(&mut out, r);
         }
         out
     }
@@ -169,16 +222,53 @@ ffffffff81000300 T _etext
                 "[user cr3=0x12345000] 10",
             ]
         );
-        assert_eq!(r.top[0], ("[user]".to_string(), 10));
-        assert_eq!(r.top[1], ("__x64_sys_getppid".to_string(), 6));
-        assert_eq!(r.top[2], ("do_syscall_64".to_string(), 3));
+        let row = |name: &str, own, total| Row {
+            name: name.to_string(),
+            own,
+            total,
+        };
+        assert_eq!(
+            r.top,
+            [
+                row("[user]", 10, 10),
+                row("__x64_sys_getppid", 6, 6),
+                row("do_syscall_64", 3, 9),
+                row("0xffffffff82000000", 1, 1),
+                row("entry_SYSCALL_64", 0, 6),
+            ]
+        );
         let table = r.table(2);
         assert!(table.starts_with("20 samples, 10 in the guest kernel, 2 dropped"));
+        let (own, paths) = table.split_once("busiest paths").expect("two parts");
         assert!(
-            table.contains("       6  30.00  __x64_sys_getppid"),
+            own.contains("       6  30.00        6  30.00  __x64_sys_getppid"),
             "{table}"
         );
-        assert!(!table.contains("do_syscall_64"), "only the top 2: {table}");
+        assert!(!own.contains("do_syscall_64"), "only the top 2: {table}");
+        assert!(
+            paths.contains("       3  15.00        9  45.00  do_syscall_64"),
+            "{table}"
+        );
+        assert!(!paths.contains("getppid"), "only the top 2: {table}");
+    }
+
+    #[test]
+    fn recursion_counts_once_on_the_stack() {
+        let counts = HashMap::from([(
+            Sample::Kernel(vec![
+                0xffff_ffff_8100_0110,
+                0xffff_ffff_8100_0110,
+                0xffff_ffff_8100_0010,
+            ]),
+            4,
+        )]);
+        let r = build(&counts, 0, &Symbols::parse(MAP));
+        let d = r
+            .top
+            .iter()
+            .find(|r| r.name == "do_syscall_64")
+            .expect("row");
+        assert_eq!((d.own, d.total), (4, 4));
     }
 
     #[test]
