@@ -5,6 +5,11 @@
 //! - `ctr task exec` of `/bin/true` in a running container;
 //! - `ctr task metrics` of a running container (what the kubelet's stats
 //!   polling costs: for husk a round trip to the guest's cgroup files);
+//! - the time of each step of a husk container's life (VM start, shared
+//!   directory mount, create, start, first output, exit, delete, VM gone),
+//!   from the step lines the shim logs ([`husk_shim::steps`]): medians
+//!   over the measured runs and the idle container (the only one that
+//!   prints, so the only one with a first output);
 //! - host memory of one idle container, each page once
 //!   ([`husk_e2e::hostmem`]): the PSS of the shim and everything it started
 //!   (runc: the container's processes; husk: husk-vmm and husk-virtiofsd)
@@ -26,6 +31,7 @@ use husk_e2e::{
     hostmem::{host_memory, HostMemory},
     median, process_tree, ratio, require_kvm, Artifacts, TestDir,
 };
+use husk_shim::steps::{self, Step};
 use serde::Serialize;
 
 const RUNC: &str = "io.containerd.runc.v2";
@@ -136,7 +142,8 @@ struct IdleRun {
 fn idle_container(c: &Containerd, rt: Runtime, runs: usize) -> Result<IdleRun> {
     let id = format!("{}-idle", rt.name());
     let mut args = rt.run_args(c);
-    args.extend(["-d", IMAGE, &id, "sleep", "100000"].map(String::from));
+    // It prints one line, for the first-output step, then sleeps.
+    args.extend(["-d", IMAGE, &id, "sh", "-c", "echo up; exec sleep 100000"].map(String::from));
     c.ctr_ok(&args)?;
     let mut execs = Vec::new();
     for i in 0..runs {
@@ -176,6 +183,10 @@ struct Report {
     husk_metrics_median_s: f64,
     runc_metrics_median_s: f64,
     metrics_ratio_husk_over_runc: f64,
+    /// Median seconds of each step of a husk container's life.
+    husk_steps: std::collections::BTreeMap<String, f64>,
+    /// How many samples each step's median is of.
+    husk_steps_samples: std::collections::BTreeMap<String, usize>,
     husk_idle: Idle,
     runc_idle: Idle,
     idle_memory_ratio_husk_over_runc: f64,
@@ -185,6 +196,33 @@ struct Report {
     runc_exec_s: Vec<f64>,
     husk_metrics_s: Vec<f64>,
     runc_metrics_s: Vec<f64>,
+}
+
+/// The median of each step over the measured husk containers (`husk-N`
+/// and the idle one; not the warm-up), and how many samples each has.
+fn step_medians(
+    log: &str,
+    runs: usize,
+) -> (
+    std::collections::BTreeMap<String, f64>,
+    std::collections::BTreeMap<String, usize>,
+) {
+    let measured: Vec<String> = (0..runs)
+        .map(|i| format!("husk-{i}"))
+        .chain(["husk-idle".to_string()])
+        .collect();
+    let mut by_step: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for t in steps::parse(log) {
+        if measured.contains(&t.container) {
+            by_step.entry(t.step).or_default().push(t.seconds);
+        }
+    }
+    let counts = by_step.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+    let medians = by_step
+        .into_iter()
+        .map(|(k, mut v)| (k, median(&mut v)))
+        .collect();
+    (medians, counts)
 }
 
 fn main() -> Result<()> {
@@ -219,6 +257,7 @@ fn main() -> Result<()> {
     let husk = idle_container(&c, Runtime::Husk, args.runs)?;
     let runc = idle_container(&c, Runtime::Runc, args.runs)?;
 
+    let (husk_steps, husk_steps_samples) = step_medians(&c.log(), args.runs);
     let husk_run = median(&mut husk_runs.clone());
     let runc_run = median(&mut runc_runs.clone());
     let husk_exec_median = median(&mut husk.execs.clone());
@@ -241,6 +280,8 @@ fn main() -> Result<()> {
             husk.idle.total_kib as f64,
             runc.idle.total_kib as f64,
         ),
+        husk_steps,
+        husk_steps_samples,
         husk_idle: husk.idle,
         runc_idle: runc.idle,
         husk_run_true_s: husk_runs,
@@ -266,6 +307,14 @@ fn main() -> Result<()> {
         report.runc_metrics_median_s,
         report.metrics_ratio_husk_over_runc
     );
+    let steps: Vec<String> = Step::ALL
+        .iter()
+        .filter_map(|s| {
+            let m = report.husk_steps.get(s.name())?;
+            Some(format!("{} {m:.3}", s.name()))
+        })
+        .collect();
+    println!("husk steps (median s): {}", steps.join(", "));
     println!(
         "idle container host memory, each page once: husk {} KiB (PSS of {} processes without guest RAM {} KiB + guest RAM resident {} KiB in {} memfd), runc {} KiB (PSS of {} processes), husk/runc {:.2}",
         report.husk_idle.total_kib,

@@ -72,6 +72,8 @@ pub struct Proc {
     exit_tx: watch::Sender<Option<Exited>>,
     /// An exec's OCI Process (JSON), until it starts.
     pub spec: Vec<u8>,
+    /// When its start was answered (for the step timings).
+    pub started: Option<std::time::Instant>,
 }
 
 impl Proc {
@@ -87,6 +89,7 @@ impl Proc {
             io: None,
             exit_tx: watch::channel(None).0,
             spec: Vec::new(),
+            started: None,
         }
     }
 

@@ -100,6 +100,7 @@ pub struct ProcessIo {
     stdin: Option<JoinHandle<()>>,
     close_stdin: Arc<Notify>,
     sockets: Vec<PathBuf>,
+    first_output: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 /// Reads the token from a new connection; the connection if it matches.
@@ -181,6 +182,7 @@ impl ProcessIo {
             stdin: None,
             close_stdin: Arc::new(Notify::new()),
             sockets: Vec::new(),
+            first_output: Arc::default(),
         };
         let listen = |io: &mut Self| -> Result<(u32, UnixListener, PathBuf), IoError> {
             let port = vm.next_port();
@@ -211,8 +213,9 @@ impl ProcessIo {
                 stdio.stdout_port = port;
             }
             let fifo = fifo.to_string();
+            let first = io.first_output.clone();
             io.outputs.push(tokio::spawn(async move {
-                relay_output(l, path, token, &fifo).await;
+                relay_output(l, path, token, &fifo, &first).await;
             }));
         }
         io.stdio = stdio;
@@ -222,6 +225,11 @@ impl ProcessIo {
     /// The ports to hand the agent.
     pub fn stdio(&self) -> Stdio {
         self.stdio.clone()
+    }
+
+    /// When the first byte of output (either stream) was relayed.
+    pub fn first_output(&self) -> Option<std::time::Instant> {
+        self.first_output.get().copied()
     }
 
     /// Waits until the output relays are done (at most `within`).
@@ -257,7 +265,13 @@ impl Drop for ProcessIo {
     }
 }
 
-async fn relay_output(listener: UnixListener, path: PathBuf, token: Token, fifo: &str) {
+async fn relay_output(
+    listener: UnixListener,
+    path: PathBuf,
+    token: Token,
+    fifo: &str,
+    first: &std::sync::OnceLock<std::time::Instant>,
+) {
     let Some(mut conn) = accept(listener, path, token).await else {
         return;
     };
@@ -274,6 +288,7 @@ async fn relay_output(listener: UnixListener, path: PathBuf, token: Token, fifo:
         match conn.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let _ = first.set(std::time::Instant::now());
                 if out.write_all(&buf[..n]).await.is_err() {
                     break;
                 }

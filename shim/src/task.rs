@@ -42,7 +42,10 @@ use containerd_shim::{
     },
     util::convert_to_any,
 };
-use husk_shim::metrics;
+use husk_shim::{
+    metrics,
+    steps::{self, Step},
+};
 use tokio::sync::Mutex;
 
 use crate::{
@@ -175,17 +178,29 @@ impl HuskTask {
                 Ok(agent) => exit_status(agent.wait_process(&id, &exec_id).await, &id, &exec_id),
                 Err(_) => 255,
             };
-            let io = {
+            let (io, started) = {
                 let mut st = this.state.lock().await;
-                st.containers
-                    .process_mut(&id, &exec_id)
-                    .ok()
-                    .and_then(|p| p.io.take())
+                match st.containers.process_mut(&id, &exec_id) {
+                    Ok(p) => (p.io.take(), p.started),
+                    Err(_) => (None, None),
+                }
             };
+            let mut first_output = None;
             if let Some(mut io) = io {
                 io.wait_outputs(DRAIN).await;
+                first_output = io.first_output();
             }
             this.record_exit(&id, &exec_id, pid, code).await;
+            if let (Some(started), true) = (started, exec_id.is_empty()) {
+                if let Some(first) = first_output {
+                    steps::record(
+                        &id,
+                        Step::FirstOutput,
+                        first.saturating_duration_since(started),
+                    );
+                }
+                steps::record(&id, Step::Exit, started.elapsed());
+            }
         });
     }
 
@@ -535,9 +550,7 @@ impl Task for HuskTask {
         let exit = self.exit.clone();
         let work = tokio::spawn(async move {
             if let Some(vm) = vm {
-                let since = std::time::Instant::now();
                 vm.shutdown().await;
-                tracing::info!(ms = since.elapsed().as_millis(), "pod VM shut down");
             }
             exit.signal();
         });
@@ -587,6 +600,7 @@ impl HuskTask {
         // Lets `delete` find the pod after a shim crash.
         let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
 
+        let creating = std::time::Instant::now();
         let guest_bundle = rootfs::prepare(&vm.shared, &req.id, &bundle, &req.rootfs, spec)
             .map_err(TaskError::Bundle)?;
         let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
@@ -607,6 +621,7 @@ impl HuskTask {
                 return Err(TaskError::agent("creating the container in the guest", e));
             }
         };
+        steps::record(&req.id, Step::Create, creating.elapsed());
         proc.pid = pid;
         proc.io = Some(io);
         self.state
@@ -696,14 +711,17 @@ impl HuskTask {
             .containers
             .get(id)?
             .check_start(id)?;
+        let starting = std::time::Instant::now();
         let pid = agent
             .start_container(id)
             .await
             .map_err(|e| TaskError::agent("starting the container", e))?;
+        steps::record(id, Step::Start, starting.elapsed());
         if let Ok(c) = self.state.lock().await.containers.get_mut(id) {
             // The pid Create reported; the agent's answer is the authority.
             c.init.pid = pid;
             c.init.phase = Phase::Running;
+            c.init.started = Some(starting);
         }
         self.spawn_waiter(id.to_string(), String::new(), pid);
         let mut ev = TaskStart::new();
@@ -807,8 +825,10 @@ impl HuskTask {
             let alive = vm.as_ref().is_none_or(|vm| vm.alive());
             if let (Some(agent), true) = (agent, alive) {
                 // A created container that never ran is taken down too.
-                if let Err(e) = agent.delete_container(id, true).await {
-                    tracing::warn!(container = %id, "deleting in the guest: {e}");
+                let deleting = std::time::Instant::now();
+                match agent.delete_container(id, true).await {
+                    Ok(()) => steps::record(id, Step::Delete, deleting.elapsed()),
+                    Err(e) => tracing::warn!(container = %id, "deleting in the guest: {e}"),
                 }
             }
             if let Some(vm) = &vm {

@@ -30,6 +30,7 @@ use husk_protocols::{
     agent_ttrpc::AgentClient,
     connect_agent,
 };
+use husk_shim::steps::{self, Step};
 use nix::{
     mount::{mount, umount2, MntFlags, MsFlags},
     sys::signal::{kill, Signal},
@@ -73,6 +74,8 @@ pub enum VmError {
 
 /// A running pod VM.
 pub struct Vm {
+    /// The sandbox the VM was started for.
+    pub sandbox: String,
     /// The pod directory.
     pub dir: PathBuf,
     /// The host side of the guest's /run/husk/shared.
@@ -190,6 +193,7 @@ impl Vm {
         net: Option<PodNetwork>,
         exits: &Exits,
     ) -> Result<Self, VmError> {
+        let since = std::time::Instant::now();
         let dir = pod_dir(cfg, namespace, id);
         husk_shim::poddir::check_socket_room(&dir).map_err(VmError::Config)?;
         if dir.exists() {
@@ -361,6 +365,7 @@ impl Vm {
             }
         };
         let vm = Self {
+            sandbox: id.to_string(),
             dir,
             shared,
             vsock,
@@ -374,7 +379,7 @@ impl Vm {
             stopping: AtomicBool::new(false),
             netns,
         };
-        vm.prepare_guest(id, hostname).await?;
+        vm.prepare_guest(id, hostname, since).await?;
         if let Some(req) = net_config {
             vm.agent
                 .configure_network(ttrpc::context::with_timeout(60_000_000_000), &req)
@@ -384,7 +389,14 @@ impl Vm {
         Ok(vm)
     }
 
-    async fn prepare_guest(&self, id: &str, hostname: &str) -> Result<(), VmError> {
+    /// Personalizes the restored guest and mounts the shared directory;
+    /// logs the VM's start (from `since`) and the mount as steps.
+    async fn prepare_guest(
+        &self,
+        id: &str,
+        hostname: &str,
+        since: std::time::Instant,
+    ) -> Result<(), VmError> {
         let ctx = || ttrpc::context::with_timeout(30_000_000_000);
         let mut req = PersonalizeRequest::new();
         let mut entropy = vec![0u8; 64];
@@ -400,6 +412,8 @@ impl Vm {
             .personalize(ctx(), &req)
             .await
             .map_err(|e| VmError::Agent(format!("Personalize: {e}")))?;
+        steps::record(id, Step::VmStart, since.elapsed());
+        let mounting = std::time::Instant::now();
         let mut mount = MountSharedRequest::new();
         mount.tag = FS_TAG.into();
         mount.target = GUEST_SHARED.into();
@@ -407,6 +421,7 @@ impl Vm {
             .mount_shared(ctx(), &mount)
             .await
             .map_err(|e| VmError::Agent(format!("MountShared: {e}")))?;
+        steps::record(id, Step::SharedMount, mounting.elapsed());
         Ok(())
     }
 
@@ -460,6 +475,7 @@ impl Vm {
     /// Ends the VM: an orderly agent shutdown, then force if it takes too
     /// long; removes the pod directory.
     pub async fn shutdown(&self) {
+        let since = std::time::Instant::now();
         self.stopping.store(true, Ordering::Relaxed);
         if self.alive() {
             let ctx = ttrpc::context::with_timeout(5_000_000_000);
@@ -497,6 +513,7 @@ impl Vm {
         }
         self.detach_network().await;
         cleanup_pod_dir(&self.dir);
+        steps::record(&self.sandbox, Step::VmGone, since.elapsed());
     }
 
     /// Takes the pod network's wiring apart (see `network::detach`); safe

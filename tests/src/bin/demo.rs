@@ -36,6 +36,17 @@ struct Args {
     /// Where VM templates are kept between runs.
     #[arg(long, default_value = "/var/lib/husk/templates")]
     template_dir: std::path::PathBuf,
+    /// Profile the pod VM's guest and write the profile (folded stacks,
+    /// flame graph, table) into this directory (docs/profiling.md).
+    #[arg(long)]
+    profile_dir: Option<std::path::PathBuf>,
+    /// Profile samples per second per vCPU (with --profile-dir).
+    #[arg(long, default_value_t = 250)]
+    profile_hz: u32,
+    /// The command the container runs instead of the demo script, e.g.
+    /// `husk-demo --profile-dir /tmp/p -- /bin/true`.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 fn ctx() -> ttrpc::context::Context {
@@ -67,13 +78,51 @@ fn container_demo(args: &Args, artifacts: &Artifacts) -> Result<()> {
     );
     c.import_test_image()?;
     println!("husk demo: built and imported {IMAGE} (busybox-static)");
-    let script = SCRIPT.replace("HOST_KERNEL", &host_kernel());
+    if let Some(profiles) = &args.profile_dir {
+        let profiles = std::path::absolute(profiles)?;
+        std::fs::create_dir_all(&profiles)
+            .with_context(|| format!("creating {}", profiles.display()))?;
+        let mut toml = std::fs::read_to_string(&c.husk_toml)?;
+        // Stacks need the kernel with frame pointers; without it the
+        // profile is flat (the function sampled only).
+        match artifacts.profiling_kernel() {
+            Ok(k) => {
+                toml = toml.replace(
+                    &format!("kernel = \"{}\"", artifacts.kernel.display()),
+                    &format!("kernel = \"{}\"", k.display()),
+                );
+                println!("husk demo: on the profiling kernel {}", k.display());
+            }
+            Err(e) => println!("husk demo: flat profile only: {e}"),
+        }
+        toml.push_str(&format!(
+            "profile_dir = \"{}\"\nprofile_hz = {}\n",
+            profiles.display(),
+            args.profile_hz
+        ));
+        std::fs::write(&c.husk_toml, toml)?;
+        println!(
+            "husk demo: profiling the guest at {} Hz into {}",
+            args.profile_hz,
+            profiles.display()
+        );
+    }
     let mut argv = c.run_args();
-    argv.extend(["--rm", IMAGE, "husk-demo", "sh", "-c"].map(String::from));
-    argv.push(script);
+    argv.extend(["--rm", IMAGE, "husk-demo"].map(String::from));
+    if args.command.is_empty() {
+        argv.extend(["sh", "-c"].map(String::from));
+        argv.push(SCRIPT.replace("HOST_KERNEL", &host_kernel()));
+    } else {
+        argv.extend(args.command.iter().cloned());
+    }
     println!(
-        "husk demo: ctr run --rm --runtime {} {IMAGE} husk-demo sh -c ...",
-        husk_e2e::containerd::RUNTIME
+        "husk demo: ctr run --rm --runtime {} {IMAGE} husk-demo {}",
+        husk_e2e::containerd::RUNTIME,
+        if args.command.is_empty() {
+            "sh -c ...".to_string()
+        } else {
+            args.command.join(" ")
+        }
     );
     let started = Instant::now();
     let out = c.ctr(&argv)?;
@@ -102,6 +151,12 @@ fn container_demo(args: &Args, artifacts: &Artifacts) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("husk demo: no husk-vmm or husk-virtiofsd of the pod is left");
+    let steps: Vec<String> = husk_shim::steps::parse(&c.log())
+        .into_iter()
+        .filter(|t| t.container == "husk-demo")
+        .map(|t| format!("{} {:.2} s", t.step, t.seconds))
+        .collect();
+    println!("husk demo: steps: {}", steps.join(", "));
     Ok(())
 }
 
