@@ -16,7 +16,6 @@ use std::{
     collections::HashMap,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
-    process::Stdio as ProcStdio,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -532,30 +531,65 @@ fn unique(prefix: &str) -> PathBuf {
     Path::new(RT_DIR).join(format!("{prefix}-{n}"))
 }
 
-/// Runs `husk-agent runtime <args> --result F` with `stdio` as its standard
-/// streams and returns its outcome.
-async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcome, Instant)> {
-    std::fs::create_dir_all(RT_DIR)
-        .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
-    let result = unique("result").with_extension("json");
-    let log = result.with_extension("log");
+/// `/dev/null`, for a helper stream nobody reads or writes.
+fn devnull() -> Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| ContainerError::Failed(format!("opening /dev/null: {e}")))
+}
+
+/// Starts `husk-agent runtime <args>` with `stdio` as its standard streams:
+/// a child of the helper server ([`crate::helper`]), or, without one, a
+/// fresh process of the agent binary. Its pid.
+async fn start_helper(args: Vec<String>, stdio: [OwnedFd; 3]) -> Result<i32> {
+    let mut stdio = stdio;
+    if let Some(server) = crate::helper::server() {
+        let asked = args.clone();
+        let (answer, back) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = asked.iter().map(String::as_str).collect();
+            let answer = server.run(&refs, [&stdio[0], &stdio[1], &stdio[2]]);
+            (answer, stdio)
+        })
+        .await
+        .map_err(|e| ContainerError::Failed(format!("runtime helper server: {e}")))?;
+        match answer {
+            Ok(pid) => return Ok(pid),
+            Err(e) => tracing::warn!("{e}; starting the runtime helper binary instead"),
+        }
+        stdio = back;
+    }
     let [stdin, stdout, stderr] = stdio;
-    let since = Instant::now();
     let child = std::process::Command::new("/proc/self/exe")
         .arg("runtime")
-        .args(args)
-        .arg("--result")
-        .arg(&result)
-        .arg("--log")
-        .arg(&log)
+        .args(&args)
         .stdin(stdin)
         .stdout(stdout)
         .stderr(stderr)
         .spawn()
         .map_err(|e| ContainerError::Failed(format!("starting the runtime helper: {e}")))?;
-    let pid = i32::try_from(child.id())
-        .map_err(|_| ContainerError::Failed("helper pid out of range".into()))?;
-    drop(child);
+    i32::try_from(child.id()).map_err(|_| ContainerError::Failed("helper pid out of range".into()))
+}
+
+/// Runs `husk-agent runtime <args> --result F` with `stdio` as its standard
+/// streams and returns its outcome.
+async fn run_helper_with(args: &[&str], stdio: [OwnedFd; 3]) -> Result<(Outcome, Instant)> {
+    std::fs::create_dir_all(RT_DIR)
+        .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
+    let result = unique("result").with_extension("json");
+    let log = result.with_extension("log");
+    let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    full.extend([
+        "--result".to_string(),
+        result.display().to_string(),
+        "--log".to_string(),
+        log.display().to_string(),
+    ]);
+    // Before the helper exists: its exit counts from here.
+    let since = Instant::now();
+    let pid = start_helper(full, stdio).await?;
     let exited = Reaper::global().watch(pid, since);
     let code = match tokio::time::timeout(HELPER_TIMEOUT, exited).await {
         Ok(Ok(code)) => code,
@@ -595,8 +629,7 @@ async fn run_helper_with(args: &[&str], stdio: [ProcStdio; 3]) -> Result<(Outcom
 }
 
 async fn run_helper(args: &[&str]) -> Result<Outcome> {
-    let null = || ProcStdio::null();
-    run_helper_with(args, [null(), null(), null()])
+    run_helper_with(args, [devnull()?, devnull()?, devnull()?])
         .await
         .map(|(o, _)| o)
 }
@@ -807,8 +840,7 @@ async fn spawn_process(
         let extra = vec!["--console-socket".to_string(), sock.display().to_string()];
         let argv = args(&extra);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let null = || ProcStdio::null();
-        let result = match run_helper_with(&argv, [null(), null(), null()]).await {
+        let result = match run_helper_with(&argv, [devnull()?, devnull()?, devnull()?]).await {
             Ok(v) => match receive_pty(&listener).await {
                 Ok(pty) => Ok((v, pty)),
                 Err(e) => {
@@ -866,14 +898,6 @@ async fn spawn_process(
     }
 
     // Pipes: the process gets one end, the agent copies the other.
-    let devnull = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-            .map(OwnedFd::from)
-            .map_err(|e| ContainerError::Failed(format!("opening /dev/null: {e}")))
-    };
     let child_stdin = match stdin {
         Some(s) => {
             let (r, w) = pipe()?;
@@ -897,15 +921,7 @@ async fn spawn_process(
     let child_stderr = child_out(stderr)?;
     let argv = args(&[]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let helper = run_helper_with(
-        &argv,
-        [
-            ProcStdio::from(child_stdin),
-            ProcStdio::from(child_stdout),
-            ProcStdio::from(child_stderr),
-        ],
-    )
-    .await;
+    let helper = run_helper_with(&argv, [child_stdin, child_stdout, child_stderr]).await;
     let (outcome, since) = match helper {
         Ok(v) => v,
         Err(e) => {

@@ -11,6 +11,7 @@
 mod cgroups;
 mod containers;
 mod forward;
+mod helper;
 mod identity;
 mod init;
 mod listener;
@@ -38,6 +39,10 @@ fn main() {
     if argv.get(1).map(String::as_str) == Some("runtime") {
         // The container runtime helper (see `runtime`), started by the agent.
         std::process::exit(runtime::main(&argv[2..]));
+    }
+    if argv.get(1).map(String::as_str) == Some(helper::SERVER_ARG) {
+        // The runtime helper server (see `helper`), started by the agent.
+        std::process::exit(helper::serve(&argv[2..]));
     }
     let is_init = std::process::id() == 1;
     if is_init {
@@ -110,6 +115,18 @@ async fn run(settings: Settings, is_init: bool) -> Result<()> {
             tracing::warn!("port forwarding is unavailable: {e}");
         }
     });
+
+    // Before readiness, so that a template's guest holds it started.
+    let since = std::time::Instant::now();
+    match tokio::task::spawn_blocking(helper::start_server).await {
+        Ok(Ok(pid)) => tracing::info!(
+            pid,
+            ms = since.elapsed().as_millis(),
+            "runtime helper server ready"
+        ),
+        Ok(Err(e)) => tracing::warn!("{e}; each operation starts the helper binary"),
+        Err(e) => tracing::warn!("starting the runtime helper server: {e}"),
+    }
 
     if let Err(e) = announce_ready(settings.ready_port).await {
         // The host may have given up waiting; the API still works, so keep
