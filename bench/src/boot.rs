@@ -302,7 +302,8 @@ async fn main() -> Result<()> {
     let a = Artifacts::locate()?;
     let within = Duration::from_secs(args.timeout_s);
     let profile = CpuProfile::detect().cmdline();
-    let cmdline = format!("reboot=k panic=-1 quiet {profile} console=ttyS0 8250.nr_uarts=1")
+    let tcpm = husk_vmm_core::vmm::TCP_METRICS_BUCKETS;
+    let cmdline = format!("reboot=k panic=-1 quiet {tcpm} {profile} console=ttyS0 8250.nr_uarts=1")
         .replace("  ", " ");
     println!(
         "boot benchmark: {} runs each, {} MiB, marker {MARKER:?}",

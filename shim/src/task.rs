@@ -199,7 +199,9 @@ impl HuskTask {
                         first.saturating_duration_since(started),
                     );
                 }
-                steps::record(&id, Step::Exit, started.elapsed());
+                if let Ok(vm) = this.vm().await {
+                    vm.step(&id, Step::Exit, started.elapsed()).await;
+                }
             }
         });
     }
@@ -621,7 +623,7 @@ impl HuskTask {
                 return Err(TaskError::agent("creating the container in the guest", e));
             }
         };
-        steps::record(&req.id, Step::Create, creating.elapsed());
+        vm.step(&req.id, Step::Create, creating.elapsed()).await;
         proc.pid = pid;
         proc.io = Some(io);
         self.state
@@ -716,7 +718,9 @@ impl HuskTask {
             .start_container(id)
             .await
             .map_err(|e| TaskError::agent("starting the container", e))?;
-        steps::record(id, Step::Start, starting.elapsed());
+        if let Ok(vm) = self.vm().await {
+            vm.step(id, Step::Start, starting.elapsed()).await;
+        }
         if let Ok(c) = self.state.lock().await.containers.get_mut(id) {
             // The pid Create reported; the agent's answer is the authority.
             c.init.pid = pid;
@@ -826,9 +830,10 @@ impl HuskTask {
             if let (Some(agent), true) = (agent, alive) {
                 // A created container that never ran is taken down too.
                 let deleting = std::time::Instant::now();
-                match agent.delete_container(id, true).await {
-                    Ok(()) => steps::record(id, Step::Delete, deleting.elapsed()),
-                    Err(e) => tracing::warn!(container = %id, "deleting in the guest: {e}"),
+                match (agent.delete_container(id, true).await, &vm) {
+                    (Ok(()), Some(vm)) => vm.step(id, Step::Delete, deleting.elapsed()).await,
+                    (Ok(()), None) => steps::record(id, Step::Delete, deleting.elapsed()),
+                    (Err(e), _) => tracing::warn!(container = %id, "deleting in the guest: {e}"),
                 }
             }
             if let Some(vm) = &vm {

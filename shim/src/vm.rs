@@ -96,6 +96,9 @@ pub struct Vm {
     stopping: AtomicBool,
     /// The pod's network namespace, whose wiring goes with the VM.
     netns: Option<PathBuf>,
+    /// Whether husk-vmm profiles the guest (`profile_dir`): each step
+    /// then also ends a slice of the profile.
+    profiled: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -378,6 +381,7 @@ impl Vm {
             daemon_exit,
             stopping: AtomicBool::new(false),
             netns,
+            profiled: cfg.profile_dir.is_some(),
         };
         vm.prepare_guest(id, hostname, since).await?;
         if let Some(req) = net_config {
@@ -412,7 +416,7 @@ impl Vm {
             .personalize(ctx(), &req)
             .await
             .map_err(|e| VmError::Agent(format!("Personalize: {e}")))?;
-        steps::record(id, Step::VmStart, since.elapsed());
+        self.step(id, Step::VmStart, since.elapsed()).await;
         let mounting = std::time::Instant::now();
         let mut mount = MountSharedRequest::new();
         mount.tag = FS_TAG.into();
@@ -421,8 +425,39 @@ impl Vm {
             .mount_shared(ctx(), &mount)
             .await
             .map_err(|e| VmError::Agent(format!("MountShared: {e}")))?;
-        steps::record(id, Step::SharedMount, mounting.elapsed());
+        self.step(id, Step::SharedMount, mounting.elapsed()).await;
         Ok(())
+    }
+
+    /// Logs that `step` of `container` took `took`; in a profiled VM, also
+    /// ends the profile's slice for the step (husk-vmm's `profile_mark`),
+    /// so that each step has a profile of its own.
+    pub async fn step(&self, container: &str, step: Step, took: Duration) {
+        steps::record(container, step, took);
+        if !self.profiled {
+            return;
+        }
+        let line = format!(
+            "{{\"action\":\"profile_mark\",\"label\":\"{}\"}}\n",
+            step.name()
+        );
+        let api = self.dir.join("api.sock");
+        let asked = async {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let mut conn = tokio::net::UnixStream::connect(&api).await?;
+            conn.write_all(line.as_bytes()).await?;
+            let mut answer = String::new();
+            tokio::io::BufReader::new(conn)
+                .read_line(&mut answer)
+                .await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), asked).await {
+            Ok(Ok(a)) if a.contains("\"ok\":true") => {}
+            Ok(Ok(a)) => tracing::warn!("profile mark {}: {}", step.name(), a.trim()),
+            Ok(Err(e)) => tracing::warn!("profile mark {}: {e}", step.name()),
+            Err(_) => tracing::warn!("profile mark {}: no answer within 10 s", step.name()),
+        }
     }
 
     /// The pid of `husk-vmm` (the sandbox task's pid).

@@ -3,6 +3,7 @@
 //! ```text
 //! {"action":"state"}  ->  {"ok":true,"state":"running","uptime_ms":1234}
 //! {"action":"stop"}   ->  {"ok":true,"state":"stopping"}
+//! {"action":"profile_mark","label":"create"}  ->  {"ok":true,"path":"/x/p.01-create"}
 //! ```
 //!
 //! The socket is meant for the shim on the same host (mode 0600). Requests
@@ -24,6 +25,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::{
     persist::Persist,
+    profile::session::Session,
     vstate::control::{RunState, VcpuControl, Wanted},
 };
 
@@ -45,6 +47,9 @@ pub enum Request {
     /// Write a snapshot of the VM to an absolute path (the VM keeps its
     /// run state).
     Snapshot(PathBuf),
+    /// End a slice of the guest profile: the samples since the last mark
+    /// are written under this label (`profile::session`).
+    ProfileMark(String),
 }
 
 /// The wire form of a request: exactly one field, `action`.
@@ -54,6 +59,8 @@ struct RawRequest {
     action: String,
     #[serde(default)]
     path: Option<String>,
+    #[serde(default)]
+    label: Option<String>,
 }
 
 impl Request {
@@ -63,12 +70,19 @@ impl Request {
         if raw.path.is_some() && raw.action != "snapshot" {
             return Err(format!("action {:?} takes no path", raw.action));
         }
+        if raw.label.is_some() && raw.action != "profile_mark" {
+            return Err(format!("action {:?} takes no label", raw.action));
+        }
         match raw.action.as_str() {
             "snapshot" => match raw.path {
                 Some(p) if Path::new(&p).is_absolute() => Ok(Self::Snapshot(PathBuf::from(p))),
                 Some(p) => Err(format!("snapshot path {p:?} is not absolute")),
                 None => Err("snapshot needs a path".to_string()),
             },
+            "profile_mark" => raw
+                .label
+                .map(Self::ProfileMark)
+                .ok_or_else(|| "profile_mark needs a label".to_string()),
             "state" => Ok(Self::State),
             "stop" => Ok(Self::Stop),
             "pause" => Ok(Self::Pause),
@@ -107,6 +121,9 @@ pub struct Response {
     /// Bytes of guest memory a snapshot stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// The file a profile mark wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// Shared between the API handler and the VMM.
@@ -118,6 +135,8 @@ pub struct Shared {
     pub started: Instant,
     /// Set when a stop was requested through the API.
     pub stop_requested: bool,
+    /// The guest profile, when the VM is profiled.
+    pub profile: Option<Arc<Session>>,
 }
 
 /// Errors starting the API.
@@ -168,6 +187,7 @@ pub fn answer(
         uptime_ms: None,
         error: Some(e),
         memory_bytes: None,
+        path: None,
     };
     let done = |state| Response {
         ok: true,
@@ -175,6 +195,7 @@ pub fn answer(
         uptime_ms: None,
         error: None,
         memory_bytes: None,
+        path: None,
     };
     match Request::parse(line) {
         Ok(Request::Pause | Request::Resume) if shared.state == VmState::Stopping => {
@@ -190,9 +211,18 @@ pub fn answer(
                 uptime_ms: None,
                 error: None,
                 memory_bytes: Some(stats.memory_bytes),
+                path: None,
             },
             Some(Err(e)) => fail(format!("snapshot failed: {}", crate::error_chain(&e))),
             None => fail("this VM cannot be snapshotted".to_string()),
+        },
+        Ok(Request::ProfileMark(label)) => match shared.profile.as_ref().map(|p| p.mark(&label)) {
+            Some(Ok(path)) => Response {
+                path: Some(path.display().to_string()),
+                ..done(shared.state)
+            },
+            Some(Err(e)) => fail(crate::error_chain(&e)),
+            None => fail("this VM is not profiled (--profile-guest)".to_string()),
         },
         Ok(Request::Pause) => match steer(vcpus, Wanted::Pause, RunState::Paused) {
             true => {
@@ -216,6 +246,7 @@ pub fn answer(
             ),
             error: None,
             memory_bytes: None,
+            path: None,
         },
         Ok(Request::Stop) => {
             shared.stop_requested = true;
@@ -226,6 +257,7 @@ pub fn answer(
                 uptime_ms: None,
                 error: None,
                 memory_bytes: None,
+                path: None,
             }
         }
         Err(e) => Response {
@@ -234,6 +266,7 @@ pub fn answer(
             uptime_ms: None,
             error: Some(format!("bad request: {e}")),
             memory_bytes: None,
+            path: None,
         },
     }
 }
@@ -285,6 +318,7 @@ impl ApiServer {
                 uptime_ms: None,
                 error: Some(format!("reading the request: {e}")),
                 memory_bytes: None,
+                path: None,
             },
         };
         let stop = response.state == Some(VmState::Stopping) && response.ok;
@@ -339,6 +373,7 @@ mod tests {
             state: VmState::Running,
             started: Instant::now(),
             stop_requested: false,
+            profile: None,
         }
     }
 

@@ -202,14 +202,13 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         other => other?,
     };
     let mut vmm = vmm;
-    let profiler = profile
-        .as_ref()
-        .map(|p| vmm.enable_profiler(args.profile_hz, p.walk_stacks));
+    let session =
+        profile.map(|p| vmm.enable_profiler(args.profile_hz, p.walk_stacks, &p.out, p.symbols));
     tracing::info!(cmdline = %vmm.cmdline, "starting the VM");
     let reason = vmm.run()?;
     tracing::info!("VM ended: {reason}");
-    if let (Some(p), Some(profiler)) = (&profile, profiler) {
-        p.write(&profiler);
+    if let Some(session) = session {
+        write_profile(&session);
     }
     if reason.exit_code() != 0 {
         eprintln!("husk-vmm: {reason}");
@@ -257,21 +256,20 @@ impl GuestProfile {
             walk_stacks,
         })
     }
+}
 
-    /// Writes the profile; a failure is logged (the VM's outcome stands).
-    fn write(&self, profiler: &husk_vmm_core::profile::Profiler) {
-        let (counts, dropped) = profiler.snapshot();
-        let report = husk_vmm_core::profile::report::build(&counts, dropped, &self.symbols);
-        match report.write(&self.out) {
-            Ok(()) => tracing::info!(
-                samples = report.samples,
-                kernel = report.kernel,
-                "guest profile written to {}\n{}",
-                self.out.display(),
-                report.table(10)
-            ),
-            Err(e) => tracing::error!("writing the guest profile {}: {e}", self.out.display()),
-        }
+/// Writes the whole run's profile (and the last slice, if slices were
+/// marked); a failure is logged (the VM's outcome stands).
+fn write_profile(session: &husk_vmm_core::profile::session::Session) {
+    match session.finish() {
+        Ok(report) => tracing::info!(
+            samples = report.samples,
+            kernel = report.kernel,
+            "guest profile written to {}\n{}",
+            session.out().display(),
+            report.table(10)
+        ),
+        Err(e) => tracing::error!("writing the guest profile {}: {e}", session.out().display()),
     }
 }
 

@@ -56,7 +56,7 @@ use crate::{
     },
     memory::{create_guest_memory, GuestMemory},
     persist::{self, Persist, PersistError},
-    profile::Profiler,
+    profile::{session::Session, Profiler},
     seccomp::{self, ThreadKind},
     snapshot::Identity,
     template::{TemplateMaker, TemplateOutcome},
@@ -66,6 +66,14 @@ use crate::{
         vm,
     },
 };
+
+/// The guest kernel's TCP metrics cache size. The cache is a global hash
+/// table (8,192 buckets at husk's memory sizes) that every network
+/// namespace's exit scans in full: 0.3 s of emulated kernel work per
+/// container exit where guest kernel code is emulated (docs/profiling.md),
+/// for a cache of per-peer TCP parameters that a pod, talking to few
+/// peers, barely uses.
+pub const TCP_METRICS_BUCKETS: &str = "tcpmhash_entries=16";
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +365,7 @@ impl Vmm {
             "reboot=k".to_string(),
             "panic=-1".to_string(),
             "quiet".to_string(),
+            TCP_METRICS_BUCKETS.to_string(),
         ];
         let profile_words = profile.cmdline();
         if !profile_words.is_empty() {
@@ -536,6 +545,7 @@ impl Vmm {
             state: VmState::Running,
             started: Instant::now(),
             stop_requested: false,
+            profile: None,
         }));
         let outcome = Arc::new(Mutex::new(None));
         let template_outcome = Arc::new(Mutex::new(None));
@@ -605,13 +615,25 @@ impl Vmm {
 
     /// Profiles the guest while it runs (`profile`): each vCPU sampled `hz`
     /// times a second, kernel stacks walked if `walk_stacks` (the guest
-    /// kernel keeps frame pointers). The samples are read from the returned
-    /// profiler, during the run or after it.
-    pub fn enable_profiler(&mut self, hz: u32, walk_stacks: bool) -> Arc<Profiler> {
+    /// kernel keeps frame pointers). Reports go to `out`, named with
+    /// `symbols`: slices when the API marks them, the whole run when the
+    /// returned session finishes.
+    pub fn enable_profiler(
+        &mut self,
+        hz: u32,
+        walk_stacks: bool,
+        out: &std::path::Path,
+        symbols: crate::profile::symbols::Symbols,
+    ) -> Arc<Session> {
         let vcpus = u8::try_from(self.controls.len()).unwrap_or(u8::MAX);
         let p = Arc::new(Profiler::new(vcpus, hz, walk_stacks));
         self.profiler = Some(p.clone());
-        p
+        let session = Arc::new(Session::new(p, out, symbols));
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .profile = Some(session.clone());
+        session
     }
 
     /// Runs the VM to its end; returns why it ended.

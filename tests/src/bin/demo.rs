@@ -43,6 +43,10 @@ struct Args {
     /// Profile samples per second per vCPU (with --profile-dir).
     #[arg(long, default_value_t = 250)]
     profile_hz: u32,
+    /// Extra guest kernel command line words for the pod VM (`kernel_cmdline`
+    /// in husk.toml), for experiments.
+    #[arg(long)]
+    kernel_cmdline: Option<String>,
     /// The command the container runs instead of the demo script, e.g.
     /// `husk-demo --profile-dir /tmp/p -- /bin/true`.
     #[arg(last = true)]
@@ -78,6 +82,11 @@ fn container_demo(args: &Args, artifacts: &Artifacts) -> Result<()> {
     );
     c.import_test_image()?;
     println!("husk demo: built and imported {IMAGE} (busybox-static)");
+    if let Some(words) = &args.kernel_cmdline {
+        let mut toml = std::fs::read_to_string(&c.husk_toml)?;
+        toml.push_str(&format!("kernel_cmdline = {words:?}\n"));
+        std::fs::write(&c.husk_toml, toml)?;
+    }
     if let Some(profiles) = &args.profile_dir {
         let profiles = std::path::absolute(profiles)?;
         std::fs::create_dir_all(&profiles)

@@ -24,6 +24,7 @@
 //! alone, which still makes a correct flat profile.
 
 pub mod report;
+pub mod session;
 pub mod symbols;
 
 use std::{
