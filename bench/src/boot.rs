@@ -302,9 +302,9 @@ async fn main() -> Result<()> {
     let a = Artifacts::locate()?;
     let within = Duration::from_secs(args.timeout_s);
     let profile = CpuProfile::detect().cmdline();
-    let tcpm = husk_vmm_core::vmm::TCP_METRICS_BUCKETS;
-    let cmdline = format!("reboot=k panic=-1 quiet {tcpm} {profile} console=ttyS0 8250.nr_uarts=1")
-        .replace("  ", " ");
+    // husk-vmm's own words, so both VMMs boot the guest alike.
+    let base = husk_vmm_core::vmm::BASE_CMDLINE.join(" ");
+    let cmdline = format!("{base} {profile} console=ttyS0 8250.nr_uarts=1").replace("  ", " ");
     println!(
         "boot benchmark: {} runs each, {} MiB, marker {MARKER:?}",
         args.runs, args.mem_mib

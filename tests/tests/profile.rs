@@ -40,14 +40,16 @@ fn a_syscall_loop_shows_the_kernels_syscall_path() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("getppid calls"), "{out}");
 
-    // The profile is written when husk-vmm ends, just after the task goes.
+    // The whole run's profile (`<pod>.folded`) is written when husk-vmm
+    // ends, just after the task goes; the slices (`<pod>.folded.NN-step`)
+    // come earlier, one per step.
     let deadline = Instant::now() + Duration::from_secs(120);
     let top = loop {
         let found = std::fs::read_dir(profiles.path())
             .expect("profiles")
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "top"));
+            .find(|p| p.to_string_lossy().ends_with(".folded.top"));
         if let Some(p) = found {
             break p;
         }
@@ -124,5 +126,22 @@ fn a_syscall_loop_shows_the_kernels_syscall_path() {
         svg.starts_with("<?xml") && svg.contains("<svg"),
         "not an SVG"
     );
+    // One slice per step of the container's life, each with its samples.
+    let names: Vec<String> = std::fs::read_dir(profiles.path())
+        .expect("profiles")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for step in ["vm_start", "create", "start", "exit", "delete", "rest"] {
+        let slice = names
+            .iter()
+            .find(|n| n.ends_with(&format!("-{step}")))
+            .unwrap_or_else(|| panic!("no {step} slice among {names:?}"));
+        let text = std::fs::read_to_string(profiles.path().join(slice)).expect("slice");
+        assert!(
+            step == "rest" || !text.trim().is_empty(),
+            "the {step} slice is empty"
+        );
+    }
     c.assert_nothing_left_within(Duration::from_secs(30));
 }

@@ -149,8 +149,8 @@ impl MutEventSubscriber for TemplateMaker {
 
 /// The name of the template for a VM described by `config`: a hash of
 /// everything the template's contents depend on (guest kernel and
-/// initramfs bytes, kernel command line, VM shape, devices, CPU profile,
-/// husk version). A change to any of them names a new template.
+/// initramfs bytes, kernel command line: husk-vmm's own words and the
+/// extra ones, VM shape, devices, CPU profile, husk version). A change to any of them names a new template.
 pub fn key(
     config: &crate::VmConfig,
     profile: crate::arch::cpuid::CpuProfile,
@@ -172,6 +172,8 @@ pub fn key(
         }
         h.update([0xff]);
     }
+    h.update(crate::vmm::BASE_CMDLINE.join(" ").as_bytes());
+    h.update([0]);
     h.update(config.extra_cmdline.trim().as_bytes());
     h.update([0]);
     h.update(profile.cmdline().as_bytes());

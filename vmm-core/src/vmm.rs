@@ -75,6 +75,11 @@ use crate::{
 /// peers, barely uses.
 pub const TCP_METRICS_BUCKETS: &str = "tcpmhash_entries=16";
 
+/// The kernel command line words every husk guest boots with, before the
+/// CPU profile's and the devices' words. Part of the template key: a
+/// template booted with other words is another template.
+pub const BASE_CMDLINE: [&str; 4] = ["reboot=k", "panic=-1", "quiet", TCP_METRICS_BUCKETS];
+
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
@@ -361,12 +366,7 @@ impl Vmm {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
-        let mut cmdline = vec![
-            "reboot=k".to_string(),
-            "panic=-1".to_string(),
-            "quiet".to_string(),
-            TCP_METRICS_BUCKETS.to_string(),
-        ];
+        let mut cmdline: Vec<String> = BASE_CMDLINE.iter().map(|w| w.to_string()).collect();
         let profile_words = profile.cmdline();
         if !profile_words.is_empty() {
             cmdline.push(profile_words.to_string());
