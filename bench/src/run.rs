@@ -6,7 +6,8 @@
 //! - `ctr task metrics` of a running container (what the kubelet's stats
 //!   polling costs: for husk a round trip to the guest's cgroup files);
 //! - the time of each step of a husk container's life (VM start, shared
-//!   directory mount, create, start, first output, exit, delete, VM gone),
+//!   directory mount, create, start, first output, exit, an exec's start
+//!   and exit, delete, VM gone),
 //!   from the step lines the shim logs ([`husk_shim::steps`]): medians
 //!   over the measured runs and the idle container (the only one that
 //!   prints, so the only one with a first output);

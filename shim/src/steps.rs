@@ -29,6 +29,10 @@ pub enum Step {
     FirstOutput,
     /// From the start to the exit known on the host (TaskExit).
     Exit,
+    /// An exec's process started (`ctr task exec`, `kubectl exec`).
+    ExecStart,
+    /// From an exec's start to its exit known on the host.
+    ExecExit,
     /// The container deleted in the guest.
     Delete,
     /// The pod VM shut down and its processes gone.
@@ -37,13 +41,15 @@ pub enum Step {
 
 impl Step {
     /// Every step, in order.
-    pub const ALL: [Step; 8] = [
+    pub const ALL: [Step; 10] = [
         Step::VmStart,
         Step::SharedMount,
         Step::Create,
         Step::Start,
         Step::FirstOutput,
         Step::Exit,
+        Step::ExecStart,
+        Step::ExecExit,
         Step::Delete,
         Step::VmGone,
     ];
@@ -57,6 +63,8 @@ impl Step {
             Step::Start => "start",
             Step::FirstOutput => "first_output",
             Step::Exit => "exit",
+            Step::ExecStart => "exec_start",
+            Step::ExecExit => "exec_exit",
             Step::Delete => "delete",
             Step::VmGone => "vm_gone",
         }

@@ -191,16 +191,18 @@ impl HuskTask {
                 first_output = io.first_output();
             }
             this.record_exit(&id, &exec_id, pid, code).await;
-            if let (Some(started), true) = (started, exec_id.is_empty()) {
-                if let Some(first) = first_output {
+            if let Some(started) = started {
+                let init = exec_id.is_empty();
+                if let (Some(first), true) = (first_output, init) {
                     steps::record(
                         &id,
                         Step::FirstOutput,
                         first.saturating_duration_since(started),
                     );
                 }
+                let step = if init { Step::Exit } else { Step::ExecExit };
                 if let Ok(vm) = this.vm().await {
-                    vm.step(&id, Step::Exit, started.elapsed()).await;
+                    vm.step(&id, step, started.elapsed()).await;
                 }
             }
         });
@@ -747,15 +749,18 @@ impl HuskTask {
                 .map_err(TaskError::Stdio)?;
             (p.spec.clone(), io)
         };
+        let starting = std::time::Instant::now();
         let pid = vm
             .guest
             .exec_process(id, exec_id, &spec, io.stdio())
             .await
             .map_err(|e| TaskError::agent("starting the process", e))?;
+        vm.step(id, Step::ExecStart, starting.elapsed()).await;
         if let Ok(p) = self.state.lock().await.containers.process_mut(id, exec_id) {
             p.pid = pid;
             p.phase = Phase::Running;
             p.io = Some(io);
+            p.started = Some(starting);
         }
         self.spawn_waiter(id.to_string(), exec_id.to_string(), pid);
         let mut ev = TaskExecStarted::new();

@@ -188,6 +188,12 @@ async fn vm_boots_agent_serves_streams_and_shuts_down_cleanly() {
             >= 2,
         "the agent logged its refusals:\n{console}"
     );
+    // The runtime helper server is up before the agent announces itself
+    // ready (so templates hold it started).
+    assert!(
+        console.contains("runtime helper server ready"),
+        "the agent started no runtime helper server:\n{console}"
+    );
 
     // Garbage on the vsock socket: that connection is dropped, nothing else.
     for garbage in [
