@@ -545,13 +545,13 @@ fn devnull() -> Result<OwnedFd> {
 /// a child of the helper server ([`crate::helper`]), or, without one, a
 /// fresh process of the agent binary. Its pid.
 async fn start_helper(args: Vec<String>, stdio: [OwnedFd; 3]) -> Result<i32> {
-    let mut stdio = stdio;
+    let (mut args, mut stdio) = (args, stdio);
     if let Some(server) = crate::helper::server() {
-        let asked = args.clone();
+        // The arguments and descriptors come back for the fallback.
         let (answer, back) = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = asked.iter().map(String::as_str).collect();
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             let answer = server.run(&refs, [&stdio[0], &stdio[1], &stdio[2]]);
-            (answer, stdio)
+            (answer, (args, stdio))
         })
         .await
         .map_err(|e| ContainerError::Failed(format!("runtime helper server: {e}")))?;
@@ -559,7 +559,7 @@ async fn start_helper(args: Vec<String>, stdio: [OwnedFd; 3]) -> Result<i32> {
             Ok(pid) => return Ok(pid),
             Err(e) => tracing::warn!("{e}; starting the runtime helper binary instead"),
         }
-        stdio = back;
+        (args, stdio) = back;
     }
     let [stdin, stdout, stderr] = stdio;
     let child = std::process::Command::new("/proc/self/exe")

@@ -9,8 +9,8 @@
 //!   directory mount, create, start, first output, exit, an exec's start
 //!   and exit, delete, VM gone),
 //!   from the step lines the shim logs ([`husk_shim::steps`]): medians
-//!   over the measured runs and the idle container (the only one that
-//!   prints, so the only one with a first output);
+//!   over the measured runs, and for the first output and the execs over
+//!   the idle container (the one that prints and is exec'd into);
 //! - host memory of one idle container, each page once
 //!   ([`husk_e2e::hostmem`]): the PSS of the shim and everything it started
 //!   (runc: the container's processes; husk: husk-vmm and husk-virtiofsd)
@@ -199,8 +199,11 @@ struct Report {
     runc_metrics_s: Vec<f64>,
 }
 
-/// The median of each step over the measured husk containers (`husk-N`
-/// and the idle one; not the warm-up), and how many samples each has.
+/// The median of each step and how many samples it has. The life steps
+/// come from the measured `/bin/true` runs (`husk-N`) alone; the idle
+/// container (`husk-idle`), whose life is different (it prints, is
+/// exec'd into, then killed), gives only what those runs lack: the first
+/// output and the exec steps.
 fn step_medians(
     log: &str,
     runs: usize,
@@ -208,13 +211,16 @@ fn step_medians(
     std::collections::BTreeMap<String, f64>,
     std::collections::BTreeMap<String, usize>,
 ) {
-    let measured: Vec<String> = (0..runs)
-        .map(|i| format!("husk-{i}"))
-        .chain(["husk-idle".to_string()])
-        .collect();
+    let runs: Vec<String> = (0..runs).map(|i| format!("husk-{i}")).collect();
+    let from_idle = [Step::FirstOutput, Step::ExecStart, Step::ExecExit].map(Step::name);
     let mut by_step: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     for t in steps::parse(log) {
-        if measured.contains(&t.container) {
+        let wanted = if from_idle.contains(&t.step.as_str()) {
+            t.container == "husk-idle"
+        } else {
+            runs.contains(&t.container)
+        };
+        if wanted {
             by_step.entry(t.step).or_default().push(t.seconds);
         }
     }

@@ -143,6 +143,53 @@ mod tests {
         );
     }
 
+    /// A writer into a shared buffer, for a test subscriber.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn what_record_logs_parses_back() {
+        // The shim's own log format (main.rs), not a hand-written line.
+        let buf = Buffer::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_target(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            record("c1", Step::Create, Duration::from_millis(1234));
+            record("c1", Step::VmGone, Duration::from_millis(20));
+        });
+        let log = String::from_utf8(buf.0.lock().expect("buffer").clone()).expect("utf-8");
+        assert_eq!(
+            parse(&log),
+            [
+                Timed {
+                    container: "c1".into(),
+                    step: "create".into(),
+                    seconds: 1.234
+                },
+                Timed {
+                    container: "c1".into(),
+                    step: "vm_gone".into(),
+                    seconds: 0.02
+                },
+            ],
+            "{log}"
+        );
+    }
+
     #[test]
     fn names_are_distinct() {
         let mut names: Vec<_> = Step::ALL.iter().map(|s| s.name()).collect();

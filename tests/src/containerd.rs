@@ -330,6 +330,31 @@ impl Containerd {
         Ok(())
     }
 
+    /// Sets `key` in the shim's husk.toml to `value` (a TOML value, e.g.
+    /// `"\"/x\""` or `250`): the key's line is replaced if there is one,
+    /// else added. Pod VMs started afterwards see it.
+    pub fn set_husk(&self, key: &str, value: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.husk_toml)?;
+        let line = format!("{key} = {value}");
+        let mut found = false;
+        let mut lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.split('=').next().is_some_and(|k| k.trim() == key) {
+                    found = true;
+                    line.clone()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        if !found {
+            lines.push(line);
+        }
+        std::fs::write(&self.husk_toml, lines.join("\n") + "\n")?;
+        Ok(())
+    }
+
     /// `ctr run --runtime husk` arguments (before the image and id).
     pub fn run_args(&self) -> Vec<String> {
         vec![

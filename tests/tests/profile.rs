@@ -23,16 +23,15 @@ fn a_syscall_loop_shows_the_kernels_syscall_path() {
     let profiles = TestDir::new("profile-out").expect("dir");
     let c = Containerd::start(&artifacts, dir.path(), templates.path()).expect("containerd");
     c.import_test_image().expect("image");
-    let mut toml = std::fs::read_to_string(&c.husk_toml).expect("husk.toml");
+    let toml = std::fs::read_to_string(&c.husk_toml).expect("husk.toml");
     let kernel = artifacts.profiling_kernel().expect("profiling kernel");
     let default_line = format!("kernel = \"{}\"", artifacts.kernel.display());
     assert!(toml.contains(&default_line), "{toml}");
-    toml = toml.replace(&default_line, &format!("kernel = \"{}\"", kernel.display()));
-    toml.push_str(&format!(
-        "profile_dir = \"{}\"\nprofile_hz = 250\n",
-        profiles.path().display(),
-    ));
-    std::fs::write(&c.husk_toml, toml).expect("husk.toml");
+    let quoted = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+    c.set_husk("kernel", &quoted(&kernel)).expect("husk.toml");
+    c.set_husk("profile_dir", &quoted(profiles.path()))
+        .expect("husk.toml");
+    c.set_husk("profile_hz", "250").expect("husk.toml");
 
     let mut args = c.run_args();
     args.extend(["--rm", IMAGE, "prof1", "husk-testprog", "syscalls", "8"].map(String::from));
@@ -126,6 +125,18 @@ fn a_syscall_loop_shows_the_kernels_syscall_path() {
         svg.starts_with("<?xml") && svg.contains("<svg"),
         "not an SVG"
     );
+    // The shim logged each step of prof1's life, and cut a slice for it.
+    let logged: Vec<String> = husk_shim::steps::parse(&c.log())
+        .into_iter()
+        .filter(|t| t.container == "prof1")
+        .map(|t| t.step)
+        .collect();
+    for step in ["vm_start", "create", "start", "exit", "delete"] {
+        assert!(
+            logged.iter().any(|s| s == step),
+            "no {step} step logged for prof1: {logged:?}"
+        );
+    }
     // One slice per step of the container's life, each with its samples.
     let names: Vec<String> = std::fs::read_dir(profiles.path())
         .expect("profiles")

@@ -83,33 +83,24 @@ fn container_demo(args: &Args, artifacts: &Artifacts) -> Result<()> {
     c.import_test_image()?;
     println!("husk demo: built and imported {IMAGE} (busybox-static)");
     if let Some(words) = &args.kernel_cmdline {
-        let mut toml = std::fs::read_to_string(&c.husk_toml)?;
-        toml.push_str(&format!("kernel_cmdline = {words:?}\n"));
-        std::fs::write(&c.husk_toml, toml)?;
+        c.set_husk("kernel_cmdline", &format!("{words:?}"))?;
     }
     if let Some(profiles) = &args.profile_dir {
         let profiles = std::path::absolute(profiles)?;
         std::fs::create_dir_all(&profiles)
             .with_context(|| format!("creating {}", profiles.display()))?;
-        let mut toml = std::fs::read_to_string(&c.husk_toml)?;
+        let quoted = |p: &std::path::Path| format!("{:?}", p.display().to_string());
         // Stacks need the kernel with frame pointers; without it the
         // profile is flat (the function sampled only).
         match artifacts.profiling_kernel() {
             Ok(k) => {
-                toml = toml.replace(
-                    &format!("kernel = \"{}\"", artifacts.kernel.display()),
-                    &format!("kernel = \"{}\"", k.display()),
-                );
+                c.set_husk("kernel", &quoted(&k))?;
                 println!("husk demo: on the profiling kernel {}", k.display());
             }
             Err(e) => println!("husk demo: flat profile only: {e}"),
         }
-        toml.push_str(&format!(
-            "profile_dir = \"{}\"\nprofile_hz = {}\n",
-            profiles.display(),
-            args.profile_hz
-        ));
-        std::fs::write(&c.husk_toml, toml)?;
+        c.set_husk("profile_dir", &quoted(&profiles))?;
+        c.set_husk("profile_hz", &args.profile_hz.to_string())?;
         println!(
             "husk demo: profiling the guest at {} Hz into {}",
             args.profile_hz,

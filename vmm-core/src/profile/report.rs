@@ -35,6 +35,13 @@ pub struct Row {
     pub total: u64,
 }
 
+/// `path` with `suffix` appended to its file name (`p` + `.svg`).
+pub(super) fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    std::path::PathBuf::from(p)
+}
+
 /// The name of a code address: its function, or the address itself.
 fn frame(symbols: &Symbols, addr: u64) -> String {
     symbols
@@ -163,11 +170,7 @@ impl Report {
     /// table of the 40 busiest functions). With no samples there is no
     /// flame graph to draw: the SVG is skipped and the table says so.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let with = |ext: &str| {
-            let mut p = path.as_os_str().to_owned();
-            p.push(ext);
-            std::path::PathBuf::from(p)
-        };
+        let with = |ext: &str| with_suffix(path, ext);
         let mut folded = std::fs::File::create(path)?;
         for line in &self.folded {
             writeln!(folded, "{line}")?;

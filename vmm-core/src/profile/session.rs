@@ -15,7 +15,11 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use super::{report, symbols::Symbols, Profiler, Sample};
+use super::{
+    report::{self, with_suffix},
+    symbols::Symbols,
+    Profiler, Sample,
+};
 
 /// The longest slice label.
 const MAX_LABEL: usize = 48;
@@ -57,14 +61,6 @@ fn since(a: &HashMap<Sample, u64>, b: &HashMap<Sample, u64>) -> HashMap<Sample, 
         .collect()
 }
 
-/// `path` with `.suffix` appended to its file name.
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".");
-    p.push(suffix);
-    PathBuf::from(p)
-}
-
 impl Session {
     /// Reports of `profiler`'s samples go to `out` (and `out.NN-label`),
     /// named with `symbols`.
@@ -97,7 +93,7 @@ impl Session {
         let (counts, dropped) = self.profiler.snapshot();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let slice = since(&counts, &last.counts);
-        let path = with_suffix(&self.out, &format!("{:02}-{label}", last.slices + 1));
+        let path = with_suffix(&self.out, &format!(".{:02}-{label}", last.slices + 1));
         report::build(&slice, dropped.saturating_sub(last.dropped), &self.symbols)
             .write(&path)
             .map_err(|e| MarkError::Write(path.clone(), e))?;
