@@ -28,7 +28,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 	containernetworking-plugins iproute2
 
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS := vsock_packets vsock_tx_chain net_tx_chain mmio_transport emulate_step ready_line guest_metrics profile_stack_walk
+FUZZ_TARGETS := vsock_packets vsock_tx_chain net_tx_chain balloon_queues mmio_transport emulate_step ready_line guest_metrics profile_stack_walk
 
 .PHONY: all deps build kernel kernel-profiling agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod soak fuzz-smoke clean
 

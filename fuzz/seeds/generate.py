@@ -46,6 +46,22 @@ def tx_memory(descs, heads, blobs):
     return bytes(mem)
 
 
+def balloon_queues():
+    # First byte: 0 reports, 1 page lists, 2 statistics; then guest memory.
+    write("balloon_queues", "report-two-ranges", b"\x00" + tx_memory(
+        [desc(0x1000, 0x1000, NEXT | WRITE, 1), desc(0x3000, 0x2000, WRITE)], [0], {}))
+    write("balloon_queues", "report-then-unaligned", b"\x00" + tx_memory(
+        [desc(0x4000, 0x1000, WRITE), desc(0x4100, 0x1000, WRITE)], [0, 1], {}))
+    pfns = struct.pack("<4I", 4, 5, 6, 9)
+    write("balloon_queues", "inflate-list", b"\x01" + tx_memory(
+        [desc(0x300, len(pfns))], [0], {0x300: pfns}))
+    stats = b"".join(struct.pack("<HQ", t, v) for t, v in
+                     [(4, 1 << 20), (5, 128 << 20), (6, 64 << 20), (7, 1 << 22)])
+    write("balloon_queues", "stats-two-descriptors", b"\x02" + tx_memory(
+        [desc(0x300, 20, NEXT, 1), desc(0x320, len(stats) - 20)], [0],
+        {0x300: stats[:20], 0x320: stats[20:]}))
+
+
 def vsock_tx_chain():
     rw = vsock_hdr(5, 10)
     # RW packet: header and payload in two descriptors.
@@ -142,6 +158,7 @@ def net_tx_chain():
 
 if __name__ == "__main__":
     net_tx_chain()
+    balloon_queues()
     vsock_packets()
     vsock_tx_chain()
     mmio_activation()

@@ -65,6 +65,12 @@ pub struct Config {
     pub profile_dir: Option<PathBuf>,
     /// Profile samples per second per vCPU.
     pub profile_hz: u32,
+    /// Free page reporting: memory the guest frees goes back to the host
+    /// (virtio-balloon; docs/memory.md).
+    pub free_page_reporting: bool,
+    /// How often the guest's balloon driver refreshes its memory
+    /// statistics, seconds (0: no statistics).
+    pub balloon_stats_secs: u32,
 }
 
 impl Default for Config {
@@ -85,6 +91,8 @@ impl Default for Config {
             serial_console: false,
             profile_dir: None,
             profile_hz: 97,
+            free_page_reporting: true,
+            balloon_stats_secs: 0,
         }
     }
 }
@@ -118,6 +126,9 @@ impl Config {
         }
         if cfg.profile_hz == 0 || cfg.profile_hz > 10_000 {
             return invalid("profile_hz must be 1 to 10000");
+        }
+        if cfg.balloon_stats_secs > 3600 {
+            return invalid("balloon_stats_secs must be 0 to 3600");
         }
         if cfg.profile_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
             return invalid("profile_dir must be an absolute path");

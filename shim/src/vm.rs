@@ -263,6 +263,16 @@ impl Vm {
             .arg(&fs_sock)
             .args(["--fs-tag", FS_TAG, "--log", "info"]);
         cmd.arg("--virtiofsd").arg(cfg.virtiofsd_binary());
+        // Every VM has a balloon: the host can always take memory back
+        // through the VMM's API; free page reporting gives it back unasked.
+        cmd.args([
+            "--balloon",
+            &format!(
+                "reporting={},stats={}",
+                if cfg.free_page_reporting { "on" } else { "off" },
+                cfg.balloon_stats_secs
+            ),
+        ]);
         if cfg.template_start {
             cmd.arg("--template-dir").arg(&cfg.template_dir);
         }

@@ -4,6 +4,8 @@
 //! {"action":"state"}  ->  {"ok":true,"state":"running","uptime_ms":1234}
 //! {"action":"stop"}   ->  {"ok":true,"state":"stopping"}
 //! {"action":"profile_mark","label":"create"}  ->  {"ok":true,"path":"/x/p.01-create"}
+//! {"action":"balloon_target","target_mib":64}  ->  {"ok":true,"state":"running"}
+//! {"action":"balloon"}  ->  {"ok":true,"state":"running","balloon":{"target_mib":64,...}}
 //! ```
 //!
 //! The socket is meant for the shim on the same host (mode 0600). Requests
@@ -24,6 +26,7 @@ use std::{
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use crate::{
+    devices::virtio::balloon::{BalloonControl, BalloonReport},
     persist::Persist,
     profile::session::Session,
     vstate::control::{RunState, VcpuControl, Wanted},
@@ -50,6 +53,11 @@ pub enum Request {
     /// End a slice of the guest profile: the samples since the last mark
     /// are written under this label (`profile::session`).
     ProfileMark(String),
+    /// Set the balloon's target size in MiB (0: give the guest all its
+    /// memory back).
+    BalloonTarget(u64),
+    /// Report the balloon: target, actual size, guest statistics, counters.
+    Balloon,
 }
 
 /// The wire form of a request: exactly one field, `action`.
@@ -61,6 +69,8 @@ struct RawRequest {
     path: Option<String>,
     #[serde(default)]
     label: Option<String>,
+    #[serde(default)]
+    target_mib: Option<u64>,
 }
 
 impl Request {
@@ -73,7 +83,15 @@ impl Request {
         if raw.label.is_some() && raw.action != "profile_mark" {
             return Err(format!("action {:?} takes no label", raw.action));
         }
+        if raw.target_mib.is_some() && raw.action != "balloon_target" {
+            return Err(format!("action {:?} takes no target_mib", raw.action));
+        }
         match raw.action.as_str() {
+            "balloon_target" => raw
+                .target_mib
+                .map(Self::BalloonTarget)
+                .ok_or_else(|| "balloon_target needs target_mib".to_string()),
+            "balloon" => Ok(Self::Balloon),
             "snapshot" => match raw.path {
                 Some(p) if Path::new(&p).is_absolute() => Ok(Self::Snapshot(PathBuf::from(p))),
                 Some(p) => Err(format!("snapshot path {p:?} is not absolute")),
@@ -105,7 +123,7 @@ pub enum VmState {
 }
 
 /// A response on the API socket.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Response {
     /// Whether the request was understood and done.
     pub ok: bool,
@@ -124,6 +142,9 @@ pub struct Response {
     /// The file a profile mark wrote.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The balloon's target, state, guest statistics and counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonReport>,
 }
 
 /// Shared between the API handler and the VMM.
@@ -137,6 +158,8 @@ pub struct Shared {
     pub stop_requested: bool,
     /// The guest profile, when the VM is profiled.
     pub profile: Option<Arc<Session>>,
+    /// The balloon, when the VM has one.
+    pub balloon: Option<BalloonControl>,
 }
 
 /// Errors starting the API.
@@ -182,20 +205,13 @@ pub fn answer(
     persist: Option<&Persist>,
 ) -> Response {
     let fail = |e: String| Response {
-        ok: false,
-        state: None,
-        uptime_ms: None,
         error: Some(e),
-        memory_bytes: None,
-        path: None,
+        ..Response::default()
     };
     let done = |state| Response {
         ok: true,
         state: Some(state),
-        uptime_ms: None,
-        error: None,
-        memory_bytes: None,
-        path: None,
+        ..Response::default()
     };
     match Request::parse(line) {
         Ok(Request::Pause | Request::Resume) if shared.state == VmState::Stopping => {
@@ -208,10 +224,8 @@ pub fn answer(
             Some(Ok(stats)) => Response {
                 ok: true,
                 state: Some(shared.state),
-                uptime_ms: None,
-                error: None,
                 memory_bytes: Some(stats.memory_bytes),
-                path: None,
+                ..Response::default()
             },
             Some(Err(e)) => fail(format!("snapshot failed: {}", crate::error_chain(&e))),
             None => fail("this VM cannot be snapshotted".to_string()),
@@ -223,6 +237,20 @@ pub fn answer(
             },
             Some(Err(e)) => fail(crate::error_chain(&e)),
             None => fail("this VM is not profiled (--profile-guest)".to_string()),
+        },
+        Ok(Request::BalloonTarget(mib)) => {
+            match shared.balloon.as_ref().map(|b| b.set_target_mib(mib)) {
+                Some(Ok(())) => done(shared.state),
+                Some(Err(e)) => fail(e),
+                None => fail("this VM has no balloon device".to_string()),
+            }
+        }
+        Ok(Request::Balloon) => match shared.balloon.as_ref() {
+            Some(b) => Response {
+                balloon: Some(b.report()),
+                ..done(shared.state)
+            },
+            None => fail("this VM has no balloon device".to_string()),
         },
         Ok(Request::Pause) => match steer(vcpus, Wanted::Pause, RunState::Paused) {
             true => {
@@ -244,9 +272,7 @@ pub fn answer(
             uptime_ms: Some(
                 u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             ),
-            error: None,
-            memory_bytes: None,
-            path: None,
+            ..Response::default()
         },
         Ok(Request::Stop) => {
             shared.stop_requested = true;
@@ -254,19 +280,12 @@ pub fn answer(
             Response {
                 ok: true,
                 state: Some(VmState::Stopping),
-                uptime_ms: None,
-                error: None,
-                memory_bytes: None,
-                path: None,
+                ..Response::default()
             }
         }
         Err(e) => Response {
-            ok: false,
-            state: None,
-            uptime_ms: None,
             error: Some(format!("bad request: {e}")),
-            memory_bytes: None,
-            path: None,
+            ..Response::default()
         },
     }
 }
@@ -313,12 +332,8 @@ impl ApiServer {
                 answer(&line, &mut shared, &self.vcpus, Some(&self.persist))
             }
             Err(e) => Response {
-                ok: false,
-                state: None,
-                uptime_ms: None,
                 error: Some(format!("reading the request: {e}")),
-                memory_bytes: None,
-                path: None,
+                ..Response::default()
             },
         };
         let stop = response.state == Some(VmState::Stopping) && response.ok;
@@ -374,7 +389,27 @@ mod tests {
             started: Instant::now(),
             stop_requested: false,
             profile: None,
+            balloon: None,
         }
+    }
+
+    #[test]
+    fn balloon_requests_parse_and_need_a_balloon() {
+        assert_eq!(
+            Request::parse("{\"action\":\"balloon_target\",\"target_mib\":64}"),
+            Ok(Request::BalloonTarget(64))
+        );
+        assert_eq!(
+            Request::parse("{\"action\":\"balloon\"}"),
+            Ok(Request::Balloon)
+        );
+        assert!(Request::parse("{\"action\":\"balloon_target\"}").is_err());
+        assert!(Request::parse("{\"action\":\"state\",\"target_mib\":1}").is_err());
+        assert!(Request::parse("{\"action\":\"balloon_target\",\"target_mib\":-1}").is_err());
+        let mut s = shared();
+        let r = answer("{\"action\":\"balloon\"}", &mut s, &[], None);
+        assert!(!r.ok);
+        assert!(r.error.expect("error").contains("no balloon"));
     }
 
     #[test]

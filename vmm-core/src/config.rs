@@ -53,6 +53,9 @@ pub enum ConfigError {
     /// A network device setting is malformed or out of range.
     #[error("network device: {0}")]
     Net(String),
+    /// A balloon device setting is malformed or out of range.
+    #[error("balloon device: {0}")]
+    Balloon(String),
 }
 
 /// Vsock device settings (Firecracker-style hybrid vsock).
@@ -158,6 +161,116 @@ impl NetConfig {
     }
 }
 
+/// Longest statistics interval, seconds (a sanity bound).
+pub const MAX_STATS_INTERVAL_S: u32 = 3600;
+/// Largest free page reporting order the guest kernel takes (its
+/// `MAX_ORDER - 1`: 4 MiB blocks).
+pub const MAX_REPORTING_ORDER: u8 = 10;
+/// The default free page reporting order: 2 MiB blocks (docs/memory.md
+/// says how it was chosen).
+pub const DEFAULT_REPORTING_ORDER: u8 = 9;
+
+/// A virtio-balloon device (see `devices::virtio::balloon`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer free page reporting: the guest returns pages it freed.
+    pub free_page_reporting: bool,
+    /// The smallest free block the guest reports: 2^order pages
+    /// (`page_reporting.page_reporting_order` on its command line).
+    pub reporting_order: u8,
+    /// Offer the statistics queue, refreshed every this many seconds
+    /// (0: no statistics).
+    pub stats_interval_s: u32,
+    /// Offer deflate-on-OOM: the guest takes pages back from the balloon
+    /// before it would OOM-kill.
+    pub deflate_on_oom: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self {
+            free_page_reporting: true,
+            reporting_order: DEFAULT_REPORTING_ORDER,
+            stats_interval_s: 0,
+            deflate_on_oom: true,
+        }
+    }
+}
+
+impl BalloonConfig {
+    /// Parses `[reporting=on|off][,order=N][,stats=SECONDS][,deflate-on-oom=on|off]`
+    /// (defaults: reporting on at order 9, no statistics, deflate-on-OOM on).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |m: String| ConfigError::Balloon(m);
+        let on_off = |k: &str, v: &str| match v {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(bad(format!("{k}={v:?}: expected on or off"))),
+        };
+        let mut c = Self::default();
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            match k {
+                "reporting" => c.free_page_reporting = on_off(k, v)?,
+                "deflate-on-oom" => c.deflate_on_oom = on_off(k, v)?,
+                "order" => {
+                    c.reporting_order = v
+                        .parse()
+                        .map_err(|_| bad(format!("bad reporting order {v:?}")))?;
+                }
+                "stats" => {
+                    c.stats_interval_s = v
+                        .parse()
+                        .map_err(|_| bad(format!("bad statistics interval {v:?}")))?;
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {k:?} (reporting, order, stats, deflate-on-oom)"
+                    )))
+                }
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.reporting_order > MAX_REPORTING_ORDER {
+            return Err(ConfigError::Balloon(format!(
+                "reporting order {} is over {MAX_REPORTING_ORDER}",
+                self.reporting_order
+            )));
+        }
+        if self.stats_interval_s > MAX_STATS_INTERVAL_S {
+            return Err(ConfigError::Balloon(format!(
+                "statistics interval {} s is over {MAX_STATS_INTERVAL_S} s",
+                self.stats_interval_s
+            )));
+        }
+        Ok(())
+    }
+
+    /// How often to ask for statistics, if at all.
+    pub fn stats_interval(&self) -> Option<std::time::Duration> {
+        (self.stats_interval_s > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(self.stats_interval_s)))
+    }
+
+    /// The form [`Self::parse`] reads.
+    pub fn to_arg(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        format!(
+            "reporting={},order={},stats={},deflate-on-oom={}",
+            on(self.free_page_reporting),
+            self.reporting_order,
+            self.stats_interval_s,
+            on(self.deflate_on_oom)
+        )
+    }
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -204,6 +317,8 @@ pub struct VmConfig {
     pub fs: Option<FsConfig>,
     /// The network device, if any.
     pub net: Option<NetConfig>,
+    /// The balloon device, if any.
+    pub balloon: Option<BalloonConfig>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
     /// Confine every VMM thread with its seccomp filter (see `seccomp`).
@@ -229,6 +344,7 @@ impl VmConfig {
             api_socket: None,
             fs: None,
             net: None,
+            balloon: None,
             kvm_device: PathBuf::from("/dev/kvm"),
             seccomp: true,
             restore_from: None,
@@ -266,6 +382,9 @@ impl VmConfig {
         if let Some(net) = &self.net {
             net.validate()?;
         }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate()?;
+        }
         for word in self.extra_cmdline.split_ascii_whitespace() {
             if word.starts_with("virtio_mmio.device=") || word.starts_with("8250.nr_uarts=") {
                 return Err(ConfigError::Cmdline(word.to_string()));
@@ -298,6 +417,32 @@ fn check_socket_path(path: &Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balloon_settings_parse_round_trip_and_are_checked() {
+        assert_eq!(BalloonConfig::parse(""), Ok(BalloonConfig::default()));
+        let c = BalloonConfig::parse("reporting=off,order=5,stats=10,deflate-on-oom=off")
+            .expect("parse");
+        assert!(!c.free_page_reporting && !c.deflate_on_oom);
+        assert_eq!((c.reporting_order, c.stats_interval_s), (5, 10));
+        assert_eq!(BalloonConfig::parse(&c.to_arg()), Ok(c));
+        assert_eq!(c.stats_interval(), Some(std::time::Duration::from_secs(10)));
+        assert_eq!(BalloonConfig::default().stats_interval(), None);
+        for bad in [
+            "reporting=yes",
+            "order=11",
+            "order=-1",
+            "stats=3601",
+            "stats=x",
+            "colour=red",
+            "reporting",
+        ] {
+            assert!(
+                matches!(BalloonConfig::parse(bad), Err(ConfigError::Balloon(_))),
+                "{bad}"
+            );
+        }
+    }
 
     fn valid() -> VmConfig {
         VmConfig {

@@ -28,7 +28,7 @@ pub mod template;
 pub mod vmm;
 pub mod vstate;
 
-pub use config::{NetConfig, TapSource, VmConfig, VsockConfig};
+pub use config::{BalloonConfig, NetConfig, TapSource, VmConfig, VsockConfig};
 pub use vmm::{ExitReason, Vmm, VmmError};
 
 /// An error and its causes on one line ("a: b: c"), for logs and API replies.

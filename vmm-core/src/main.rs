@@ -55,6 +55,12 @@ struct Args {
     /// name; with neither, the device has no cable (a template VM).
     #[arg(long, value_parser = husk_vmm_core::NetConfig::parse)]
     net: Option<husk_vmm_core::NetConfig>,
+    /// A virtio-balloon device:
+    /// `[reporting=on|off][,stats=SECONDS][,deflate-on-oom=on|off]`
+    /// (free page reporting and deflate-on-OOM are on unless turned off;
+    /// statistics only with stats=N, N > 0).
+    #[arg(long, value_parser = husk_vmm_core::BalloonConfig::parse)]
+    balloon: Option<husk_vmm_core::BalloonConfig>,
     /// The KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -154,6 +160,7 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
                 tag: args.fs_tag.clone(),
             }),
         net: args.net,
+        balloon: args.balloon,
         kvm_device: args.kvm_device,
         seccomp: !args.no_seccomp,
         restore_from: args.restore_from,
@@ -329,6 +336,9 @@ fn ensure_template(
     // restored VM brings its own tap, and its agent sets the MAC and MTU.
     if let Some(net) = &config.net {
         cmd.args(["--net", &format!("mac={TEMPLATE_MAC},mtu={}", net.mtu)]);
+    }
+    if let Some(balloon) = &config.balloon {
+        cmd.args(["--balloon", &balloon.to_arg()]);
     }
     if let Some(serial) = &config.serial_log {
         cmd.arg("--serial-log")

@@ -61,6 +61,8 @@ pub const KVM_SET_REGS: u64 = ioc(1, 0x82, 144);
 /// `KVM_TRANSLATE` (struct kvm_translation is 24 bytes).
 pub const KVM_TRANSLATE: u64 = ioc(3, 0x85, 24);
 const FIONBIO: u64 = 0x5421;
+/// fallocate's mode for returning guest memory (the balloon).
+const PUNCH_HOLE_MODE: u64 = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64;
 
 const fn size<T>() -> u64 {
     std::mem::size_of::<T>() as u64
@@ -147,6 +149,8 @@ const VMM_ONLY: &[i64] = &[
     libc::SYS_rename,
     libc::SYS_renameat,
     libc::SYS_renameat2,
+    // The balloon's statistics timer, (re)armed when its driver activates.
+    libc::SYS_timerfd_settime,
 ];
 
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
@@ -169,6 +173,15 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 libc::SYS_ioctl,
                 ioctls.map(ioctl_eq).collect::<Result<_, _>>()?,
             );
+            // The balloon returns guest memory by punching holes in the
+            // memfd, and may do nothing else with fallocate.
+            let punch = SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                PUNCH_HOLE_MODE,
+            )?;
+            map.insert(libc::SYS_fallocate, vec![SeccompRule::new(vec![punch])?]);
             let create =
                 SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, CREATE_FLAGS)?;
             map.insert(libc::SYS_openat, vec![SeccompRule::new(vec![create])?]);

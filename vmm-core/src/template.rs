@@ -194,6 +194,16 @@ pub fn key(
     }
     // A network device (its MAC, MTU and tap are set per VM after restore).
     h.update([u8::from(config.net.is_some())]);
+    // The balloon's features are negotiated at boot and kept in the
+    // template, so each setting that changes them names its own template.
+    match &config.balloon {
+        Some(b) => {
+            h.update(b"balloon\0");
+            h.update(b.to_arg().as_bytes());
+            h.update([0]);
+        }
+        None => h.update(b"no balloon\0"),
+    }
     let digest = h.finalize();
     Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
 }
@@ -247,6 +257,15 @@ mod tests {
             }),
             ..base.clone()
         };
+        let with_balloon = |reporting: bool| VmConfig {
+            balloon: Some(crate::BalloonConfig {
+                free_page_reporting: reporting,
+                ..crate::BalloonConfig::default()
+            }),
+            ..base.clone()
+        };
+        assert_ne!(k0, k(&with_balloon(true)), "a balloon names its template");
+        assert_ne!(k(&with_balloon(true)), k(&with_balloon(false)));
         assert_ne!(k0, k(&with_fs("husk")), "the device set names the template");
         assert_ne!(k(&with_fs("husk")), k(&with_fs("other")));
         let mut elsewhere = with_fs("husk");

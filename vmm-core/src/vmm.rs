@@ -47,6 +47,7 @@ use crate::{
     devices::{
         legacy::{EventFdTrigger, ResetLine, SerialConsole},
         virtio::{
+            balloon::Balloon,
             fs::{FsBackend, VhostUserFs},
             mmio::MmioTransport,
             net::{tap::Tap, Net},
@@ -455,6 +456,29 @@ impl Vmm {
             )?);
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
         }
+        let mut balloon_control = None;
+        if let Some(balloon_cfg) = &config.balloon {
+            let balloon =
+                Balloon::new(*balloon_cfg, mem_size).map_err(device_err("the balloon device"))?;
+            let handler = balloon
+                .handler()
+                .map_err(device_err("the balloon device"))?;
+            balloon_control = Some(balloon.control());
+            if balloon_cfg.free_page_reporting {
+                cmdline.push(format!(
+                    "page_reporting.page_reporting_order={}",
+                    balloon_cfg.reporting_order
+                ));
+            }
+            cmdline.push(virtio.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                Box::new(balloon),
+                "the balloon device",
+            )?);
+            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        }
         let transports = virtio.transports;
 
         // 5. Guest: a snapshot to restore, or the kernel to boot.
@@ -546,6 +570,7 @@ impl Vmm {
             started: Instant::now(),
             stop_requested: false,
             profile: None,
+            balloon: balloon_control,
         }));
         let outcome = Arc::new(Mutex::new(None));
         let template_outcome = Arc::new(Mutex::new(None));

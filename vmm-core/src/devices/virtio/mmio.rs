@@ -130,6 +130,10 @@ pub enum RestoreError {
     /// Queue count or sizes differ.
     #[error("snapshot queues do not match the device")]
     Queues,
+    /// The driver had features this device does not offer (the VM was
+    /// configured differently when the snapshot was taken).
+    #[error("snapshot's driver took features {0:#x} this device does not offer")]
+    Features(u64),
     /// Activating the device failed.
     #[error("re-activating the device: {0}")]
     Activate(String),
@@ -278,6 +282,10 @@ impl MmioTransport {
                 .all(|(q, &max)| q.max_size == max);
         if !sizes_match {
             return Err(RestoreError::Queues);
+        }
+        let unoffered = s.driver_features & !self.device.features();
+        if unoffered != 0 {
+            return Err(RestoreError::Features(unoffered));
         }
         self.device
             .restore_device_state(&s.device_state)
@@ -448,7 +456,8 @@ impl MmioTransport {
             self.status |= status::FAILED;
             return;
         }
-        for (i, q) in self.queues.iter().enumerate() {
+        let in_use = self.device.queues_in_use().min(self.queues.len());
+        for (i, q) in self.queues[..in_use].iter().enumerate() {
             if !q.is_valid(&self.mem) {
                 crate::logger::guest_warn!(
                     queue = i,

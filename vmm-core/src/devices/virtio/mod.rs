@@ -7,6 +7,7 @@
 //! eventfds (KVM ioeventfds on the QueueNotify register), and interrupts
 //! leave on an irqfd, so neither goes through the vCPU thread.
 
+pub mod balloon;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -175,6 +176,13 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// The largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many queues, from the first, the device uses with the features
+    /// the driver accepted; they must be ready when the driver says
+    /// DRIVER_OK. The rest may stay unused (the balloon numbers its queues
+    /// by the features taken).
+    fn queues_in_use(&self) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Feature bits the device offers.
     fn features(&self) -> u64;
     /// The driver accepted `features` (a subset of [`Self::features`]).
