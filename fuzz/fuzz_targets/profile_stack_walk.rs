@@ -35,13 +35,19 @@ fuzz_target!(|data: &[u8]| {
     let rip = u64::from_le_bytes(regs[..8].try_into().unwrap_or_default());
     let rbp = u64::from_le_bytes(regs[8..].try_into().unwrap_or_default());
     // Half the inputs aim RBP into the window, so chains get followed.
-    let rbp = if rbp & 1 == 0 { BASE + (rbp >> 1) % (words.len() as u64 + 8) } else { rbp };
+    let rbp = if rbp & 1 == 0 {
+        BASE + (rbp >> 1) % (words.len() as u64 + 8)
+    } else {
+        rbp
+    };
     let pcs = walk_kernel_stack(rip, rbp, &mut Window { words });
     assert!(!pcs.is_empty() && pcs.len() <= MAX_DEPTH);
     assert_eq!(pcs[0], rip);
     assert!(pcs[1..].iter().all(|&a| is_kernel_address(a)));
     let counts = HashMap::from([(Sample::Kernel(pcs), 1u64)]);
-    let symbols = Symbols::parse("ffffffff81000000 T _text\nffffffff81000100 T f\nffffffff81001000 T _etext\n");
+    let symbols = Symbols::parse(
+        "ffffffff81000000 T _text\nffffffff81000100 T f\nffffffff81001000 T _etext\n",
+    );
     let r = report::build(&counts, 0, &symbols);
     assert_eq!((r.samples, r.kernel, r.folded.len()), (1, 1, 1));
 });
