@@ -28,9 +28,10 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 	containernetworking-plugins iproute2
 
 FUZZ_SECONDS ?= 20
+DENSITY_PODS ?= 20
 FUZZ_TARGETS := vsock_packets vsock_tx_chain net_tx_chain balloon_queues mmio_transport emulate_step ready_line guest_metrics profile_stack_walk
 
-.PHONY: all deps build kernel kernel-profiling agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod soak fuzz-smoke clean
+.PHONY: all deps build kernel kernel-profiling agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod bench-density soak fuzz-smoke clean
 
 all: build
 
@@ -73,6 +74,11 @@ test: build kernel-profiling
 ## husk vs runc on one private containerd: ctr run, exec, idle memory.
 bench-run: build
 	$(BIN_DIR)/husk-bench-run --runs $(BENCH_RUNS)
+
+## Host memory per idle pod: N idle pods of husk and of runc on one
+## containerd, right after start and after 30 s idle.
+bench-density: build
+	$(BIN_DIR)/husk-bench-density --pods $(DENSITY_PODS)
 
 ## husk vs runc pods through CRI: pod start to first HTTP answer, TCP
 ## throughput into the pod.

@@ -27,15 +27,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use husk_bench::{shim_pid, Idle, Runtime, RUNC};
 use husk_e2e::{
     containerd::{Containerd, IMAGE, RUNTIME},
-    hostmem::{host_memory, HostMemory},
+    hostmem::host_memory,
     median, process_tree, ratio, require_kvm, Artifacts, TestDir,
 };
 use husk_shim::steps::{self, Step};
 use serde::Serialize;
-
-const RUNC: &str = "io.containerd.runc.v2";
 
 #[derive(Debug, Parser)]
 #[command(about = "husk and runc side by side on one containerd")]
@@ -48,35 +47,6 @@ struct Args {
     template_dir: std::path::PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Runtime {
-    Husk,
-    Runc,
-}
-
-impl Runtime {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Husk => "husk",
-            Self::Runc => "runc",
-        }
-    }
-
-    fn shim(self) -> &'static str {
-        match self {
-            Self::Husk => "containerd-shim-husk-v2",
-            Self::Runc => "containerd-shim-runc-v2",
-        }
-    }
-
-    fn run_args(self, c: &Containerd) -> Vec<String> {
-        match self {
-            Self::Husk => c.run_args(),
-            Self::Runc => vec!["run".into(), "--runtime".into(), RUNC.into()],
-        }
-    }
-}
-
 /// Seconds `ctr run --rm` of /bin/true takes.
 fn run_true(c: &Containerd, rt: Runtime, id: &str) -> Result<f64> {
     let mut args = rt.run_args(c);
@@ -84,51 +54,6 @@ fn run_true(c: &Containerd, rt: Runtime, id: &str) -> Result<f64> {
     let t = Instant::now();
     c.ctr_ok(&args)?;
     Ok(t.elapsed().as_secs_f64())
-}
-
-/// The shim process serving container `id`.
-fn shim_pid(rt: Runtime, id: &str) -> Option<u32> {
-    let rd = std::fs::read_dir("/proc").ok()?;
-    rd.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_shim = args
-            .first()
-            .is_some_and(|a| a.ends_with(rt.shim().as_bytes()));
-        let serves = args
-            .windows(2)
-            .any(|w| w[0] == b"-id" && w[1] == id.as_bytes());
-        (is_shim && serves).then_some(pid)
-    })
-}
-
-#[derive(Debug, Default, Serialize)]
-struct Idle {
-    /// Host memory of the container, each page once:
-    /// `processes_pss_kib` plus `guest_ram_kib`, KiB.
-    total_kib: u64,
-    /// PSS of the shim and all it started, without guest-RAM mappings, KiB.
-    processes_pss_kib: u64,
-    /// Processes counted.
-    processes: usize,
-    /// husk: guest RAM resident on the host (allocated size of each
-    /// distinct guest-RAM memfd, once, whoever maps it), KiB.
-    guest_ram_kib: u64,
-    /// husk: distinct guest-RAM memfds found (one per pod VM).
-    guest_ram_files: usize,
-}
-
-impl From<HostMemory> for Idle {
-    fn from(m: HostMemory) -> Self {
-        Self {
-            total_kib: m.total_kib(),
-            processes_pss_kib: m.processes_pss_kib,
-            processes: m.processes,
-            guest_ram_kib: m.guest_ram_kib,
-            guest_ram_files: m.guest_ram_files,
-        }
-    }
 }
 
 /// What one idle container measured.

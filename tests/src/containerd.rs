@@ -298,6 +298,26 @@ impl Containerd {
         husk_shim::poddir::pod_dir(&self.pods, self.namespace(), id)
     }
 
+    /// The pid of `what` ("vmm" or "virtiofsd") of pod `id`, from its pid
+    /// file (waits up to 2 minutes for the shim to write it).
+    pub fn pod_pid(&self, id: &str, what: &str) -> Result<i32> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let pids = std::fs::read_to_string(self.pod_dir(id).join("pids")).unwrap_or_default();
+            if let Some(pid) = pids
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{what} ")))
+                .and_then(|p| p.trim().parse().ok())
+            {
+                return Ok(pid);
+            }
+            if Instant::now() > deadline {
+                bail!("no {what} pid for pod {id}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The status column of `ctr task ls` for task `id` (empty: no task).
     pub fn task_status(&self, id: &str) -> Result<String> {
         let o = self.ctr_ok(&["task", "ls"])?;

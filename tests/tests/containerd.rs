@@ -430,23 +430,6 @@ fn metrics_update_and_oom(c: &Containerd, events: &Events) {
     assert_eq!(task_status(c, "c4"), "RUNNING", "only the exec was killed");
 }
 
-/// The pid of `what` ("vmm" or "virtiofsd") of pod `id`, from its pid file.
-fn pod_pid(c: &Containerd, id: &str, what: &str) -> i32 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pids = std::fs::read_to_string(c.pod_dir(id).join("pids")).unwrap_or_default();
-        if let Some(pid) = pids
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{what} ")))
-            .and_then(|p| p.trim().parse().ok())
-        {
-            return pid;
-        }
-        assert!(Instant::now() < deadline, "no {what} pid for {id}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn failures_are_clear_and_contained() {
     require_kvm();
@@ -502,7 +485,7 @@ fn failures_are_clear_and_contained() {
         let mut child = c.spawn_ctr(&args, Stdio::null()).expect("ctr run");
         c.wait_status(id, "RUNNING", Duration::from_secs(120))
             .expect("running");
-        let pid = pod_pid(&c, id, victim);
+        let pid = c.pod_pid(id, victim).expect("pod pid");
         // SAFETY: plain kill(2) of a process this test's containerd started.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let killed = Instant::now();

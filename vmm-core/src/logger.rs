@@ -94,6 +94,28 @@ pub(crate) use guest_error;
 pub(crate) use guest_event;
 pub(crate) use guest_warn;
 
+/// A tracing subscriber that counts the events it sees: tests show that
+/// what a guest provokes leaves a bounded number of log lines.
+#[cfg(test)]
+pub(crate) struct EventCounter(pub std::sync::Arc<AtomicU64>);
+
+#[cfg(test)]
+impl tracing::Subscriber for EventCounter {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,30 +133,11 @@ mod tests {
         assert_eq!(l.check_at(WINDOW_SECS), Some(0));
     }
 
-    /// Counts the events it sees.
-    struct Counter(std::sync::Arc<AtomicU64>);
-
-    impl tracing::Subscriber for Counter {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, _: &tracing::Event<'_>) {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
-
     #[test]
     fn the_macros_log_within_the_budget() {
         let seen = std::sync::Arc::new(AtomicU64::new(0));
         let calls = 3 * u64::from(BURST);
-        tracing::subscriber::with_default(Counter(seen.clone()), || {
+        tracing::subscriber::with_default(EventCounter(seen.clone()), || {
             for i in 0..calls {
                 guest_warn!(i, "test warning");
                 guest_error!(i, "test error");

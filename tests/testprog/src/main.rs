@@ -13,6 +13,12 @@
 //!   stdout.
 //! - `alloc MIB`: touches MIB MiB of memory, then sleeps forever (memory
 //!   limits and OOM events).
+//! - `hold MIB SEED`: fills MIB MiB with the `rand` stream of SEED, prints
+//!   `holding <checksum>`, then on each SIGUSR1 checks the buffer again and
+//!   prints `checked <checksum>` (memory the host reclaims around it must
+//!   not change it); exits 0 on SIGTERM.
+//! - `sum FILE`: prints the checksum (`husk_testprog::checksum`) of FILE
+//!   and its length, read in 1 MiB pieces.
 //! - `vsock-probe [--report FILE [--then-sleep]]`: tries every way to get a
 //!   vsock socket (see `probe`); exits 0 only if all were refused.
 //! - `vector-check SECONDS SEED`: checks that vector registers survive
@@ -62,6 +68,60 @@ fn alloc(mib: usize) -> ! {
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
         std::hint::black_box(&chunks);
+    }
+}
+
+fn sum(path: &str) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sum = husk_testprog::Checksum::new();
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sum.update(&buf[..n]);
+        len += n as u64;
+    }
+    println!("{:016x} {len}", sum.value());
+    Ok(())
+}
+
+static CHECK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn ask_check(_: libc::c_int) {
+    CHECK.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn hold(mib: usize, seed: u64) -> ! {
+    let buf = husk_testprog::bytes(seed, mib << 20);
+    for (sig, handler) in [
+        (libc::SIGUSR1, ask_check as extern "C" fn(libc::c_int)),
+        (libc::SIGTERM, exit_now),
+    ] {
+        // SAFETY: installs a handler that only stores an atomic or calls
+        // _exit(2); the sigaction struct lives across the call.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    println!("holding {:016x}", husk_testprog::checksum(&buf));
+    let _ = std::io::stdout().flush();
+    loop {
+        // SAFETY: pause(2) only waits for a signal.
+        unsafe { libc::pause() };
+        if CHECK.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            println!(
+                "checked {:016x}",
+                husk_testprog::checksum(std::hint::black_box(&buf))
+            );
+            let _ = std::io::stdout().flush();
+        }
     }
 }
 
@@ -119,7 +179,7 @@ fn sink(port: u16) -> std::io::Result<()> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
     std::process::exit(2)
 }
 
@@ -151,6 +211,14 @@ fn main() {
         }
         Some("alloc") => alloc(usize::try_from(num(1)).unwrap_or_else(|_| usage())),
         Some("pause") => pause(),
+        Some("sum") => {
+            let path = args.get(1).unwrap_or_else(|| usage());
+            if let Err(e) = sum(path) {
+                eprintln!("husk-testprog: sum {path}: {e}");
+                std::process::exit(1);
+            }
+        }
+        Some("hold") => hold(usize::try_from(num(1)).unwrap_or_else(|_| usage()), num(2)),
         Some("syscalls") => syscalls(num(1)),
         Some("sink") => {
             let port = u16::try_from(num(1)).unwrap_or_else(|_| usage());

@@ -1301,6 +1301,61 @@ mod tests {
     }
 
     #[test]
+    fn a_storm_of_bad_accesses_and_buffers_leaves_a_bounded_log() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        use crate::{bus::BusDevice, devices::virtio::mmio::MmioTransport, logger::EventCounter};
+
+        let f = fixture();
+        let seen = Arc::new(AtomicU64::new(0));
+        let b = device(&f, config(), all());
+        tracing::subscriber::with_default(EventCounter(seen.clone()), || {
+            // Registers: wrong-sized reads and writes, writes to the host's
+            // half of the config space.
+            let balloon = Balloon::new(config(), MEM).expect("balloon");
+            let mut t = MmioTransport::new(
+                f.mem.clone(),
+                Box::new(balloon),
+                Interrupt::new(Box::new(f.irqs.clone())),
+            )
+            .expect("transport");
+            for i in 0..20_000u64 {
+                let mut two = [0u8; 2];
+                t.read((i * 4) % 0x100, &mut two);
+                t.write(0x30, &[1, 2]);
+                t.write(0x100, &[1, 2, 3, 4]);
+            }
+            // Queues: 10,000 reports, each with a bad descriptor.
+            for round in 0..1_000u64 {
+                let q = MockSplitQueue::create(&f.mem, GuestAddress(0x3000), 16);
+                for i in 0..10u16 {
+                    q.add_desc_chains(
+                        &[desc(DATA + round * 512 + 1, 4096, VRING_DESC_F_WRITE, 0)],
+                        i,
+                    )
+                    .expect("chain");
+                }
+                let mut queue = q.create_queue::<Queue>().expect("queue");
+                queue.set_ready(true);
+                let mut inner = lock(&b.inner);
+                if let Some(a) = inner.active.as_mut() {
+                    a.queues[3] = queue;
+                }
+                inner.process_queue(3);
+            }
+        });
+        assert_eq!(b.control().report().counters.bad_buffers, 10_000);
+        // A handful of call sites, each at most a burst (and the line that
+        // says how many were dropped) per window; the storm spans at most
+        // a few windows.
+        let lines = seen.load(Ordering::Relaxed);
+        assert!(
+            (1..=200).contains(&lines),
+            "{lines} log lines for 70,000 bad accesses and buffers"
+        );
+    }
+
+    #[test]
     fn consecutive_frames_make_one_range() {
         assert_eq!(
             pfn_ranges(&[1, 2, 3, 7, 8, 2]),
