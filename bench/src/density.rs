@@ -41,6 +41,11 @@ struct Args {
     /// Where husk's VM template is kept between benchmark runs.
     #[arg(long, default_value = "/var/lib/husk/templates")]
     template_dir: std::path::PathBuf,
+    /// Extra guest kernel command line words for husk's pod VMs
+    /// (`kernel_cmdline` in husk.toml), for experiments, e.g.
+    /// `page_reporting.page_reporting_order=5`.
+    #[arg(long, default_value = "")]
+    kernel_cmdline: String,
 }
 
 /// The host's `MemAvailable`, KiB.
@@ -121,6 +126,7 @@ fn density(c: &Containerd, rt: Runtime, pods: usize, idle: Duration) -> Result<D
 struct Report {
     bench: &'static str,
     pods: usize,
+    kernel_cmdline: String,
     idle_secs: u64,
     /// Host memory per idle pod after the idle time, counted once, KiB.
     husk_per_pod_kib: u64,
@@ -160,9 +166,12 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.template_dir)?;
     let c = Containerd::start(&artifacts, dir.path(), &args.template_dir)?;
     c.import_test_image()?;
+    if !args.kernel_cmdline.is_empty() {
+        c.set_husk("kernel_cmdline", &format!("{:?}", args.kernel_cmdline))?;
+    }
     println!(
-        "density benchmark: {} idle pods of husk ({RUNTIME}) and of runc, one private containerd, image {IMAGE}, {} s idle",
-        args.pods, args.idle_secs
+        "density benchmark: {} idle pods of husk ({RUNTIME}) and of runc, one private containerd, image {IMAGE}, {} s idle, extra guest command line {:?}",
+        args.pods, args.idle_secs, args.kernel_cmdline
     );
     // Warm-up, not measured: husk's template, both runtimes' first start.
     for rt in [Runtime::Husk, Runtime::Runc] {
@@ -178,6 +187,7 @@ fn main() -> Result<()> {
     let report = Report {
         bench: "density",
         pods: args.pods,
+        kernel_cmdline: args.kernel_cmdline.clone(),
         idle_secs: args.idle_secs,
         husk_per_pod_kib: husk.after_idle.counted_once_kib,
         runc_per_pod_kib: runc.after_idle.counted_once_kib,

@@ -4,8 +4,9 @@
 //! guest memory in a shared memfd (so vhost-user devices can map it), PVH
 //! direct boot of an uncompressed `vmlinux`, and a few devices: a serial
 //! console (off unless asked for), the i8042 reset line, and virtio-mmio
-//! devices declared on the kernel command line — today virtio-vsock with
-//! Firecracker-style hybrid vsock on Unix sockets.
+//! devices declared on the kernel command line: virtio-vsock
+//! (Firecracker-style hybrid vsock on Unix sockets), virtio-fs over
+//! vhost-user, virtio-net on a tap and virtio-balloon.
 //!
 //! Layout: `arch` (pure x86 knowledge), `vstate` (KVM state and vCPU loop),
 //! `devices`, `bus` (exit dispatch), `boot` (loading the guest), `api`

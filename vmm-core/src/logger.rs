@@ -3,7 +3,9 @@
 //! A guest controls how often its devices hit an error path (a bad MMIO
 //! access, a malformed descriptor chain, vsock garbage). Each such path
 //! logging at full rate would let one guest fill the host's log and disk,
-//! so device code logs through [`guest_warn!`] and [`guest_error!`]: each
+//! so device code logs through [`guest_debug!`], [`guest_warn!`] and
+//! [`guest_error!`] (a test below reads the sources under `devices/` and
+//! refuses the plain `tracing` macros there): each
 //! call site may log [`BURST`] messages per [`WINDOW_SECS`]-second window,
 //! and the first message after a quiet spell says how many were dropped.
 
@@ -83,6 +85,14 @@ macro_rules! guest_warn {
     };
 }
 
+/// `tracing::debug!`, rate-limited per call site (see the module docs):
+/// a guest must not flood a log kept at debug level either.
+macro_rules! guest_debug {
+    ($($arg:tt)+) => {
+        $crate::logger::guest_event!(tracing::Level::DEBUG, $($arg)+)
+    };
+}
+
 /// `tracing::error!`, rate-limited per call site (see the module docs).
 macro_rules! guest_error {
     ($($arg:tt)+) => {
@@ -90,6 +100,7 @@ macro_rules! guest_error {
     };
 }
 
+pub(crate) use guest_debug;
 pub(crate) use guest_error;
 pub(crate) use guest_event;
 pub(crate) use guest_warn;
@@ -119,6 +130,41 @@ impl tracing::Subscriber for EventCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Device code may name `tracing` only for levels and test
+    /// subscribers: every log line it writes goes through the macros above.
+    #[test]
+    fn device_code_logs_only_rate_limited() {
+        fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).expect("read");
+                    for (n, line) in text.lines().enumerate() {
+                        let mut rest = line;
+                        while let Some(i) = rest.find("tracing::") {
+                            rest = &rest[i + "tracing::".len()..];
+                            if !(rest.starts_with("Level") || rest.starts_with("subscriber")) {
+                                out.push(format!("{}:{}: {}", p.display(), n + 1, line.trim()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/devices"),
+            &mut found,
+        );
+        assert!(
+            found.is_empty(),
+            "plain tracing in device code:\n{}",
+            found.join("\n")
+        );
+    }
 
     #[test]
     fn a_burst_per_window_then_the_count_of_dropped_ones() {

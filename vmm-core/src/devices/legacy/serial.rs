@@ -42,7 +42,7 @@ impl<W: Write + Send> BusDevice for SerialConsole<W> {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), [value]) = (u8::try_from(offset), data) {
             if let Err(e) = self.serial.write(off, *value) {
-                tracing::debug!("serial console write failed: {e:?}");
+                crate::logger::guest_debug!("serial console write failed: {e:?}");
             }
         }
     }

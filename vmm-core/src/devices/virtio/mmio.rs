@@ -353,7 +353,7 @@ impl MmioTransport {
             0x070 => self.status,
             0x0fc => self.config_generation,
             _ => {
-                tracing::debug!(offset, "virtio-mmio: read of an unknown register");
+                crate::logger::guest_debug!(offset, "virtio-mmio: read of an unknown register");
                 0
             }
         }
@@ -396,7 +396,7 @@ impl MmioTransport {
             0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
             0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
             0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
-            _ => tracing::debug!(offset, "virtio-mmio: write to an unknown register"),
+            _ => crate::logger::guest_debug!(offset, "virtio-mmio: write to an unknown register"),
         }
     }
 

@@ -675,10 +675,47 @@ pub struct Balloon {
     activate_evt: EventFd,
 }
 
-/// Version of the saved device state.
-const STATE_VERSION: u8 = 1;
-/// Length of the saved device state.
-const STATE_LEN: usize = 12;
+/// What a snapshot keeps of the balloon (beyond config space and queues,
+/// which the transport saves): versioned, so a later layout can refuse or
+/// convert an older one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BalloonState {
+    /// Layout version ([`BalloonState::VERSION`]).
+    pub version: u16,
+    /// `num_pages`: the host's target.
+    pub target_pages: u32,
+    /// `actual`: what the driver said the balloon holds.
+    pub actual_pages: u32,
+    /// The statistics buffer the device held (a descriptor head).
+    pub stats_head: Option<u16>,
+}
+
+impl BalloonState {
+    /// The layout this version writes.
+    pub const VERSION: u16 = 1;
+
+    fn encode(&self) -> Vec<u8> {
+        // Encoding a struct of integers into a Vec cannot fail.
+        bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let (s, used): (Self, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map_err(|e| format!("balloon state: {e}"))?;
+        if used != bytes.len() {
+            return Err("balloon state: trailing bytes".into());
+        }
+        if s.version != Self::VERSION {
+            return Err(format!(
+                "balloon state version {}, expected {}",
+                s.version,
+                Self::VERSION
+            ));
+        }
+        Ok(s)
+    }
+}
 
 impl Balloon {
     /// A balloon for a guest with `mem_bytes` of RAM.
@@ -826,45 +863,33 @@ impl VirtioDevice for Balloon {
 
     fn save_device_state(&self) -> Vec<u8> {
         let inner = self.lock();
-        let mut s = Vec::with_capacity(STATE_LEN);
-        s.push(STATE_VERSION);
-        s.extend_from_slice(&inner.target_pages.to_le_bytes());
-        s.extend_from_slice(&inner.actual_pages.to_le_bytes());
-        s.push(u8::from(inner.stats_head.is_some()));
-        s.extend_from_slice(&inner.stats_head.unwrap_or(0).to_le_bytes());
-        s
+        BalloonState {
+            version: BalloonState::VERSION,
+            target_pages: inner.target_pages,
+            actual_pages: inner.actual_pages,
+            stats_head: inner.stats_head,
+        }
+        .encode()
     }
 
     fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let s: [u8; STATE_LEN] = state.try_into().map_err(|_| {
-            format!(
-                "balloon state of {} bytes, expected {STATE_LEN}",
-                state.len()
-            )
-        })?;
-        if s[0] != STATE_VERSION {
-            return Err(format!(
-                "balloon state version {}, expected {STATE_VERSION}",
-                s[0]
-            ));
-        }
-        let target = u32::from_le_bytes([s[1], s[2], s[3], s[4]]);
-        let actual = u32::from_le_bytes([s[5], s[6], s[7], s[8]]);
-        let head = u16::from_le_bytes([s[10], s[11]]);
+        let s = BalloonState::decode(state)?;
         let mut inner = self.lock();
-        if u64::from(target) > inner.mem_pages {
+        if u64::from(s.target_pages) > inner.mem_pages {
             return Err(format!(
-                "balloon target of {target} pages exceeds guest memory"
+                "balloon target of {} pages exceeds guest memory",
+                s.target_pages
             ));
         }
-        if head >= QUEUE_SIZE {
+        if s.stats_head.is_some_and(|h| h >= QUEUE_SIZE) {
             return Err(format!(
-                "balloon statistics buffer {head} is outside the queue"
+                "balloon statistics buffer {:?} is outside the queue",
+                s.stats_head
             ));
         }
-        inner.target_pages = target;
-        inner.actual_pages = actual;
-        inner.stats_head = (s[9] != 0).then_some(head);
+        inner.target_pages = s.target_pages;
+        inner.actual_pages = s.actual_pages;
+        inner.stats_head = s.stats_head;
         Ok(())
     }
 
@@ -1282,22 +1307,27 @@ mod tests {
         assert_eq!(restored.save_device_state(), state);
         assert_eq!(lock(&restored.inner).stats_head, Some(5));
         assert_eq!(restored.control().report().target_mib, 2);
-        let mut bad = state.clone();
-        bad[0] = 9;
-        assert!(restored.restore_device_state(&bad).is_err(), "version");
-        assert!(
-            restored.restore_device_state(&state[..5]).is_err(),
-            "length"
-        );
-        let mut huge = state.clone();
-        huge[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(restored.restore_device_state(&huge).is_err(), "target");
-        let mut head = state;
-        head[10..12].copy_from_slice(&QUEUE_SIZE.to_le_bytes());
-        assert!(
-            restored.restore_device_state(&head).is_err(),
-            "buffer index"
-        );
+        let encode = |s: &BalloonState| s.encode();
+        let good = BalloonState::decode(&state).expect("decode");
+        let bad = [
+            encode(&BalloonState {
+                version: 9,
+                ..good.clone()
+            }),
+            encode(&BalloonState {
+                target_pages: u32::MAX,
+                ..good.clone()
+            }),
+            encode(&BalloonState {
+                stats_head: Some(QUEUE_SIZE),
+                ..good.clone()
+            }),
+            state[..state.len() - 1].to_vec(),
+            [state.as_slice(), &[0]].concat(),
+        ];
+        for (i, b) in bad.iter().enumerate() {
+            assert!(restored.restore_device_state(b).is_err(), "case {i}");
+        }
     }
 
     #[test]

@@ -524,7 +524,7 @@ impl Muxer {
             let flushed = c.flush();
             let due = c.credit_update_due();
             if let Err(e) = flushed {
-                tracing::debug!("vsock: writing to host port {}: {e}", key.local_port);
+                crate::logger::guest_debug!("vsock: writing to host port {}: {e}", key.local_port);
                 self.abort(key, poller);
                 return;
             }
@@ -585,7 +585,7 @@ impl Muxer {
         match result {
             Err("") => {} // need more bytes
             Err(why) => {
-                tracing::debug!("vsock: dropping host connection: {why}");
+                crate::logger::guest_debug!("vsock: dropping host connection: {why}");
                 poller.remove(fd);
                 self.pending.remove(&fd);
             }
@@ -692,7 +692,10 @@ impl Muxer {
                 c.rcv_cnt += Wrapping(payload.len() as u32);
                 c.tx_buf.extend(payload);
                 if let Err(e) = c.flush() {
-                    tracing::debug!("vsock: writing to host port {}: {e}", key.local_port);
+                    crate::logger::guest_debug!(
+                        "vsock: writing to host port {}: {e}",
+                        key.local_port
+                    );
                     self.abort(key, poller);
                     return;
                 }
@@ -750,7 +753,10 @@ impl Muxer {
                 self.update_interest(key, poller);
             }
             Err(e) => {
-                tracing::debug!("vsock: guest connect to host port {}: {e}", key.local_port);
+                crate::logger::guest_debug!(
+                    "vsock: guest connect to host port {}: {e}",
+                    key.local_port
+                );
                 self.rst(key);
             }
         }
@@ -834,7 +840,10 @@ impl Muxer {
                         self.update_interest(key, poller);
                     }
                     Err(e) => {
-                        tracing::debug!("vsock: reading host port {}: {e}", key.local_port);
+                        crate::logger::guest_debug!(
+                            "vsock: reading host port {}: {e}",
+                            key.local_port
+                        );
                         self.remove(key, poller);
                         let hdr = self.hdr_for(key, op::RST, 0, Wrapping(0));
                         let _ = sink.write_packet(&hdr, &[]);
