@@ -9,7 +9,7 @@
 //! vhost-user, virtio-net on a tap and virtio-balloon.
 //!
 //! Layout: `arch` (pure x86 knowledge), `vstate` (KVM state and vCPU loop),
-//! `devices`, `bus` (exit dispatch), `boot` (loading the guest), `api`
+//! `devices`, `device_manager` (which devices a VM has and where), `bus` (exit dispatch), `boot` (loading the guest), `api`
 //! (control socket), `vmm` (the build steps and the event loop). `arch` and
 //! `vstate` never import `devices`.
 
@@ -18,6 +18,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod logger;
 pub mod memory;

@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use husk_vmm_core::{
-    config::guest_dir,
-    vmm::{take_termination_signals, Backends},
-    VmConfig, Vmm, VsockConfig,
+    config::guest_dir, device_manager::Backends, vmm::take_termination_signals, VmConfig, Vmm,
+    VsockConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -179,7 +178,15 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
     };
     let template = match &args.template_dir {
         Some(dir) => {
-            let path = ensure_template(&config, dir, args.virtiofsd.as_deref())?;
+            let exe = std::env::current_exe()?;
+            let bins = husk_vmm_core::template::start::Binaries {
+                virtiofsd: args
+                    .virtiofsd
+                    .clone()
+                    .unwrap_or_else(|| exe.with_file_name("husk-virtiofsd")),
+                vmm: exe,
+            };
+            let path = husk_vmm_core::template::start::ensure(&config, dir, &bins)?;
             config.restore_from = Some(path.clone());
             Some(path)
         }
@@ -277,172 +284,5 @@ fn write_profile(session: &husk_vmm_core::profile::session::Session) {
             report.table(10)
         ),
         Err(e) => tracing::error!("writing the guest profile {}: {e}", session.out().display()),
-    }
-}
-
-/// The template for `config` in `dir`, made first if it does not exist.
-/// Concurrent starts serialize on a lock file, so a template is built once.
-fn ensure_template(
-    config: &VmConfig,
-    dir: &std::path::Path,
-    virtiofsd: Option<&std::path::Path>,
-) -> Result<PathBuf> {
-    use anyhow::Context;
-    use std::os::fd::AsRawFd;
-    let uds = config
-        .vsock
-        .as_ref()
-        .context("template start needs a vsock device (--vsock-uds)")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let key =
-        husk_vmm_core::template::key(config, husk_vmm_core::arch::cpuid::CpuProfile::detect())
-            .context("reading the guest image to name its template")?;
-    let path = dir.join(format!("{key}.snap"));
-    if path.exists() {
-        return Ok(path);
-    }
-    let lock_path = dir.join(format!("{key}.lock"));
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("creating {}", lock_path.display()))?;
-    // SAFETY: flock on a descriptor we own; the result is checked.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("locking the template");
-    }
-    if path.exists() {
-        return Ok(path);
-    }
-    tracing::info!(template = %path.display(), "no template for this VM yet: booting once to make it");
-    // The template VM gets its own vsock socket next to this VM's.
-    let build_uds = uds.uds_path.with_extension("template.sock");
-    let mut cmd = std::process::Command::new(std::env::current_exe().context("locating husk-vmm")?);
-    cmd.arg("--kernel").arg(&config.kernel);
-    match &config.initramfs {
-        Some(i) => cmd.arg("--initramfs").arg(i),
-        None => cmd.args(["--initramfs", "none"]),
-    };
-    cmd.args([
-        "--vcpus",
-        &config.vcpus.to_string(),
-        "--mem-mib",
-        &config.mem_mib.to_string(),
-    ])
-    .args(["--cmdline", &config.extra_cmdline])
-    .arg("--vsock-uds")
-    .arg(&build_uds)
-    .arg("--make-template")
-    .arg(&path)
-    .args(["--log", "warn"]);
-    // The template's network device has no tap and a placeholder MAC: each
-    // restored VM brings its own tap, and its agent sets the MAC and MTU.
-    if let Some(net) = &config.net {
-        cmd.args(["--net", &format!("mac={TEMPLATE_MAC},mtu={}", net.mtu)]);
-    }
-    if let Some(balloon) = &config.balloon {
-        cmd.args(["--balloon", &balloon.to_arg()]);
-    }
-    if let Some(serial) = &config.serial_log {
-        cmd.arg("--serial-log")
-            .arg(serial.with_extension("template.log"));
-    }
-    // The template has the same devices as the VMs restored from it: a
-    // virtio-fs device needs a daemon, here one serving an empty directory
-    // the template guest never mounts.
-    let fs_daemon = match &config.fs {
-        Some(fs) => {
-            let binary = match virtiofsd {
-                Some(p) => p.to_path_buf(),
-                None => std::env::current_exe()
-                    .context("locating husk-vmm")?
-                    .with_file_name("husk-virtiofsd"),
-            };
-            let daemon = TemplateFsDaemon::start(&binary, dir, &key)?;
-            cmd.arg("--fs-socket")
-                .arg(&daemon.socket)
-                .args(["--fs-tag", &fs.tag]);
-            Some(daemon)
-        }
-        None => None,
-    };
-    let status = cmd.status().context("starting the template VM");
-    if let Some(daemon) = fs_daemon {
-        daemon.finish();
-    }
-    let status = status?;
-    let _ = std::fs::remove_file(&lock_path);
-    if !status.success() || !path.exists() {
-        anyhow::bail!("making the template {} failed ({status})", path.display());
-    }
-    Ok(path)
-}
-
-/// The MAC of a template VM's network device (locally administered).
-const TEMPLATE_MAC: &str = "02:68:75:73:6b:00";
-
-/// The virtio-fs daemon of a template VM, with its empty shared directory.
-struct TemplateFsDaemon {
-    child: std::process::Child,
-    socket: PathBuf,
-    share: PathBuf,
-}
-
-impl TemplateFsDaemon {
-    /// How long the daemon may take to listen, and to leave after its VMM.
-    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-    fn start(binary: &std::path::Path, dir: &std::path::Path, key: &str) -> Result<Self> {
-        use anyhow::Context;
-        let share = dir.join(format!("{key}.share"));
-        let socket = dir.join(format!("{key}.fs.sock"));
-        let _ = std::fs::remove_file(&socket);
-        std::fs::create_dir_all(&share).with_context(|| format!("creating {}", share.display()))?;
-        let child = std::process::Command::new(binary)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--shared-dir")
-            .arg(&share)
-            .args(["--log", "warn"])
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let mut daemon = Self {
-            child,
-            socket,
-            share,
-        };
-        let deadline = std::time::Instant::now() + Self::WAIT;
-        while !daemon.socket.exists() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                daemon.finish();
-                anyhow::bail!("the template's virtio-fs daemon exited: {status}");
-            }
-            if std::time::Instant::now() > deadline {
-                daemon.finish();
-                anyhow::bail!(
-                    "the template's virtio-fs daemon did not listen within {:?}",
-                    Self::WAIT
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Ok(daemon)
-    }
-
-    /// Waits for the daemon to leave (it does when its VMM is gone), kills
-    /// it if it does not, and removes its socket and directory.
-    fn finish(mut self) {
-        let deadline = std::time::Instant::now() + Self::WAIT;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if std::time::Instant::now() > deadline => {
-                    tracing::warn!("the template's virtio-fs daemon did not exit; killing it");
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            }
-        }
-        let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_dir(&self.share);
     }
 }

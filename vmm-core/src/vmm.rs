@@ -6,9 +6,9 @@
 //! 1. validate the configuration;
 //! 2. open KVM and check its capabilities; pick the CPU profile;
 //! 3. create guest memory (memfd, shared) and the VM with its irqchip;
-//! 4. create the devices: serial console (if asked), the i8042 reset line,
-//!    virtio-vsock on virtio-mmio; wire their interrupts (irqfd) and queue
-//!    notifications (ioeventfd);
+//! 4. create the devices (`device_manager`): serial console (if asked), the
+//!    i8042 reset line, the virtio-mmio devices (vsock, fs, net, balloon);
+//!    wire their interrupts (irqfd) and queue notifications (ioeventfd);
 //! 5. load the kernel and initramfs, write the command line, MP table and
 //!    PVH start info;
 //! 6. create and configure the vCPUs.
@@ -29,32 +29,16 @@ use std::{
 };
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     api::{ApiServer, Shared, VmState},
-    arch::{
-        cpuid::CpuProfile,
-        layout::{
-            I8042_PORT, SERIAL_IRQ, SERIAL_PORT, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE,
-            VIRTIO_MMIO_START,
-        },
-    },
+    arch::cpuid::CpuProfile,
     boot,
-    bus::Bus,
     config::{ConfigError, VmConfig},
-    devices::{
-        legacy::{EventFdTrigger, ResetLine, SerialConsole},
-        virtio::{
-            balloon::Balloon,
-            fs::{FsBackend, VhostUserFs},
-            mmio::MmioTransport,
-            net::{tap::Tap, Net},
-            vsock::{muxer::Muxer, Vsock},
-            Interrupt,
-        },
-    },
+    device_manager::{self, Backends, Devices},
+    devices::virtio::mmio::MmioTransport,
     memory::{create_guest_memory, GuestMemory},
     persist::{self, Persist, PersistError},
     profile::{session::Session, Profiler},
@@ -163,13 +147,14 @@ pub enum VmmError {
     Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
-fn device_err<E: std::error::Error + Send + Sync + 'static>(
+pub(crate) fn device_err<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
 ) -> impl FnOnce(E) -> VmmError {
     move |e| VmmError::Device(what, Box::new(e))
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the VMM's event loop holds.
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Watches the eventfds that end the VM: vCPU exits, the i8042 reset line,
 /// an API stop, and SIGTERM/SIGINT (through a signalfd).
@@ -297,40 +282,6 @@ pub fn take_termination_signals() -> Option<nix::sys::signalfd::SignalFd> {
     .ok()
 }
 
-/// Connections to device backends (daemons, the tap) that a VM's devices
-/// use. They are made before the VM is built and outlive a failed build, so
-/// a VM whose snapshot is refused can boot cold on the same daemons (each
-/// serves a single connection) and the same tap (an inherited descriptor
-/// can be taken over only once).
-#[derive(Debug, Default)]
-pub struct Backends {
-    fs: Option<FsBackend>,
-    tap: Option<Tap>,
-}
-
-impl Backends {
-    /// Connects to every backend `config` names.
-    pub fn connect(config: &VmConfig) -> Result<Self, VmmError> {
-        let fs = match &config.fs {
-            Some(fs_cfg) => Some(
-                FsBackend::connect(&fs_cfg.socket).map_err(device_err("the virtio-fs device"))?,
-            ),
-            None => None,
-        };
-        let tap = match config.net.as_ref().and_then(|n| n.tap.as_ref()) {
-            None => None,
-            // SAFETY: the fd was handed to this process to own (the command
-            // line's fd=); nothing else in it uses the number, and
-            // validation refused 0-2.
-            Some(crate::TapSource::Fd(fd)) => Some(unsafe { Tap::from_raw_fd(*fd) }),
-            Some(crate::TapSource::Name(name)) => Some(Tap::open(name)),
-        }
-        .transpose()
-        .map_err(device_err("the network device's tap"))?;
-        Ok(Self { fs, tap })
-    }
-}
-
 impl Vmm {
     /// Builds the VM described by `config` (see the module docs for steps).
     /// `signals`, if given, ends the VM on SIGTERM/SIGINT.
@@ -364,8 +315,6 @@ impl Vmm {
         let vm = Arc::new(vm::create_vm(&kvm, &mem)?);
 
         // 4. Devices.
-        let mut pio = Bus::new();
-        let mut mmio = Bus::new();
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let mut cmdline: Vec<String> = BASE_CMDLINE.iter().map(|w| w.to_string()).collect();
         let profile_words = profile.cmdline();
@@ -373,113 +322,15 @@ impl Vmm {
             cmdline.push(profile_words.to_string());
         }
 
-        if let Some(path) = &config.serial_log {
-            let out = File::create(path).map_err(device_err("the serial console log"))?;
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the serial console"))?;
-            vm.register_irqfd(&irq, SERIAL_IRQ)
-                .map_err(device_err("the serial console interrupt"))?;
-            let serial = SerialConsole::new(EventFdTrigger(irq), out);
-            pio.insert(Arc::new(Mutex::new(serial)), u64::from(SERIAL_PORT), 8)
-                .map_err(device_err("the serial console"))?;
-            cmdline.push("console=ttyS0".to_string());
-            cmdline.push("8250.nr_uarts=1".to_string());
-        } else {
-            // No UART at all: the kernel does not even probe for one.
-            cmdline.push("8250.nr_uarts=0".to_string());
-        }
-
-        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the reset line"))?;
-        let reset_line = ResetLine::new(EventFdTrigger(
-            reset_evt
-                .try_clone()
-                .map_err(device_err("the reset line"))?,
-        ));
-        pio.insert(Arc::new(Mutex::new(reset_line)), u64::from(I8042_PORT), 5)
-            .map_err(device_err("the reset line"))?;
-
-        let mut virtio = VirtioSlots {
-            next_addr: VIRTIO_MMIO_START,
-            next_irq: VIRTIO_IRQ_START,
-            transports: Vec::new(),
-        };
-        if let Some(vsock_cfg) = &config.vsock {
-            let muxer = Muxer::new(vsock_cfg.guest_cid, &vsock_cfg.uds_path)
-                .map_err(device_err("the vsock socket"))?;
-            let vsock =
-                Vsock::new(vsock_cfg.guest_cid, muxer).map_err(device_err("the vsock device"))?;
-            let handler = vsock.handler().map_err(device_err("the vsock device"))?;
-            cmdline.push(virtio.attach(
-                &vm,
-                &mem,
-                &mut mmio,
-                Box::new(vsock),
-                "the vsock device",
-            )?);
-            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
-        }
-        if let Some(fs_cfg) = &config.fs {
-            let backend = backends.fs.as_ref().ok_or_else(|| {
-                VmmError::Device(
-                    "the virtio-fs device",
-                    "no connection to its daemon was made".into(),
-                )
-            })?;
-            let fs = VhostUserFs::new(backend, &fs_cfg.tag)
-                .map_err(device_err("the virtio-fs device"))?;
-            let handler = fs.handler().map_err(device_err("the virtio-fs device"))?;
-            cmdline.push(virtio.attach(
-                &vm,
-                &mem,
-                &mut mmio,
-                Box::new(fs),
-                "the virtio-fs device",
-            )?);
-            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
-        }
-        if let Some(net_cfg) = &config.net {
-            let backend = backends
-                .tap
-                .as_ref()
-                .map(Tap::try_clone)
-                .transpose()
-                .map_err(device_err("the network device's tap"))?
-                .map(|t| Box::new(t) as Box<dyn crate::devices::virtio::net::tap::FrameBackend>);
-            let net = Net::new(net_cfg.mac, net_cfg.mtu, backend)
-                .map_err(device_err("the network device"))?;
-            let handler = net.handler().map_err(device_err("the network device"))?;
-            cmdline.push(virtio.attach(
-                &vm,
-                &mem,
-                &mut mmio,
-                Box::new(net),
-                "the network device",
-            )?);
-            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
-        }
-        let mut balloon_control = None;
-        if let Some(balloon_cfg) = &config.balloon {
-            let balloon =
-                Balloon::new(*balloon_cfg, mem_size).map_err(device_err("the balloon device"))?;
-            let handler = balloon
-                .handler()
-                .map_err(device_err("the balloon device"))?;
-            balloon_control = Some(balloon.control());
-            if balloon_cfg.free_page_reporting {
-                cmdline.push(format!(
-                    "page_reporting.page_reporting_order={}",
-                    balloon_cfg.reporting_order
-                ));
-            }
-            cmdline.push(virtio.attach(
-                &vm,
-                &mem,
-                &mut mmio,
-                Box::new(balloon),
-                "the balloon device",
-            )?);
-            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
-        }
-        let transports = virtio.transports;
+        let Devices {
+            pio,
+            mmio,
+            transports,
+            cmdline: device_words,
+            reset_evt,
+            balloon: balloon_control,
+        } = device_manager::attach_all(&config, &vm, &mem, backends, &mut event_manager)?;
+        cmdline.extend(device_words);
 
         // 5. Guest: a snapshot to restore, or the kernel to boot.
         let device_types: Vec<u32> = transports
@@ -768,46 +619,6 @@ impl Vmm {
                 p.run(&controls);
             })
             .map_err(VmmError::Thread)
-    }
-}
-
-/// Where the next virtio-mmio device goes, and the devices placed so far.
-struct VirtioSlots {
-    next_addr: u64,
-    next_irq: u32,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-}
-
-impl VirtioSlots {
-    /// Puts `device` in the next MMIO window with the next IRQ: its
-    /// interrupt becomes an irqfd, its queue notifications KVM ioeventfds.
-    /// Returns the `virtio_mmio.device=` word for the kernel command line.
-    fn attach(
-        &mut self,
-        vm: &VmFd,
-        mem: &GuestMemory,
-        mmio: &mut Bus,
-        device: Box<dyn crate::devices::virtio::VirtioDevice>,
-        what: &'static str,
-    ) -> Result<String, VmmError> {
-        let (addr, irq_line) = (self.next_addr, self.next_irq);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err(what))?;
-        vm.register_irqfd(&irq, irq_line)
-            .map_err(device_err(what))?;
-        let transport = MmioTransport::new(mem.clone(), device, Interrupt::new(Box::new(irq)))
-            .map_err(device_err(what))?;
-        for (i, evt) in transport.queue_evts().iter().enumerate() {
-            let datamatch = u32::try_from(i).unwrap_or(u32::MAX);
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr + 0x50), datamatch)
-                .map_err(device_err(what))?;
-        }
-        let transport = Arc::new(Mutex::new(transport));
-        self.transports.push(transport.clone());
-        mmio.insert(transport, addr, VIRTIO_MMIO_SIZE)
-            .map_err(device_err(what))?;
-        self.next_addr += VIRTIO_MMIO_SIZE;
-        self.next_irq += 1;
-        Ok(format!("virtio_mmio.device=4K@{addr:#x}:{irq_line}"))
     }
 }
 

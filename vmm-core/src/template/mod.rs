@@ -5,6 +5,11 @@
 //! readiness — before any host has talked to it, so nothing pod-specific
 //! exists in the guest yet — it writes the snapshot and ends the VM. Every
 //! later microVM of the same image and shape restores from that file.
+//!
+//! [`key`] names the template a VM restores from; [`start`] finds it or
+//! makes it (one boot of a template VM).
+
+pub mod start;
 
 use std::{
     io::Read,

@@ -1,0 +1,308 @@
+//! Template start: the template snapshot for a VM, made first (one boot of
+//! a template VM) if there is none yet.
+//!
+//! Concurrent starts of the same VM shape serialize on a lock file next to
+//! the template, so each template is built once. The template VM is a
+//! `husk-vmm --make-template` child with the same kernel, initramfs,
+//! command line, shape and devices as the VMs that will restore it (the
+//! template key says which), but its own vsock socket, a placeholder MAC on
+//! an uncabled network card, and a virtio-fs daemon of its own serving an
+//! empty directory the template guest never mounts.
+
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use crate::{arch::cpuid::CpuProfile, VmConfig};
+
+/// The MAC of a template VM's network device (locally administered); each
+/// restored VM's agent sets its own.
+pub const TEMPLATE_MAC: &str = "02:68:75:73:6b:00";
+
+/// Errors finding or making a template.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// Template start needs the agent's vsock device.
+    #[error("template start needs a vsock device (--vsock-uds)")]
+    NoVsock,
+    /// A file system operation failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The template VM's virtio-fs daemon did not serve.
+    #[error("the template's virtio-fs daemon {0}")]
+    Daemon(String),
+    /// The template VM did not write the template.
+    #[error("making the template {} failed ({status})", path.display())]
+    Failed {
+        /// The template that was to be written.
+        path: PathBuf,
+        /// How the template VM ended.
+        status: String,
+    },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
+    let path = path.to_path_buf();
+    move |source| TemplateError::Io { what, path, source }
+}
+
+/// The programs a template VM runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `husk-vmm`.
+    pub vmm: PathBuf,
+    /// `husk-virtiofsd` (for a VM with a virtio-fs device).
+    pub virtiofsd: PathBuf,
+}
+
+/// The template for `config` in `dir`, made first if it does not exist.
+pub fn ensure(config: &VmConfig, dir: &Path, bins: &Binaries) -> Result<PathBuf, TemplateError> {
+    let uds = config.vsock.as_ref().ok_or(TemplateError::NoVsock)?;
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let key = super::key(config, CpuProfile::detect()).map_err(io(
+        "reading the guest image to name its template",
+        &config.kernel,
+    ))?;
+    let path = dir.join(format!("{key}.snap"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let lock_path = dir.join(format!("{key}.lock"));
+    let lock = std::fs::File::create(&lock_path).map_err(io("creating", &lock_path))?;
+    // SAFETY: flock on a descriptor this function owns; the result is
+    // checked. The lock goes with the descriptor when `lock` drops.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io("locking", &lock_path)(std::io::Error::last_os_error()));
+    }
+    if path.exists() {
+        return Ok(path);
+    }
+    tracing::info!(template = %path.display(), "no template for this VM yet: booting once to make it");
+    let build_uds = uds.uds_path.with_extension("template.sock");
+    let mut cmd = Command::new(&bins.vmm);
+    cmd.args(template_args(config, &path, &build_uds));
+    let fs_daemon = match &config.fs {
+        Some(fs) => {
+            let daemon = TemplateFsDaemon::start(&bins.virtiofsd, dir, &key)?;
+            cmd.arg("--fs-socket")
+                .arg(&daemon.socket)
+                .args(["--fs-tag", &fs.tag]);
+            Some(daemon)
+        }
+        None => None,
+    };
+    let status = cmd.status();
+    if let Some(daemon) = fs_daemon {
+        daemon.finish();
+    }
+    let status = status.map_err(io("starting the template VM", &bins.vmm))?;
+    let _ = std::fs::remove_file(&lock_path);
+    if !status.success() || !path.exists() {
+        return Err(TemplateError::Failed {
+            path,
+            status: status.to_string(),
+        });
+    }
+    Ok(path)
+}
+
+/// The `husk-vmm` arguments of the VM that makes the template `out` for
+/// `config` (all but its virtio-fs daemon's socket), its vsock socket at
+/// `uds`.
+pub fn template_args(config: &VmConfig, out: &Path, uds: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = Vec::new();
+    let mut push = |k: &str, v: &std::ffi::OsStr| {
+        a.push(k.into());
+        a.push(v.to_os_string());
+    };
+    push("--kernel", config.kernel.as_os_str());
+    match &config.initramfs {
+        Some(i) => push("--initramfs", i.as_os_str()),
+        None => push("--initramfs", "none".as_ref()),
+    }
+    push("--vcpus", config.vcpus.to_string().as_ref());
+    push("--mem-mib", config.mem_mib.to_string().as_ref());
+    push("--cmdline", config.extra_cmdline.as_ref());
+    push("--vsock-uds", uds.as_os_str());
+    push("--make-template", out.as_os_str());
+    push("--log", "warn".as_ref());
+    // No tap: each restored VM brings its own, and its agent sets the MAC
+    // and MTU.
+    if let Some(net) = &config.net {
+        push(
+            "--net",
+            format!("mac={TEMPLATE_MAC},mtu={}", net.mtu).as_ref(),
+        );
+    }
+    if let Some(balloon) = &config.balloon {
+        push("--balloon", balloon.to_arg().as_ref());
+    }
+    if let Some(serial) = &config.serial_log {
+        push(
+            "--serial-log",
+            serial.with_extension("template.log").as_os_str(),
+        );
+    }
+    a
+}
+
+/// The virtio-fs daemon of a template VM, with its empty shared directory.
+struct TemplateFsDaemon {
+    child: Child,
+    socket: PathBuf,
+    share: PathBuf,
+}
+
+impl TemplateFsDaemon {
+    /// How long the daemon may take to listen, and to leave after its VMM.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn start(binary: &Path, dir: &Path, key: &str) -> Result<Self, TemplateError> {
+        let share = dir.join(format!("{key}.share"));
+        let socket = dir.join(format!("{key}.fs.sock"));
+        let _ = std::fs::remove_file(&socket);
+        std::fs::create_dir_all(&share).map_err(io("creating", &share))?;
+        let child = Command::new(binary)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--shared-dir")
+            .arg(&share)
+            .args(["--log", "warn"])
+            .spawn()
+            .map_err(io("starting", binary))?;
+        let mut daemon = Self {
+            child,
+            socket,
+            share,
+        };
+        let deadline = Instant::now() + Self::WAIT;
+        while !daemon.socket.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                daemon.finish();
+                return Err(TemplateError::Daemon(format!("exited: {status}")));
+            }
+            if Instant::now() > deadline {
+                daemon.finish();
+                return Err(TemplateError::Daemon(format!(
+                    "did not listen within {:?}",
+                    Self::WAIT
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+
+    /// Waits for the daemon to leave (it does when its VMM is gone), kills
+    /// it if it does not, and removes its socket and directory.
+    fn finish(mut self) {
+        let deadline = Instant::now() + Self::WAIT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    tracing::warn!("the template's virtio-fs daemon did not exit; killing it");
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir(&self.share);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BalloonConfig, NetConfig, VsockConfig};
+
+    fn config(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"kernel").expect("kernel");
+        VmConfig {
+            kernel,
+            initramfs: None,
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.join("v.sock"),
+            }),
+            net: Some(NetConfig::parse("mac=02:00:00:00:00:09,mtu=1400").expect("net")),
+            balloon: Some(BalloonConfig::default()),
+            ..VmConfig::with_defaults()
+        }
+    }
+
+    #[test]
+    fn the_template_vm_has_the_same_shape_and_devices_but_its_own_identity() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = config(dir.path());
+        let args: Vec<String> = template_args(&c, Path::new("/t/x.snap"), Path::new("/t/v.sock"))
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        for want in [
+            "--initramfs none",
+            "--vcpus 1",
+            "--mem-mib 128",
+            "--vsock-uds /t/v.sock",
+            "--make-template /t/x.snap",
+            &format!("--net mac={TEMPLATE_MAC},mtu=1400"),
+            &format!("--balloon {}", BalloonConfig::default().to_arg()),
+        ] {
+            assert!(joined.contains(want), "{want:?} in {joined}");
+        }
+        assert!(
+            !joined.contains("02:00:00:00:00:09"),
+            "not the VM's own MAC"
+        );
+    }
+
+    #[test]
+    fn an_existing_template_is_used_without_booting() {
+        let dir = tempfile::tempdir().expect("dir");
+        let c = config(dir.path());
+        let key = super::super::key(&c, CpuProfile::detect()).expect("key");
+        let templates = dir.path().join("templates");
+        std::fs::create_dir(&templates).expect("mkdir");
+        let snap = templates.join(format!("{key}.snap"));
+        std::fs::write(&snap, b"template").expect("write");
+        // A VMM binary that cannot run: nothing may be started.
+        let bins = Binaries {
+            vmm: dir.path().join("no-such-vmm"),
+            virtiofsd: dir.path().join("no-such-virtiofsd"),
+        };
+        assert_eq!(ensure(&c, &templates, &bins).expect("ensure"), snap);
+        let failed = ensure(
+            &VmConfig {
+                mem_mib: 256,
+                ..c.clone()
+            },
+            &templates,
+            &bins,
+        )
+        .expect_err("another shape has no template and the VMM cannot start");
+        assert!(
+            failed.to_string().contains("starting the template VM"),
+            "{failed}"
+        );
+        assert!(matches!(
+            ensure(&VmConfig { vsock: None, ..c }, &templates, &bins),
+            Err(TemplateError::NoVsock)
+        ));
+    }
+}
