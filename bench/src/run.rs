@@ -45,6 +45,10 @@ struct Args {
     /// Where husk's VM template is kept between benchmark runs.
     #[arg(long, default_value = "/var/lib/husk/templates")]
     template_dir: std::path::PathBuf,
+    /// A husk.toml setting for husk's pods, `KEY=VALUE` with a TOML value
+    /// (e.g. `free_page_reporting=false`), for experiments; repeatable.
+    #[arg(long = "husk-set", value_name = "KEY=VALUE")]
+    husk_set: Vec<String>,
 }
 
 /// Seconds `ctr run --rm` of /bin/true takes.
@@ -165,6 +169,13 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&args.template_dir)?;
     let c = Containerd::start(&artifacts, dir.path(), &args.template_dir)?;
     c.import_test_image()?;
+    for kv in &args.husk_set {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--husk-set {kv:?} is not KEY=VALUE"))?;
+        c.set_husk(k, v)?;
+        println!("husk.toml: {k} = {v}");
+    }
     println!(
         "run benchmark: husk ({RUNTIME}) vs runc ({RUNC}), {} runs each, one private containerd, image {IMAGE}",
         args.runs
