@@ -126,21 +126,17 @@ mod tests {
 2026-12-04T22:00:00.3Z  INFO husk step container=c1 step=vm_gone ms=20
 2026-12-04T22:00:00.4Z  INFO husk step container=c1 step=start
 ";
-        assert_eq!(
-            parse(log),
-            [
-                Timed {
-                    container: "c1".into(),
-                    step: "create".into(),
-                    seconds: 1.234
-                },
-                Timed {
-                    container: "c1".into(),
-                    step: "vm_gone".into(),
-                    seconds: 0.02
-                },
-            ]
-        );
+        assert_eq!(parse(log), create_then_gone());
+    }
+
+    /// What the logs of both tests hold: c1's create and VM-gone steps.
+    fn create_then_gone() -> [Timed; 2] {
+        let timed = |step: &str, seconds| Timed {
+            container: "c1".into(),
+            step: step.into(),
+            seconds,
+        };
+        [timed("create", 1.234), timed("vm_gone", 0.02)]
     }
 
     /// A writer into a shared buffer, for a test subscriber.
@@ -172,22 +168,7 @@ mod tests {
             record("c1", Step::VmGone, Duration::from_millis(20));
         });
         let log = String::from_utf8(buf.0.lock().expect("buffer").clone()).expect("utf-8");
-        assert_eq!(
-            parse(&log),
-            [
-                Timed {
-                    container: "c1".into(),
-                    step: "create".into(),
-                    seconds: 1.234
-                },
-                Timed {
-                    container: "c1".into(),
-                    step: "vm_gone".into(),
-                    seconds: 0.02
-                },
-            ],
-            "{log}"
-        );
+        assert_eq!(parse(&log), create_then_gone(), "{log}");
     }
 
     #[test]

@@ -242,6 +242,22 @@ pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
         .and_then(kib_value)
 }
 
+/// Bytes a program wrote, as text (invalid UTF-8 replaced).
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A finished command for an assertion message: its status, the first
+/// 2,000 characters of stdout and all of stderr.
+pub fn describe(o: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout).chars().take(2000).collect::<String>(),
+        text(&o.stderr)
+    )
+}
+
 /// A /proc size value ("  1234 kB") in KiB.
 pub fn kib_value(v: &str) -> Option<u64> {
     v.trim().trim_end_matches("kB").trim().parse().ok()

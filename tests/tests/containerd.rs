@@ -12,22 +12,10 @@ use std::{
 
 use husk_e2e::{
     containerd::{Containerd, Events, IMAGE},
+    describe,
     hostmem::host_memory,
-    process_tree, require_kvm, Artifacts, TestDir,
+    process_tree, require_kvm, text, Artifacts, TestDir,
 };
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout).chars().take(2000).collect::<String>(),
-        text(&o.stderr)
-    )
-}
 
 fn run(c: &Containerd, extra: &[&str], id: &str, cmd: &[&str]) -> Output {
     let mut args: Vec<String> = c.run_args();

@@ -14,31 +14,18 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use husk_e2e::{
     containerd::{Containerd, Events, IMAGE},
-    require_kvm, Artifacts, TestDir,
+    describe, require_kvm, text, Artifacts, TestDir,
 };
 use husk_protocols::{
     agent::{stream_check_request::Direction, StreamCheckRequest},
     connect_agent,
 };
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout).chars().take(2000).collect::<String>(),
-        text(&o.stderr)
-    )
-}
 
 /// The first line of `/proc/self/status` for `field` in `report`
 /// (e.g. "Seccomp_filters"), its value trimmed.

@@ -10,15 +10,16 @@
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    process::{Child, Output, Stdio},
+    process::{Child, Stdio},
     sync::mpsc::{channel, Receiver},
     time::{Duration, Instant},
 };
 
 use husk_e2e::{
     containerd::{Containerd, IMAGE},
+    describe,
     hostmem::host_memory,
-    require_kvm, Artifacts, TestDir,
+    require_kvm, text, Artifacts, TestDir,
 };
 
 const MIB: u64 = 1 << 20;
@@ -26,19 +27,6 @@ const MIB: u64 = 1 << 20;
 const HOLD_MIB: u64 = 64;
 /// The file that crosses virtio-fs each way.
 const FILE_BYTES: usize = 64 << 20;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        o.status,
-        text(&o.stdout).chars().take(2000).collect::<String>(),
-        text(&o.stderr)
-    )
-}
 
 /// Guest RAM allocated on the host (the memfd, each page once) and
 /// husk-vmm's resident set, bytes.

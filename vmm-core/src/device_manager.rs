@@ -15,7 +15,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -115,6 +115,7 @@ pub fn attach_all(
         mem,
         mmio: &mut mmio,
         cmdline: &mut cmdline,
+        event_manager,
         next_addr: VIRTIO_MMIO_START,
         next_irq: VIRTIO_IRQ_START,
         transports: Vec::new(),
@@ -125,8 +126,7 @@ pub fn attach_all(
             .map_err(device_err("the vsock socket"))?;
         let vsock = Vsock::new(vsock_cfg.guest_cid, muxer).map_err(device_err(what))?;
         let handler = vsock.handler().map_err(device_err(what))?;
-        virtio.attach(Box::new(vsock), what)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        virtio.attach(Box::new(vsock), handler, what)?;
     }
     if let Some(fs_cfg) = &config.fs {
         let what = "the virtio-fs device";
@@ -136,8 +136,7 @@ pub fn attach_all(
             .ok_or_else(|| VmmError::Device(what, "no connection to its daemon was made".into()))?;
         let fs = VhostUserFs::new(backend, &fs_cfg.tag).map_err(device_err(what))?;
         let handler = fs.handler().map_err(device_err(what))?;
-        virtio.attach(Box::new(fs), what)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        virtio.attach(Box::new(fs), handler, what)?;
     }
     if let Some(net_cfg) = &config.net {
         let what = "the network device";
@@ -150,8 +149,7 @@ pub fn attach_all(
             .map(|t| Box::new(t) as Box<dyn FrameBackend>);
         let net = Net::new(net_cfg.mac, net_cfg.mtu, backend).map_err(device_err(what))?;
         let handler = net.handler().map_err(device_err(what))?;
-        virtio.attach(Box::new(net), what)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+        virtio.attach(Box::new(net), handler, what)?;
     }
     let mut balloon_control = None;
     if let Some(balloon_cfg) = &config.balloon {
@@ -159,14 +157,13 @@ pub fn attach_all(
         let balloon = Balloon::new(*balloon_cfg, config.mem_mib << 20).map_err(device_err(what))?;
         let handler = balloon.handler().map_err(device_err(what))?;
         balloon_control = Some(balloon.control());
-        virtio.attach(Box::new(balloon), what)?;
+        virtio.attach(Box::new(balloon), handler, what)?;
         if balloon_cfg.free_page_reporting {
             virtio.cmdline.push(format!(
                 "page_reporting.page_reporting_order={}",
                 balloon_cfg.reporting_order
             ));
         }
-        event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
     }
     let transports = virtio.transports;
     Ok(Devices {
@@ -222,6 +219,7 @@ struct VirtioSlots<'a> {
     mem: &'a GuestMemory,
     mmio: &'a mut Bus,
     cmdline: &'a mut Vec<String>,
+    event_manager: &'a mut EventManager<Subscriber>,
     next_addr: u64,
     next_irq: u32,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
@@ -230,10 +228,12 @@ struct VirtioSlots<'a> {
 impl VirtioSlots<'_> {
     /// Puts `device` in the next MMIO window with the next IRQ: its
     /// interrupt becomes an irqfd, its queue notifications KVM ioeventfds,
-    /// and its `virtio_mmio.device=` word goes on the command line.
-    fn attach(
+    /// its `handler` joins the event loop and its `virtio_mmio.device=` word
+    /// goes on the command line.
+    fn attach<H: MutEventSubscriber + Send + 'static>(
         &mut self,
         device: Box<dyn VirtioDevice>,
+        handler: H,
         what: &'static str,
     ) -> Result<(), VmmError> {
         let (addr, irq_line) = (self.next_addr, self.next_irq);
@@ -258,6 +258,8 @@ impl VirtioSlots<'_> {
         self.next_irq += 1;
         self.cmdline
             .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq_line}"));
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(handler)));
         Ok(())
     }
 }

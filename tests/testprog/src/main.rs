@@ -89,6 +89,21 @@ fn sum(path: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Installs each handler for its signal. Every handler here only stores an
+/// atomic or calls async-signal-safe functions.
+fn handle_signals(handlers: &[(libc::c_int, extern "C" fn(libc::c_int))]) {
+    for &(sig, handler) in handlers {
+        // SAFETY: installs a handler that only calls async-signal-safe
+        // functions (or stores an atomic); `sa` lives across the call.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = handler as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 static CHECK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn ask_check(_: libc::c_int) {
@@ -97,19 +112,7 @@ extern "C" fn ask_check(_: libc::c_int) {
 
 fn hold(mib: usize, seed: u64) -> ! {
     let buf = husk_testprog::bytes(seed, mib << 20);
-    for (sig, handler) in [
-        (libc::SIGUSR1, ask_check as extern "C" fn(libc::c_int)),
-        (libc::SIGTERM, exit_now),
-    ] {
-        // SAFETY: installs a handler that only stores an atomic or calls
-        // _exit(2); the sigaction struct lives across the call.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    handle_signals(&[(libc::SIGUSR1, ask_check), (libc::SIGTERM, exit_now)]);
     println!("holding {:016x}", husk_testprog::checksum(&buf));
     let _ = std::io::stdout().flush();
     loop {
@@ -135,20 +138,11 @@ extern "C" fn wake(_: libc::c_int) {}
 fn pause() -> ! {
     // Real handlers, not SIG_DFL: as PID 1 of a PID namespace the kernel
     // drops signals that have no handler.
-    for (sig, handler) in [
-        (libc::SIGINT, exit_now as extern "C" fn(libc::c_int)),
+    handle_signals(&[
+        (libc::SIGINT, exit_now),
         (libc::SIGTERM, exit_now),
         (libc::SIGCHLD, wake),
-    ] {
-        // SAFETY: installs a handler that only calls async-signal-safe
-        // functions; the sigaction struct lives across the call.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    ]);
     loop {
         // SAFETY: pause(2) only waits for a signal.
         unsafe { libc::pause() };

@@ -567,6 +567,8 @@ mod tests {
     #[derive(Default)]
     struct Dummy {
         acked: u64,
+        /// Queues in use (`None`: all).
+        in_use: Option<usize>,
         activated: Arc<AtomicUsize>,
         resets: Arc<AtomicUsize>,
         config: [u8; 8],
@@ -578,6 +580,9 @@ mod tests {
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16, 16]
+        }
+        fn queues_in_use(&self) -> usize {
+            self.in_use.unwrap_or(2)
         }
         fn features(&self) -> u64 {
             (1 << VIRTIO_F_VERSION_1) | 1
@@ -625,9 +630,16 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        transport_using(None)
+    }
+
+    fn transport_using(
+        in_use: Option<usize>,
+    ) -> (MmioTransport, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mem");
         let dev = Dummy {
             config: [1, 2, 3, 4, 5, 6, 7, 8],
+            in_use,
             ..Default::default()
         };
         let (a, r) = (dev.activated.clone(), dev.resets.clone());
@@ -749,6 +761,39 @@ mod tests {
             status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
         );
         assert_ne!(rd(&mut t, 0x070) & status::FAILED, 0);
+    }
+
+    /// A device that uses fewer queues than it has (the balloon, by the
+    /// features taken) activates with the rest left unset; a queue in use
+    /// must still be set up.
+    #[test]
+    fn only_the_queues_in_use_must_be_ready() {
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        for (in_use, activates) in [(1, true), (2, false)] {
+            let (mut t, activated, _) = transport_using(Some(in_use));
+            wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER);
+            wr(&mut t, 0x024, 1);
+            wr(&mut t, 0x020, 1);
+            wr(&mut t, 0x070, ok & !status::DRIVER_OK);
+            // Only queue 0 is set up.
+            wr(&mut t, 0x030, 0);
+            wr(&mut t, 0x038, 16);
+            wr(&mut t, 0x080, 0x1000);
+            wr(&mut t, 0x090, 0x1200);
+            wr(&mut t, 0x0a0, 0x1400);
+            wr(&mut t, 0x044, 1);
+            wr(&mut t, 0x070, ok);
+            assert_eq!(
+                activated.load(Ordering::SeqCst) == 1,
+                activates,
+                "{in_use} in use"
+            );
+            assert_eq!(
+                rd(&mut t, 0x070) & status::DEVICE_NEEDS_RESET != 0,
+                !activates,
+                "{in_use} in use"
+            );
+        }
     }
 
     #[test]

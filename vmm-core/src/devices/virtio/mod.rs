@@ -135,6 +135,24 @@ pub struct ActiveQueues {
 }
 
 impl ActiveQueues {
+    /// The queues the transport handed over on activation, checked to be
+    /// the `expected` number, each with its eventfd.
+    pub fn new(
+        expected: usize,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+        evts: Vec<EventFd>,
+    ) -> Result<Self, ActivateError> {
+        check_queue_count(expected, &queues, &evts)?;
+        Ok(Self {
+            mem,
+            interrupt,
+            queues,
+            evts,
+        })
+    }
+
     /// Raises the interrupt for `queue` if the driver wants to hear of new
     /// used buffers (or if that cannot be told: better a spurious one).
     pub fn notify(&mut self, queue: usize, device: &str) {
@@ -168,6 +186,29 @@ pub enum ActivateError {
     /// A device-specific failure.
     #[error("{0}")]
     Device(String),
+}
+
+/// Refuses an activation with other than `expected` queues (and one
+/// eventfd per queue).
+pub fn check_queue_count(
+    expected: usize,
+    queues: &[Queue],
+    evts: &[EventFd],
+) -> Result<(), ActivateError> {
+    if queues.len() != expected || evts.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Tells a device's event-loop handler that its queues changed
+/// (activated, reset, restored): the handler re-registers their eventfds.
+pub fn signal_activation(evt: &EventFd) -> Result<(), ActivateError> {
+    evt.write(1)
+        .map_err(|e| ActivateError::Device(format!("signalling activation: {e}")))
 }
 
 /// A virtio device behind a transport.

@@ -21,14 +21,14 @@ use std::{
 
 use serde::Serialize;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion as _};
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion as _, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{PAGE_SIZE, QUEUE_SIZE, VIRTIO_ID_BALLOON};
 use crate::{
     devices::virtio::{
-        read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_CONFIG,
-        VIRTIO_F_VERSION_1,
+        read_config_bytes, signal_activation, ActivateError, ActiveQueues, Interrupt, VirtioDevice,
+        INT_CONFIG, VIRTIO_F_VERSION_1,
     },
     memory::GuestMemory,
     BalloonConfig,
@@ -66,16 +66,22 @@ pub enum Role {
     Reporting,
 }
 
+impl Role {
+    /// Whether the queue is in use with `acked` features.
+    fn in_use(self, acked: u64) -> bool {
+        match self {
+            Self::Inflate | Self::Deflate => true,
+            Self::Stats => acked & (1 << F_STATS_VQ) != 0,
+            Self::Reporting => acked & (1 << F_REPORTING) != 0,
+        }
+    }
+}
+
 /// The queues in use with `acked` features, in queue order.
-pub fn roles(acked: u64) -> Vec<Role> {
-    let mut r = vec![Role::Inflate, Role::Deflate];
-    if acked & (1 << F_STATS_VQ) != 0 {
-        r.push(Role::Stats);
-    }
-    if acked & (1 << F_REPORTING) != 0 {
-        r.push(Role::Reporting);
-    }
-    r
+pub fn roles(acked: u64) -> impl Iterator<Item = Role> {
+    [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting]
+        .into_iter()
+        .filter(move |r| r.in_use(acked))
 }
 
 /// Why a buffer from the guest was refused.
@@ -131,8 +137,12 @@ pub enum BufferError {
 }
 
 /// Checks that `[addr, addr + len)` is whole 4 KiB pages inside one guest
-/// RAM region.
-pub fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), BufferError> {
+/// RAM region; returns that region.
+pub fn check_range(
+    mem: &GuestMemory,
+    addr: u64,
+    len: u64,
+) -> Result<&GuestRegionMmap, BufferError> {
     if len == 0 {
         return Err(BufferError::Empty);
     }
@@ -149,7 +159,7 @@ pub fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), BufferE
     if end > region_end {
         return Err(BufferError::Outside { addr, len });
     }
-    Ok(())
+    Ok(region)
 }
 
 /// The ranges of one free page report: each descriptor of the chain is one
@@ -310,20 +320,16 @@ pub enum DiscardError {
 /// VMM's, KVM's, a vhost-user daemon's) reads zeros from fresh pages next
 /// time and the host frees the old ones now.
 pub fn discard(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), DiscardError> {
-    check_range(mem, addr, len)?;
-    let region = mem
-        .find_region(GuestAddress(addr))
-        .ok_or(BufferError::Outside { addr, len })?;
+    let region = check_range(mem, addr, len)?;
     let file = region.file_offset().ok_or(DiscardError::NoFile(addr))?;
     let offset = file.start() + (addr - region.start_addr().0);
     let (off, l) = match (i64::try_from(offset), i64::try_from(len)) {
         (Ok(o), Ok(l)) => (o, l),
         _ => return Err(BufferError::Overflow { addr, len }.into()),
     };
-    // SAFETY: fallocate on the descriptor the region holds open; the range
-    // was checked to lie inside the region's window of the file, so only
-    // this guest's own RAM is punched. No memory of this process is touched
-    // through a pointer.
+    // SAFETY: fallocate on the descriptor the region holds open, for a
+    // range checked to lie in the region's window of the file (this guest's
+    // own RAM); no memory of this process is touched through a pointer.
     let rc = unsafe {
         libc::fallocate(
             file.file().as_raw_fd(),
@@ -468,12 +474,12 @@ pub(super) fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 impl Inner {
     /// The queue index of `role`, if that queue is in use.
     pub fn queue_of(&self, role: Role) -> Option<usize> {
-        roles(self.acked).iter().position(|&r| r == role)
+        roles(self.acked).position(|r| r == role)
     }
 
     /// Handles every buffer waiting on queue `index`.
     pub fn process_queue(&mut self, index: usize) {
-        match roles(self.acked).get(index) {
+        match roles(self.acked).nth(index) {
             Some(Role::Reporting) => self.process_reporting(index),
             Some(Role::Inflate) => self.process_pages(index, true),
             Some(Role::Deflate) => self.process_pages(index, false),
@@ -482,7 +488,13 @@ impl Inner {
         }
     }
 
-    fn process_reporting(&mut self, index: usize) {
+    /// Takes every buffer waiting on queue `index`, hands each to `handle`
+    /// with the device's counters, and returns it to the driver (the
+    /// device writes nothing into these buffers).
+    fn drain<F>(&mut self, index: usize, mut handle: F)
+    where
+        F: FnMut(&GuestMemory, DescriptorChain<&GuestMemory>, &mut BalloonCounters),
+    {
         let Inner {
             active, counters, ..
         } = self;
@@ -494,11 +506,23 @@ impl Inner {
         while let Some(chain) = active.queues[index].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             used = true;
-            match reported_ranges(&mem, chain) {
+            handle(&mem, chain, counters);
+            if let Err(e) = active.queues[index].add_used(&mem, head, 0) {
+                crate::logger::guest_error!("balloon: returning a buffer: {e}");
+            }
+        }
+        if used {
+            active.notify(index, "balloon");
+        }
+    }
+
+    fn process_reporting(&mut self, index: usize) {
+        self.drain(index, |mem, chain, counters| {
+            match reported_ranges(mem, chain) {
                 Ok(ranges) => {
                     counters.reports += 1;
                     for (addr, len) in ranges {
-                        match discard(&mem, addr, len) {
+                        match discard(mem, addr, len) {
                             Ok(()) => counters.reported_bytes += len,
                             Err(e) => {
                                 counters.discard_errors += 1;
@@ -516,55 +540,28 @@ impl Inner {
                     );
                 }
             }
-            if let Err(e) = active.queues[index].add_used(&mem, head, 0) {
-                crate::logger::guest_error!("balloon: returning a report buffer: {e}");
-            }
-        }
-        if used {
-            active.notify(index, "balloon");
-        }
+        });
     }
 
     fn process_pages(&mut self, index: usize, inflate: bool) {
-        let Inner {
-            active, counters, ..
-        } = self;
-        let Some(active) = active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.clone();
-        let mut used = false;
-        while let Some(chain) = active.queues[index].pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            used = true;
-            match read_pfns(&mem, chain) {
-                Ok(pfns) if inflate => {
-                    counters.inflated_pages += pfns.len() as u64;
-                    for (addr, len) in pfn_ranges(&pfns) {
-                        if let Err(e) = discard(&mem, addr, len) {
-                            counters.discard_errors += 1;
-                            crate::logger::guest_error!("balloon: returning inflated pages: {e}");
-                        }
+        self.drain(index, |mem, chain, counters| match read_pfns(mem, chain) {
+            Ok(pfns) if inflate => {
+                counters.inflated_pages += pfns.len() as u64;
+                for (addr, len) in pfn_ranges(&pfns) {
+                    if let Err(e) = discard(mem, addr, len) {
+                        counters.discard_errors += 1;
+                        crate::logger::guest_error!("balloon: returning inflated pages: {e}");
                     }
                 }
-                // Deflated pages need nothing from the host: the guest's next
-                // touch of a punched page gets a fresh zero page.
-                Ok(pfns) => counters.deflated_pages += pfns.len() as u64,
-                Err(e) => {
-                    counters.bad_buffers += 1;
-                    crate::logger::guest_warn!(
-                        inflate,
-                        "balloon: ignoring a malformed page list: {e}"
-                    );
-                }
             }
-            if let Err(e) = active.queues[index].add_used(&mem, head, 0) {
-                crate::logger::guest_error!("balloon: returning a page list: {e}");
+            // Deflated pages need nothing from the host: the guest's next
+            // touch of a punched page gets a fresh zero page.
+            Ok(pfns) => counters.deflated_pages += pfns.len() as u64,
+            Err(e) => {
+                counters.bad_buffers += 1;
+                crate::logger::guest_warn!(inflate, "balloon: ignoring a malformed page list: {e}");
             }
-        }
-        if used {
-            active.notify(index, "balloon");
-        }
+        });
     }
 
     fn process_stats(&mut self, index: usize) {
@@ -770,7 +767,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn queues_in_use(&self) -> usize {
-        roles(self.lock().acked).len()
+        roles(self.lock().acked).count()
     }
 
     fn features(&self) -> u64 {
@@ -821,30 +818,17 @@ impl VirtioDevice for Balloon {
         queues: Vec<Queue>,
         evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        let expected = self.queue_max_sizes().len();
-        if queues.len() != expected || evts.len() != expected {
-            return Err(ActivateError::QueueCount {
-                expected,
-                got: queues.len(),
-            });
-        }
+        let active = ActiveQueues::new(self.queue_max_sizes().len(), mem, interrupt, queues, evts)?;
         let mut inner = self.lock();
-        let needed = roles(inner.acked).len();
-        if let Some(i) = queues[..needed].iter().position(|q| !q.ready()) {
+        let needed = roles(inner.acked).count();
+        if let Some(i) = active.queues[..needed].iter().position(|q| !q.ready()) {
             return Err(ActivateError::Device(format!(
                 "balloon: queue {i} is in use with the features taken but not ready"
             )));
         }
-        inner.active = Some(ActiveQueues {
-            mem,
-            interrupt,
-            queues,
-            evts,
-        });
+        inner.active = Some(active);
         drop(inner);
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Device(format!("signalling activation: {e}")))
+        signal_activation(&self.activate_evt)
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
@@ -1006,9 +990,10 @@ mod tests {
     #[test]
     fn queues_are_numbered_by_the_features_taken() {
         let base = 1 << VIRTIO_F_VERSION_1;
-        assert_eq!(roles(base), vec![Role::Inflate, Role::Deflate]);
-        assert_eq!(roles(base | (1 << F_REPORTING))[2], Role::Reporting);
-        assert_eq!(roles(all())[2..], [Role::Stats, Role::Reporting]);
+        let list = |acked| roles(acked).collect::<Vec<_>>();
+        assert_eq!(list(base), [Role::Inflate, Role::Deflate]);
+        assert_eq!(list(base | (1 << F_REPORTING))[2], Role::Reporting);
+        assert_eq!(list(all())[2..], [Role::Stats, Role::Reporting]);
     }
 
     #[test]

@@ -55,12 +55,13 @@ impl BalloonHandler {
             let inner = lock(&self.inner);
             match inner.active.as_ref() {
                 Some(a) => {
-                    let roles = roles(inner.acked);
-                    let fds: Vec<RawFd> = a.evts[..roles.len()]
+                    let fds: Vec<RawFd> = a
+                        .evts
                         .iter()
+                        .take(roles(inner.acked).count())
                         .map(AsRawFd::as_raw_fd)
                         .collect();
-                    (fds, roles.contains(&Role::Stats))
+                    (fds, inner.queue_of(Role::Stats).is_some())
                 }
                 None => (Vec::new(), false),
             }

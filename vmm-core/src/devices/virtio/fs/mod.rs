@@ -334,12 +334,7 @@ impl VirtioDevice for VhostUserFs {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES || queue_evts.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
+        crate::devices::virtio::check_queue_count(NUM_QUEUES, &queues, &queue_evts)?;
         let missing = self.requested & !self.features();
         if missing != 0 {
             return Err(ActivateError::Device(format!(

@@ -163,21 +163,8 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 || evts.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
-        self.lock().active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-            evts,
-        });
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Device(format!("signalling activation: {e}")))
+        self.lock().active = Some(Active::new(3, mem, interrupt, queues, evts)?);
+        crate::devices::virtio::signal_activation(&self.activate_evt)
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
