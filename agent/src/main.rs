@@ -19,6 +19,7 @@ mod network;
 mod podns;
 mod reaper;
 mod rpc;
+mod rtnl;
 mod runtime;
 mod settings;
 

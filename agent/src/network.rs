@@ -1,6 +1,6 @@
 //! The pod's network inside the guest: the VM's one network card takes the
 //! identity of the pod's interface on the host (MAC, MTU, addresses,
-//! routes), over netlink; loopback comes up with it. The pod's containers
+//! routes), over netlink ([`crate::rtnl`]); loopback comes up with it. The pod's containers
 //! stay in the guest's network namespace, so they share it, as the
 //! containers of a pod share the pause container's under runc.
 //!
@@ -9,12 +9,9 @@
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use husk_protocols::agent::ConfigureNetworkRequest;
-use rtnetlink::{
-    packet_route::{address::AddressAttribute, link::LinkAttribute},
-    Handle, LinkUnspec, RouteMessageBuilder,
-};
+
+use crate::rtnl::{Request, Rtnl};
 
 /// A network setting the agent refused or could not apply.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +26,7 @@ pub enum NetworkError {
         what: String,
         /// The netlink error.
         #[source]
-        source: rtnetlink::Error,
+        source: std::io::Error,
     },
     /// No network card in the guest.
     #[error("the guest has no network card")]
@@ -137,135 +134,89 @@ pub fn plan(req: &ConfigureNetworkRequest) -> Result<Plan, NetworkError> {
     })
 }
 
-fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
+fn nl(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetworkError {
     let what = what.into();
     move |source| NetworkError::Netlink { what, source }
 }
 
-/// The guest's links: (index, name), loopback included.
-async fn links(handle: &Handle) -> Result<Vec<(u32, String)>, NetworkError> {
-    let mut out = Vec::new();
-    let mut stream = handle.link().get().execute();
-    while let Some(msg) = stream.try_next().await.map_err(nl("listing links"))? {
-        let name = msg.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfName(n) => Some(n.clone()),
-            _ => None,
-        });
-        out.push((msg.header.index, name.unwrap_or_default()));
+/// The addresses on link `name`, with prefix lengths.
+fn addresses_of(name: &str) -> Result<Vec<(IpAddr, u8)>, NetworkError> {
+    let all = nix::ifaddrs::getifaddrs().map_err(|e| nl("listing addresses")(e.into()))?;
+    Ok(all
+        .filter(|a| a.interface_name == name)
+        .filter_map(|a| {
+            let ip = a.address.as_ref().and_then(sockaddr_ip)?;
+            let prefix = a
+                .netmask
+                .as_ref()
+                .and_then(sockaddr_ip)
+                .map_or(0, |m| match m {
+                    IpAddr::V4(m) => u32::from(m).count_ones(),
+                    IpAddr::V6(m) => u128::from(m).count_ones(),
+                });
+            // At most 128 ones.
+            let prefix = u8::try_from(prefix).unwrap_or(u8::MAX);
+            Some((ip, prefix))
+        })
+        .collect())
+}
+
+fn sockaddr_ip(a: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(IpAddr::V4(v4.ip()));
     }
-    Ok(out)
+    a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
 }
 
 /// Applies `plan` to the guest's network card (the one link that is not
 /// loopback) and brings loopback up.
 pub async fn apply(plan: &Plan) -> Result<(), NetworkError> {
-    let (conn, handle, _) = rtnetlink::new_connection()
-        .map_err(|e| invalid(format!("opening a netlink socket: {e}")))?;
-    let conn = tokio::spawn(conn);
-    let result = apply_with(&handle, plan).await;
-    conn.abort();
-    result
+    let plan = plan.clone();
+    tokio::task::spawn_blocking(move || apply_now(&plan))
+        .await
+        .map_err(|e| invalid(format!("network setup: {e}")))?
 }
 
-async fn apply_with(handle: &Handle, plan: &Plan) -> Result<(), NetworkError> {
-    let links = links(handle).await?;
+fn apply_now(plan: &Plan) -> Result<(), NetworkError> {
+    let links: Vec<(u32, String)> = nix::net::if_::if_nameindex()
+        .map_err(|e| nl("listing links")(e.into()))?
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .collect();
     let lo = links.iter().find(|(_, n)| n == "lo").map(|(i, _)| *i);
-    let card = links
+    let (card, card_name) = links
         .iter()
         .find(|(_, n)| n != "lo")
-        .map(|(i, _)| *i)
+        .cloned()
         .ok_or(NetworkError::NoDevice)?;
+    let mut rtnl = Rtnl::open().map_err(|e| invalid(format!("opening a netlink socket: {e}")))?;
     if let Some(lo) = lo {
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(lo).up().build())
-            .execute()
-            .await
+        rtnl.call(Request::link_up(lo, true))
             .map_err(nl("bringing loopback up"))?;
     }
     // The MAC changes only while the link is down.
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(card).down().build())
-        .execute()
-        .await
+    rtnl.call(Request::link_up(card, false))
         .map_err(nl("taking the card down"))?;
-    handle
-        .link()
-        .set(
-            LinkUnspec::new_with_index(card)
-                .address(plan.mac.to_vec())
-                .mtu(plan.mtu)
-                .build(),
-        )
-        .execute()
-        .await
+    rtnl.call(Request::link_mac_mtu(card, plan.mac, plan.mtu))
         .map_err(nl("setting the MAC and MTU"))?;
     // Replace, not add: drop whatever an earlier call set.
-    let mut old = handle.address().get().set_link_index_filter(card).execute();
-    let mut stale = Vec::new();
-    while let Some(a) = old.try_next().await.map_err(nl("listing addresses"))? {
-        if a.attributes
-            .iter()
-            .any(|x| matches!(x, AddressAttribute::Address(_)))
-        {
-            stale.push(a);
-        }
-    }
-    for a in stale {
-        handle
-            .address()
-            .del(a)
-            .execute()
-            .await
-            .map_err(nl("removing an old address"))?;
+    for (ip, prefix) in addresses_of(&card_name)? {
+        rtnl.call(Request::del_address(card, ip, prefix))
+            .map_err(nl(format!("removing the old address {ip}/{prefix}")))?;
     }
     for (ip, prefix) in &plan.addresses {
-        handle
-            .address()
-            .add(card, *ip, *prefix)
-            .execute()
-            .await
+        rtnl.call(Request::add_address(card, *ip, *prefix))
             .map_err(nl(format!("adding {ip}/{prefix}")))?;
     }
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(card).up().build())
-        .execute()
-        .await
+    rtnl.call(Request::link_up(card, true))
         .map_err(nl("bringing the card up"))?;
     // On-link routes first: a gateway must be reachable when its route is
     // added.
     let mut routes = plan.routes.clone();
     routes.sort_by_key(|(_, gw)| gw.is_some());
     for (dest, gw) in routes {
-        let v4 = dest.map(|(d, _)| d.is_ipv4()).or(gw.map(|g| g.is_ipv4()));
-        let msg = match v4 {
-            Some(false) => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv6Addr>::new().output_interface(card);
-                if let Some((IpAddr::V6(d), p)) = dest {
-                    b = b.destination_prefix(d, p);
-                }
-                if let Some(IpAddr::V6(g)) = gw {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-            _ => {
-                let mut b = RouteMessageBuilder::<std::net::Ipv4Addr>::new().output_interface(card);
-                if let Some((IpAddr::V4(d), p)) = dest {
-                    b = b.destination_prefix(d, p);
-                }
-                if let Some(IpAddr::V4(g)) = gw {
-                    b = b.gateway(g);
-                }
-                b.build()
-            }
-        };
-        match handle.route().add(msg).replace().execute().await {
-            Ok(()) => {}
-            Err(e) => return Err(nl(format!("adding a route to {dest:?} via {gw:?}"))(e)),
-        }
+        rtnl.call(Request::replace_route(card, dest, gw))
+            .map_err(nl(format!("adding a route to {dest:?} via {gw:?}")))?;
     }
     Ok(())
 }
@@ -288,6 +239,71 @@ mod tests {
         gw.gateway = "10.88.0.1".into();
         r.routes.push(gw);
         r
+    }
+
+    /// `ip ARGS` in the calling thread's network namespace.
+    fn ip(args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip (package iproute2)");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The plan reaches a real link: a tap card in a network namespace of
+    /// the test's own (needs root, as the agent has in the guest).
+    #[test]
+    fn a_plan_is_applied_to_a_real_link_and_replaces_the_last_one() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: it makes a network namespace"
+        );
+        std::thread::spawn(|| {
+            // Network namespaces are per thread: this one goes with it.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            ip(&["tuntap", "add", "dev", "eth0", "mode", "tap"]);
+            let first = plan(&req()).expect("plan");
+            apply_now(&first).expect("first");
+            let mut r = req();
+            r.addresses[0].address = "10.99.0.7".into();
+            r.addresses[0].prefix_len = 24;
+            r.routes[0].gateway = "10.99.0.1".into();
+            let mut net = NetworkRoute::new();
+            net.destination = "192.168.7.0".into();
+            net.prefix_len = 24;
+            net.gateway = "10.99.0.254".into();
+            r.routes.push(net);
+            r.mtu = 1400;
+            apply_now(&plan(&r).expect("plan")).expect("second");
+
+            let link = ip(&["-o", "link", "show", "eth0"]);
+            assert!(link.contains("0a:58:0a:58:00:05"), "{link}");
+            assert!(link.contains("mtu 1400"), "{link}");
+            assert!(link.contains(",UP"), "{link}");
+            assert!(ip(&["-o", "link", "show", "lo"]).contains(",UP"));
+            let addrs = ip(&["-o", "-4", "addr", "show", "dev", "eth0"]);
+            assert!(
+                addrs.contains("inet 10.99.0.7/24 brd 10.99.0.255"),
+                "{addrs}"
+            );
+            assert!(
+                !addrs.contains("10.88.0.5"),
+                "the first address stays: {addrs}"
+            );
+            let routes = ip(&["-4", "route", "show"]);
+            assert!(
+                routes.contains("default via 10.99.0.1 dev eth0"),
+                "{routes}"
+            );
+            assert!(!routes.contains("10.88.0.1"), "{routes}");
+            assert!(
+                routes.contains("192.168.7.0/24 via 10.99.0.254 dev eth0"),
+                "{routes}"
+            );
+        })
+        .join()
+        .expect("the test thread");
     }
 
     #[test]

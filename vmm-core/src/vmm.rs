@@ -522,6 +522,7 @@ impl Vmm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .started = Instant::now();
+        release_startup_heap();
         let filters = if self.config.seccomp {
             seccomp::install_sigsys_handler()?;
             Some((
@@ -677,5 +678,21 @@ fn stop_vcpus(controls: &[Arc<VcpuControl>], handles: Vec<JoinHandle<()>>) {
             continue;
         }
         let _ = handle.join();
+    }
+}
+
+/// Gives the heap that building the VM left free back to the host.
+///
+/// Building a VM reads the template key's inputs and a snapshot's memory
+/// through buffers of a mebibyte; freed, they stay in the process's heap
+/// (the allocator keeps freed memory for reuse), so every pod's husk-vmm
+/// would carry about 1 MiB it never touches again (measured: anonymous
+/// memory 1,720 KiB before, 692 KiB after; docs/memory.md).
+fn release_startup_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel; it
+    // takes the allocator's own locks and touches no memory we own.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -47,6 +47,10 @@ struct Args {
     /// in husk.toml), for experiments.
     #[arg(long)]
     kernel_cmdline: Option<String>,
+    /// Run the container privileged (`ctr run --privileged`): it sees the
+    /// whole guest, e.g. `husk-demo --privileged -- cat /proc/slabinfo`.
+    #[arg(long)]
+    privileged: bool,
     /// The command the container runs instead of the demo script, e.g.
     /// `husk-demo --profile-dir /tmp/p -- /bin/true`.
     #[arg(last = true)]
@@ -108,6 +112,9 @@ fn container_demo(args: &Args, artifacts: &Artifacts) -> Result<()> {
         );
     }
     let mut argv = c.run_args();
+    if args.privileged {
+        argv.push("--privileged".into());
+    }
     argv.extend(["--rm", IMAGE, "husk-demo"].map(String::from));
     if args.command.is_empty() {
         argv.extend(["sh", "-c"].map(String::from));
