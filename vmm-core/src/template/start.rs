@@ -8,12 +8,20 @@
 //! template key says which), but its own vsock socket, a placeholder MAC on
 //! an uncabled network card, and a virtio-fs daemon of its own serving an
 //! empty directory the template guest never mounts.
+//!
+//! Templates are never edited, only replaced: a new guest image, husk
+//! version or VM shape names a new one, and the old one would stay on disk
+//! for ever (about 22 MB each). So every start marks its template as used
+//! (its modification time), and starts remove templates that no VM has
+//! started from for [`UNUSED_FOR`]. Removing one is safe at any time: a
+//! restore copies the template into the VM's own memory and keeps nothing
+//! of the file; a start that loses the race to a removal boots cold.
 
 use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use crate::{arch::cpuid::CpuProfile, VmConfig};
@@ -21,6 +29,9 @@ use crate::{arch::cpuid::CpuProfile, VmConfig};
 /// The MAC of a template VM's network device (locally administered); each
 /// restored VM's agent sets its own.
 pub const TEMPLATE_MAC: &str = "02:68:75:73:6b:00";
+
+/// Templates no VM has started from for this long are removed.
+pub const UNUSED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Errors finding or making a template.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +86,8 @@ pub fn ensure(config: &VmConfig, dir: &Path, bins: &Binaries) -> Result<PathBuf,
         &config.kernel,
     ))?;
     let path = dir.join(format!("{key}.snap"));
-    if path.exists() {
+    if mark_used(&path) {
+        prune(dir, UNUSED_FOR);
         return Ok(path);
     }
     let lock_path = dir.join(format!("{key}.lock"));
@@ -114,7 +126,56 @@ pub fn ensure(config: &VmConfig, dir: &Path, bins: &Binaries) -> Result<PathBuf,
             status: status.to_string(),
         });
     }
+    prune(dir, UNUSED_FOR);
     Ok(path)
+}
+
+/// Records that a VM starts from template `path` now; false if there is
+/// no such template.
+fn mark_used(path: &Path) -> bool {
+    match std::fs::File::options().write(true).open(path) {
+        Ok(f) => {
+            if let Err(e) = f.set_modified(SystemTime::now()) {
+                tracing::warn!(template = %path.display(), "marking the template used: {e}");
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Removes the templates in `dir` that no VM has started from for
+/// `unused_for`; returns how many it removed. Failures are logged, not
+/// returned: a template left behind costs disk space, not a VM start.
+pub fn prune(dir: &Path, unused_for: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "snap") {
+            continue;
+        }
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok());
+        if idle.is_some_and(|idle| idle > unused_for) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(template = %path.display(), "removed a template unused for {} days", unused_for.as_secs() / 86_400);
+                }
+                Err(e) => {
+                    tracing::warn!(template = %path.display(), "removing an unused template: {e}")
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// The `husk-vmm` arguments of the VM that makes the template `out` for
@@ -286,7 +347,36 @@ mod tests {
             vmm: dir.path().join("no-such-vmm"),
             virtiofsd: dir.path().join("no-such-virtiofsd"),
         };
+        let old = SystemTime::now() - 2 * UNUSED_FOR;
+        let set_mtime = |p: &Path, t: SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .expect("open")
+                .set_modified(t)
+                .expect("mtime");
+        };
+        set_mtime(&snap, old);
+        let stale = templates.join("0123456789abcdef01234567.snap");
+        std::fs::write(&stale, b"another image's template").expect("write");
+        set_mtime(&stale, old);
+        let other = templates.join("notes.txt");
+        std::fs::write(&other, b"not a template").expect("write");
+        set_mtime(&other, old);
+
         assert_eq!(ensure(&c, &templates, &bins).expect("ensure"), snap);
+        // Used now: kept, and marked; the stale one is gone, other files stay.
+        let used = std::fs::metadata(&snap)
+            .expect("kept")
+            .modified()
+            .expect("mtime");
+        assert!(used > old + UNUSED_FOR, "the start marks its template used");
+        assert!(
+            !stale.exists(),
+            "a template unused for two weeks is removed"
+        );
+        assert!(other.exists(), "only templates are removed");
+        assert_eq!(prune(&templates, UNUSED_FOR), 0);
         let failed = ensure(
             &VmConfig {
                 mem_mib: 256,
