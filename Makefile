@@ -20,7 +20,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/agent/husk-agent
 # Static, and not position-independent: a static PIE carries 0.45 MB of
 # relocations and rewrites its relocated data in every process that runs
 # it; in the guest each of those bytes is host memory of every pod
-# (docs/memory.md, "The agent binary").
+# (docs/memory.md, "Making the idle pod smaller").
 AGENT_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,--profile $(PROFILE))
 BIN_DIR := target/$(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
