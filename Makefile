@@ -82,8 +82,10 @@ bench-run: build
 
 ## Host memory per idle pod: N idle pods of husk and of runc on one
 ## containerd, right after start and after 30 s idle.
+## RECORD=1 also writes bench/results/density.json, the measurement
+## deploy/runtimeclass.yaml's pod overhead is derived from.
 bench-density: build
-	$(BIN_DIR)/husk-bench-density --pods $(DENSITY_PODS)
+	$(BIN_DIR)/husk-bench-density --pods $(DENSITY_PODS) $(if $(RECORD),--record bench/results/density.json)
 
 ## husk vs runc pods through CRI: pod start to first HTTP answer, TCP
 ## throughput into the pod.

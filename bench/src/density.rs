@@ -46,6 +46,11 @@ struct Args {
     /// `page_reporting.page_reporting_order=5`.
     #[arg(long, default_value = "")]
     kernel_cmdline: String,
+    /// Also write the JSON report to this file, e.g.
+    /// `bench/results/density.json`, the measurement the RuntimeClass's pod
+    /// overhead is derived from (`deploy/runtimeclass.yaml`).
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
 }
 
 /// The host's `MemAvailable`, KiB.
@@ -212,6 +217,12 @@ fn main() -> Result<()> {
         report.husk_start_median_s,
         report.runc_start_median_s
     );
-    println!("{}", serde_json::to_string(&report)?);
+    let json = serde_json::to_string(&report)?;
+    println!("{json}");
+    if let Some(path) = &args.record {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("recorded in {}", path.display());
+    }
     Ok(())
 }

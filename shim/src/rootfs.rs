@@ -179,6 +179,12 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
                     None::<&str>,
                 )
                 .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
+                if m.options()
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|x| x == "ro" || x == "rro"))
+                {
+                    make_read_only(&host)?;
+                }
                 m.set_source(Some(PathBuf::from(format!(
                     "{GUEST_SHARED}/{id}/mounts/{n}"
                 ))));
@@ -192,6 +198,44 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
         if let Some(namespaces) = linux.namespaces().clone() {
             linux.set_namespaces(Some(crate::sandbox::guest_namespaces(namespaces)));
         }
+    }
+    Ok(())
+}
+
+/// Makes the bind mount at `target`, and every mount below it, read-only
+/// on the host.
+///
+/// The container's own view is made read-only in the guest as well, but
+/// guest root (a privileged container) can remount that view; the guest
+/// reaches the files only through the share, so the share's side is what
+/// must refuse the writes (`EROFS` through virtio-fs).
+fn make_read_only(target: &Path) -> Result<(), RootfsError> {
+    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| mount_err("read-only", target, "a NUL in the path"))?;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr(2) reads the NUL-terminated path and `attr`
+    // (of the size passed), both alive for the call; the result is checked.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(mount_err(
+            "read-only",
+            target,
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -215,5 +259,67 @@ pub fn release(shared: &Path, id: &str) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("removing {}: {e}", dir.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unmounts the test's bind mount whatever happens.
+    struct Unmount<'a>(&'a Path);
+
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = umount2(self.0, MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn a_read_only_volume_refuses_writes_on_the_host_side_of_the_share() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: it bind-mounts"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let src = dir.path().join("volume");
+        let inner = src.join("inner");
+        std::fs::create_dir_all(&inner).expect("mkdir");
+        std::fs::write(src.join("old"), "kept").expect("write");
+        // A mount below the volume: read-only as well (recursive).
+        let inner_src = dir.path().join("inner-src");
+        std::fs::create_dir(&inner_src).expect("mkdir");
+        mount(
+            Some(&inner_src),
+            &inner,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind inner");
+        let _inner = Unmount(&inner);
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).expect("mkdir");
+        mount(
+            Some(&src),
+            &share,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .expect("bind");
+        let _share = Unmount(&share);
+
+        make_read_only(&share).expect("read-only");
+        for path in [share.join("new"), share.join("inner/new")] {
+            let e = std::fs::write(&path, "x").expect_err("the share refuses writes");
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{}", path.display());
+        }
+        assert_eq!(
+            std::fs::read_to_string(share.join("old")).expect("read"),
+            "kept"
+        );
+        // The volume itself stays writable for the host.
+        std::fs::write(src.join("new"), "host").expect("the source stays writable");
     }
 }

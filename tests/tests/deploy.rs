@@ -161,3 +161,53 @@ fn installer_refuses_unknown_arguments() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown argument: --frobnicate"));
 }
+
+/// What the RuntimeClass adds to the measured cost of an idle pod: room for
+/// the guest kernel's own slab and page tables and the host processes'
+/// buffers under load, which the idle measurement does not see.
+const OVERHEAD_MARGIN_MIB: u64 = 16;
+
+/// The RuntimeClass's pod overhead is derived from a measurement, not
+/// guessed: `make bench-density` records its report in
+/// `bench/results/density.json`; the overhead's memory is what an idle husk
+/// pod costs beyond the same pod under runc (each counted once, 20 pods),
+/// in whole MiB, plus [`OVERHEAD_MARGIN_MIB`].
+#[test]
+fn runtimeclass_overhead_is_the_measured_one() {
+    let report = std::fs::read_to_string(repo().join("bench/results/density.json"))
+        .expect("bench/results/density.json (make bench-density RECORD=1)");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("JSON");
+    let kib = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} in the density report"))
+    };
+    let pods = kib("pods");
+    assert!(
+        pods >= 20,
+        "measured with {pods} pods; the overhead wants 20 or more"
+    );
+    let husk = kib("husk_per_pod_kib");
+    let runc = kib("runc_per_pod_kib");
+    let want = format!(
+        "{}Mi",
+        husk.saturating_sub(runc).div_ceil(1024) + OVERHEAD_MARGIN_MIB
+    );
+
+    let yaml = std::fs::read_to_string(repo().join("deploy/runtimeclass.yaml"))
+        .expect("runtimeclass.yaml");
+    let memory: Vec<&str> = yaml
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("memory:"))
+        .map(|v| v.trim().trim_matches('"'))
+        .collect();
+    assert_eq!(
+        memory,
+        vec![want.as_str()],
+        "deploy/runtimeclass.yaml's overhead: husk {husk} KiB - runc {runc} KiB per idle pod, + {OVERHEAD_MARGIN_MIB} MiB"
+    );
+    assert!(
+        yaml.contains(&format!("{husk} KiB")) && yaml.contains(&format!("{runc} KiB")),
+        "the comment in deploy/runtimeclass.yaml quotes the measurement"
+    );
+}

@@ -7,7 +7,8 @@
 //! vsock socket in an unprivileged container with its own seccomp profile,
 //! in an exec there, and in a privileged container and an exec there: all
 //! must be refused with EPERM, while the container's own profile stays
-//! enforced. Then, from the guest side (the agent's StreamCheck connects
+//! enforced; and a read-only volume refuses the privileged container's
+//! writes even after it remounts its view read-write. Then, from the guest side (the agent's StreamCheck connects
 //! out from inside the guest), connections to host ports whose stream is
 //! already connected and to ports no stream was given are refused, and the
 //! container's output arrives intact.
@@ -121,7 +122,7 @@ fn exec_probe(c: &Containerd, events: &Events, id: &str) -> String {
 }
 
 #[test]
-fn containers_cannot_reach_vsock() {
+fn containers_cannot_reach_vsock_nor_write_read_only_volumes() {
     require_kvm();
     let artifacts = Artifacts::locate().expect("artifacts");
     let dir = TestDir::new("isolation").expect("dir");
@@ -156,7 +157,15 @@ fn containers_cannot_reach_vsock() {
 
     // 2. Privileged: every capability, no seccomp profile, io_uring offered
     //    (so its socket operation is tried and must be refused as well).
-    let init = run_probe_container(&c, &out, "p1", &["--privileged"]);
+    //    It also gets a read-only volume.
+    let volume = dir.path().join("volume");
+    std::fs::create_dir(&volume).expect("volume dir");
+    std::fs::write(volume.join("config"), "v1\n").expect("write");
+    let ro = format!(
+        "type=bind,src={},dst=/ro,options=rbind:ro",
+        volume.display()
+    );
+    let init = run_probe_container(&c, &out, "p1", &["--privileged", "--mount", &ro]);
     assert_refused("privileged init", &init);
     let exec = exec_probe(&c, &events, "p1");
     assert_refused("exec in the privileged container", &exec);
@@ -172,6 +181,48 @@ fn containers_cannot_reach_vsock() {
             "{what}: privileged (CAP_SYS_ADMIN) in:\n{report}"
         );
     }
+
+    // 3. A read-only volume stays read-only even to guest root: the
+    //    privileged container can remount its own view read-write, but the
+    //    pod's share refuses the write on the host side.
+    let o = c
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "ro",
+            "p1",
+            "sh",
+            "-c",
+            "cat /ro/config; echo x > /ro/config && echo wrote-ro; \
+             mount -o remount,rw /ro && echo remounted; \
+             echo x > /ro/config && echo wrote; echo x > /ro/new && echo created; true",
+        ])
+        .expect("ctr task exec");
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = text(&o.stdout);
+    assert!(out.starts_with("v1\n"), "the volume is readable: {out}");
+    assert!(
+        !out.contains("wrote-ro"),
+        "the container's view is read-only: {out}"
+    );
+    assert!(
+        out.contains("remounted"),
+        "guest root remounts its view: {out}"
+    );
+    assert!(
+        !out.contains("wrote") && !out.contains("created"),
+        "the share refuses guest root's writes: {out}\n{}",
+        text(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.join("config")).expect("volume"),
+        "v1\n"
+    );
+    assert!(
+        !volume.join("new").exists(),
+        "nothing created in the volume"
+    );
 
     for id in ["u1", "p1"] {
         c.kill_and_remove(id).expect("kill and remove");
