@@ -7,7 +7,10 @@
 //! relative to the bundle, bind-mount sources pointing into the share,
 //! namespace paths of the host dropped (they mean nothing in the guest).
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::{AsRawFd, FromRawFd},
+    path::{Path, PathBuf},
+};
 
 use containerd_shim::protos::api::Mount as RootfsMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -171,19 +174,21 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
                         .and_then(|()| std::fs::File::create(&host).map(drop))
                 }
                 .map_err(|e| RootfsError::Io(format!("creating {}", host.display()), e))?;
-                mount(
-                    Some(&src),
-                    &host,
-                    None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None::<&str>,
-                )
-                .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
-                if m.options()
+                let read_only = m
+                    .options()
                     .as_ref()
-                    .is_some_and(|o| o.iter().any(|x| x == "ro" || x == "rro"))
-                {
-                    make_read_only(&host)?;
+                    .is_some_and(|o| o.iter().any(|x| x == "ro" || x == "rro"));
+                if read_only {
+                    bind_read_only(&src, &host)?;
+                } else {
+                    mount(
+                        Some(&src),
+                        &host,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REC,
+                        None::<&str>,
+                    )
+                    .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
                 }
                 m.set_source(Some(PathBuf::from(format!(
                     "{GUEST_SHARED}/{id}/mounts/{n}"
@@ -202,40 +207,80 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
     Ok(())
 }
 
-/// Makes the bind mount at `target`, and every mount below it, read-only
-/// on the host.
+/// Bind-mounts `src` (and every mount below it) on `target`, read-only on
+/// the host.
 ///
 /// The container's own view is made read-only in the guest as well, but
 /// guest root (a privileged container) can remount that view; the guest
 /// reaches the files only through the share, so the share's side is what
-/// must refuse the writes (`EROFS` through virtio-fs).
-fn make_read_only(target: &Path) -> Result<(), RootfsError> {
-    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|_| mount_err("read-only", target, "a NUL in the path"))?;
+/// must refuse the writes (`EROFS` through virtio-fs). The mount is made
+/// read-only *before* it is attached: the virtio-fs daemon sees the share
+/// through a mount namespace of its own, which receives a copy of each new
+/// mount as it is attached, and a later change of flags would not reach
+/// that copy.
+fn bind_read_only(src: &Path, target: &Path) -> Result<(), RootfsError> {
+    let fail = |what: &str| {
+        let e = std::io::Error::last_os_error();
+        mount_err(&format!("{} ({what})", src.display()), target, e)
+    };
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| mount_err("read-only", p, "a NUL in the path"))
+    };
+    let (src_c, target_c) = (cstr(src)?, cstr(target)?);
+    let empty = c"";
+    // SAFETY: open_tree(2) reads the NUL-terminated path; it returns a new
+    // descriptor (owned below) or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src_c.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    let fd = std::os::fd::RawFd::try_from(fd)
+        .ok()
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| fail("open_tree"))?;
+    // SAFETY: `fd` was just returned by open_tree and is owned by nothing
+    // else.
+    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_RDONLY,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
     };
-    // SAFETY: mount_setattr(2) reads the NUL-terminated path and `attr`
-    // (of the size passed), both alive for the call; the result is checked.
+    // SAFETY: mount_setattr(2) on the detached tree `tree`; it reads the
+    // empty path and `attr` (of the size passed), alive for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
             &attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
     };
     if rc != 0 {
-        return Err(mount_err(
-            "read-only",
-            target,
-            std::io::Error::last_os_error(),
-        ));
+        return Err(fail("mount_setattr"));
+    }
+    // SAFETY: move_mount(2) attaches the detached tree at the NUL-terminated
+    // `target`; both paths live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(fail("move_mount"));
     }
     Ok(())
 }
@@ -275,8 +320,12 @@ mod tests {
         }
     }
 
+    fn bind(src: &Path, target: &Path, flags: MsFlags) {
+        mount(Some(src), target, None::<&str>, flags, None::<&str>).expect("mount");
+    }
+
     #[test]
-    fn a_read_only_volume_refuses_writes_on_the_host_side_of_the_share() {
+    fn a_read_only_volume_refuses_writes_where_the_daemon_sees_it() {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root: it bind-mounts"
@@ -289,36 +338,42 @@ mod tests {
         // A mount below the volume: read-only as well (recursive).
         let inner_src = dir.path().join("inner-src");
         std::fs::create_dir(&inner_src).expect("mkdir");
-        mount(
-            Some(&inner_src),
-            &inner,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .expect("bind inner");
+        bind(&inner_src, &inner, MsFlags::MS_BIND);
         let _inner = Unmount(&inner);
+        // The share, and a peer of it: the daemon's copy of the share in
+        // its own mount namespace receives new mounts the same way.
         let share = dir.path().join("share");
+        let daemon = dir.path().join("daemon-view");
         std::fs::create_dir(&share).expect("mkdir");
+        std::fs::create_dir(&daemon).expect("mkdir");
+        bind(&share, &share, MsFlags::MS_BIND);
+        let _share = Unmount(&share);
         mount(
-            Some(&src),
+            None::<&str>,
             &share,
             None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
+            MsFlags::MS_SHARED,
             None::<&str>,
         )
-        .expect("bind");
-        let _share = Unmount(&share);
+        .expect("shared");
+        bind(&share, &daemon, MsFlags::MS_BIND);
+        let _daemon = Unmount(&daemon);
+        let target = share.join("vol");
+        std::fs::create_dir(&target).expect("mkdir");
 
-        make_read_only(&share).expect("read-only");
-        for path in [share.join("new"), share.join("inner/new")] {
-            let e = std::fs::write(&path, "x").expect_err("the share refuses writes");
-            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{}", path.display());
+        bind_read_only(&src, &target).expect("read-only bind");
+        let _target = Unmount(&target);
+        let _copy = Unmount(&daemon.join("vol"));
+        for view in [&share, &daemon] {
+            for path in [view.join("vol/new"), view.join("vol/inner/new")] {
+                let e = std::fs::write(&path, "x").expect_err("the share refuses writes");
+                assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{}", path.display());
+            }
+            assert_eq!(
+                std::fs::read_to_string(view.join("vol/old")).expect("read"),
+                "kept"
+            );
         }
-        assert_eq!(
-            std::fs::read_to_string(share.join("old")).expect("read"),
-            "kept"
-        );
         // The volume itself stays writable for the host.
         std::fs::write(src.join("new"), "host").expect("the source stays writable");
     }
