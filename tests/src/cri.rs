@@ -440,6 +440,24 @@ impl Cri {
         r.stats.context("ContainerStats without stats")
     }
 
+    /// UpdateContainerResources: a new memory limit for container `id`.
+    pub fn update_memory_limit(&self, id: &str, bytes: i64) -> Result<()> {
+        let mut c = self.runtime.clone();
+        self.call(
+            "UpdateContainerResources",
+            Duration::from_secs(60),
+            c.update_container_resources(UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: bytes,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        )?;
+        Ok(())
+    }
+
     /// ReopenContainerLog.
     pub fn reopen_log(&self, id: &str) -> Result<()> {
         let mut c = self.runtime.clone();

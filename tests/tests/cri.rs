@@ -263,6 +263,24 @@ fn husk_pod_serves_on_the_pod_network() {
         .map_or(0, |v| v.value);
     assert!(mem > 0 && cpu > 0, "memory {mem}, cpu {cpu}");
 
+    // UpdateContainerResources reaches the container's cgroup in the guest
+    // (its own cgroup, whether or not it has a cgroup namespace).
+    let limit: i64 = 48 << 20;
+    s.cri.update_memory_limit(&web, limit).expect("update");
+    let out = s
+        .cri
+        .exec_sync(
+            &web,
+            &[
+                "sh",
+                "-c",
+                "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+            ],
+            120,
+        )
+        .expect("exec");
+    assert_eq!(out.stdout.trim(), limit.to_string(), "{out:?}");
+
     // A second container of the pod: same VM, same network namespace. It
     // logs a line per stream, then echoes what arrives on a FIFO (no
     // process per line: forks are dear in this guest).
