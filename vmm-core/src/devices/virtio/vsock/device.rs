@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     muxer::{Muxer, Poller, RxSink, HOST_CID},
     packet::{Header, PacketError, HDR_SIZE},
-    QUEUE_SIZE, VIRTIO_ID_VSOCK,
+    QUEUE_SIZE, RX_QUEUE_SIZE, VIRTIO_ID_VSOCK,
 };
 use crate::{
     devices::virtio::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1},
@@ -135,7 +135,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+        &[RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
     }
 
     fn features(&self) -> u64 {
