@@ -49,7 +49,7 @@ fn align4(n: usize) -> usize {
 }
 
 /// One request: header, family header, attributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Request {
     buf: Vec<u8>,
 }
@@ -125,14 +125,8 @@ impl Request {
     /// on the link) out of link `index`, in the main table. `dest` and `gw`
     /// are of one family, [`crate::network::plan`] checks that.
     pub fn replace_route(index: u32, dest: Option<(IpAddr, u8)>, gw: Option<IpAddr>) -> Self {
-        let v4 = dest.map(|(d, _)| d.is_ipv4()).or(gw.map(|g| g.is_ipv4()));
-        let family = if v4 == Some(false) {
-            c::AF_INET6
-        } else {
-            c::AF_INET
-        };
         let rtmsg = [
-            family,
+            dest.map(|(d, _)| d).or(gw).map_or(c::AF_INET, family),
             dest.map_or(0, |(_, p)| p),
             0, // source prefix length
             0, // TOS
@@ -166,13 +160,17 @@ fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
     m
 }
 
-fn ifaddrmsg(index: u32, ip: IpAddr, prefix: u8) -> [u8; 8] {
-    let mut m = [0u8; 8];
-    m[0] = if ip.is_ipv4() {
+fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
         c::AF_INET
     } else {
         c::AF_INET6
-    };
+    }
+}
+
+fn ifaddrmsg(index: u32, ip: IpAddr, prefix: u8) -> [u8; 8] {
+    let mut m = [0u8; 8];
+    m[0] = family(ip);
     m[1] = prefix;
     m[4..8].copy_from_slice(&index.to_ne_bytes());
     m
@@ -219,6 +217,8 @@ pub fn find_ack(answer: &[u8], seq: u32) -> Option<std::io::Result<()>> {
 pub struct Rtnl {
     fd: OwnedFd,
     seq: u32,
+    /// Where answers are received (one allocation for every call).
+    buf: Vec<u8>,
 }
 
 impl Rtnl {
@@ -231,7 +231,11 @@ impl Rtnl {
             SockProtocol::NetlinkRoute,
         )?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-        Ok(Self { fd, seq: 0 })
+        Ok(Self {
+            fd,
+            seq: 0,
+            buf: vec![0u8; 16 * 1024],
+        })
     }
 
     /// Sends `req` and waits for the kernel's answer to it.
@@ -239,13 +243,12 @@ impl Rtnl {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         send(self.fd.as_raw_fd(), &req.finish(seq), MsgFlags::empty())?;
-        let mut buf = vec![0u8; 16 * 1024];
         loop {
-            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
             if n == 0 {
                 return Err(std::io::Error::other("netlink socket closed"));
             }
-            if let Some(result) = find_ack(&buf[..n], seq) {
+            if let Some(result) = find_ack(&self.buf[..n], seq) {
                 return result;
             }
         }
