@@ -284,6 +284,10 @@ pub fn serve(argv: &[String]) -> i32 {
     // is open (the agent checked nothing else, so a bad number fails the
     // first write below).
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Before readiness, so that a template holds the result.
+    if let Err(e) = crate::codemap::prepare() {
+        eprintln!("husk-agent {SERVER_ARG}: code mappings left to page faults: {e}");
+    }
     if nix::unistd::write(sock.as_fd(), &[READY]).is_err() {
         return 2;
     }

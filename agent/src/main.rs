@@ -9,6 +9,7 @@
 //! is logged and turned into an orderly VM reset instead.
 
 mod cgroups;
+mod codemap;
 mod containers;
 mod forward;
 mod helper;

@@ -163,9 +163,13 @@ fn ctr_runs_containers_in_husk_microvms() {
         std::fs::read_to_string(host_dir.join("from-guest")).expect("written inside"),
         "from-guest\n"
     );
+    // A volume keeps close-to-open consistency (only the image's files
+    // keep the guest's page cache across opens): the host rewrites a file
+    // the container has read, and the next open reads the new bytes.
+    std::fs::write(host_dir.join("from-host"), "host says yo\n").expect("rewrite");
     let o = exec(
         "spec",
-        "echo FOO=$FOO; echo cwd=$(pwd); grep -E '^(CapEff|Seccomp|Seccomp_filters):' /proc/self/status; \
+        "cat /data/from-host; echo FOO=$FOO; echo cwd=$(pwd); grep -E '^(CapEff|Seccomp|Seccomp_filters):' /proc/self/status; \
          echo nofile=$(ulimit -Sn)/$(ulimit -Hn); touch /new 2>/dev/null && echo root=rw || echo root=ro; \
          grep -E '^Seccomp(_filters)?:' /proc/1/status | tr '\\t' ' '; \
          echo timer_list=$(wc -c < /proc/timer_list); grep ' /proc/sys ' /proc/mounts | cut -d' ' -f4",
@@ -173,6 +177,7 @@ fn ctr_runs_containers_in_husk_microvms() {
     assert!(o.status.success(), "{}", describe(&o));
     let out = text(&o.stdout);
     for want in [
+        "host says yo\n",
         "FOO=bar\n",
         "cwd=/tmp\n",
         // ctr's default set (docker's 0xa80425fb) without CAP_CHOWN (bit 0).

@@ -16,6 +16,8 @@
 
 use std::{path::PathBuf, sync::Arc};
 
+mod image_cache;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use vhost::vhost_user::Listener;
@@ -27,6 +29,8 @@ use virtiofsd::{
     vhost_user::{VhostUserFsBackendBuilder, MAX_TAG_LEN},
 };
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::image_cache::ImageCache;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Sandboxing {
@@ -44,6 +48,9 @@ enum Cache {
     Never,
     /// Guest caches metadata and data with close-to-open consistency.
     Auto,
+    /// `auto`, except that container images (`<id>/rootfs/`) keep their
+    /// cached pages across opens: only the guest changes them.
+    Images,
     /// Guest caches everything (the host directory must not change behind it).
     Always,
 }
@@ -67,7 +74,7 @@ struct Args {
     #[arg(long, value_enum, default_value = "namespace")]
     sandbox: Sandboxing,
     /// Guest caching.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "images")]
     cache: Cache,
     /// Worker threads for file system requests (0: serve on the queue thread).
     #[arg(long, default_value_t = 0)]
@@ -132,7 +139,7 @@ fn run(args: Args) -> Result<()> {
     let cfg = passthrough::Config {
         cache_policy: match args.cache {
             Cache::Never => CachePolicy::Never,
-            Cache::Auto => CachePolicy::Auto,
+            Cache::Auto | Cache::Images => CachePolicy::Auto,
             Cache::Always => CachePolicy::Always,
         },
         root_dir: sandbox.get_root_dir(),
@@ -143,6 +150,7 @@ fn run(args: Args) -> Result<()> {
     };
     let fs = PassthroughFs::new(cfg)
         .map_err(|e| anyhow::anyhow!("opening the shared directory: {e}"))?;
+    let fs = ImageCache::new(fs, matches!(args.cache, Cache::Images));
     enable_seccomp(SeccompAction::Kill, false)
         .map_err(|e| anyhow::anyhow!("installing the seccomp filter: {e}"))?;
 
