@@ -43,6 +43,17 @@ pub struct Config {
     pub vcpus: u8,
     /// Guest memory per pod VM, MiB.
     pub mem_mib: u64,
+    /// Size CRI pod VMs from the pod's resources (`sizing.rs`); `vcpus`
+    /// and `mem_mib` are then what a pod that asks for nothing gets.
+    pub pod_sizing: bool,
+    /// Guest memory added to a pod's memory limit, MiB.
+    pub pod_overhead_mib: u64,
+    /// The most vCPUs a sized pod gets.
+    pub max_vcpus: u8,
+    /// The least guest memory a sized pod gets, MiB.
+    pub min_mem_mib: u64,
+    /// The most guest memory a sized pod gets, MiB.
+    pub max_mem_mib: u64,
     /// Extra guest kernel command line.
     pub kernel_cmdline: String,
     /// Start pod VMs from a template snapshot (made on first use) instead
@@ -82,6 +93,11 @@ impl Default for Config {
             initramfs: None,
             vcpus: 1,
             mem_mib: 128,
+            pod_sizing: true,
+            pod_overhead_mib: 64,
+            max_vcpus: 8,
+            min_mem_mib: 128,
+            max_mem_mib: 16 * 1024,
             kernel_cmdline: String::new(),
             template_start: true,
             template_dir: PathBuf::from("/var/lib/husk/templates"),
@@ -120,6 +136,18 @@ impl Config {
         }
         if cfg.mem_mib < 64 || cfg.mem_mib > 64 * 1024 {
             return invalid("mem_mib must be 64 to 65536");
+        }
+        if cfg.max_vcpus < cfg.vcpus || cfg.max_vcpus > 16 {
+            return invalid("max_vcpus must be vcpus to 16");
+        }
+        if cfg.min_mem_mib < 64 || cfg.min_mem_mib > cfg.max_mem_mib {
+            return invalid("min_mem_mib must be 64 to max_mem_mib");
+        }
+        if cfg.max_mem_mib > 64 * 1024 {
+            return invalid("max_mem_mib must be at most 65536");
+        }
+        if cfg.pod_overhead_mib > 64 * 1024 {
+            return invalid("pod_overhead_mib must be at most 65536");
         }
         if cfg.agent_timeout_secs == 0 {
             return invalid("agent_timeout_secs must be positive");
@@ -227,6 +255,9 @@ mod tests {
         assert!(Config::parse("mem_mib = 1\n", p).is_err());
         assert!(Config::parse("state_dir = \"relative\"\n", p).is_err());
         assert!(Config::parse("vcpus = \"two\"\n", p).is_err());
+        assert!(Config::parse("vcpus = 4\nmax_vcpus = 2\n", p).is_err());
+        assert!(Config::parse("min_mem_mib = 4096\nmax_mem_mib = 1024\n", p).is_err());
+        assert!(Config::parse("max_mem_mib = 100000\n", p).is_err());
         assert!(matches!(
             Config::load(Some(Path::new("/nonexistent/husk.toml"))),
             Err(ConfigError::Read(..))

@@ -17,6 +17,7 @@ mod network;
 mod portfwd;
 mod rootfs;
 mod sandbox;
+mod sizing;
 mod task;
 mod vm;
 

@@ -664,6 +664,15 @@ impl HuskTask {
         req: &api::CreateTaskRequest,
         spec: &oci_spec::runtime::Spec,
     ) -> TaskResult<api::CreateTaskResponse> {
+        // The VM's vCPUs and memory from what the pod asks for.
+        let cfg =
+            &crate::sizing::sized(cfg, spec).map_err(|e| TaskError::Invalid(e.to_string()))?;
+        tracing::info!(
+            pod = %req.id,
+            vcpus = cfg.vcpus,
+            mem_mib = cfg.mem_mib,
+            "pod VM shape"
+        );
         let netns = crate::network::pod_netns(spec).map_err(TaskError::PodNetwork)?;
         let net = match netns {
             Some(ns) => Some(

@@ -38,6 +38,9 @@ pub struct PodSpec {
     pub share_processes: bool,
     /// Whether the pod may run privileged containers.
     pub privileged: bool,
+    /// The pod's summed resources, as kubelet computes them (containerd
+    /// passes them to the runtime as sandbox annotations).
+    pub resources: Option<k8s_cri::v1::LinuxContainerResources>,
 }
 
 impl PodSpec {
@@ -52,6 +55,7 @@ impl PodSpec {
             annotations: HashMap::new(),
             share_processes: false,
             privileged: false,
+            resources: None,
         }
     }
 }
@@ -176,6 +180,7 @@ impl Cri {
                     privileged: spec.privileged,
                     ..Default::default()
                 }),
+                resources: spec.resources.clone(),
                 ..Default::default()
             }),
             ..Default::default()

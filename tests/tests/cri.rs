@@ -339,13 +339,31 @@ fn husk_pod_serves_on_the_pod_network() {
         "the second container started no VM of its own"
     );
 
-    // A second pod reaches the first by its IP.
-    let other = s.cri.run_pod(&s.pod_spec("other"), "husk").expect("pod");
+    // A pod that asks for nothing has husk.toml's default shape.
+    let (cpus, mem) = vm_shape(&s, &client);
+    assert_eq!(cpus, 1, "default vCPUs");
+    assert_mem(mem, 128);
+
+    // A second pod, sized from its resources (2 CPUs, 512 MiB: kubelet's
+    // sum of its containers' limits), reaches the first by its IP.
+    let mut sized = s.pod_spec("other");
+    sized.resources = Some(k8s_cri::v1::LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 200_000,
+        cpu_shares: 2048,
+        memory_limit_in_bytes: 512 << 20,
+        ..Default::default()
+    });
+    let other = s.cri.run_pod(&sized, "husk").expect("pod");
     let probe = s
         .cri
         .create_container(&other, "probe", IMAGE, &["sleep", "3600"])
         .expect("create");
     s.cri.start_container(&probe).expect("start");
+    let (cpus, mem) = vm_shape(&s, &probe);
+    assert_eq!(cpus, 2, "vCPUs from the pod's CPU limit");
+    // The limit plus husk.toml's pod_overhead_mib (64 by default).
+    assert_mem(mem, 512 + 64);
     let out = s
         .cri
         .exec_sync(
@@ -406,6 +424,37 @@ fn husk_pod_serves_on_the_pod_network() {
     }
     assert!(s.cri.pods().expect("list").is_empty());
     s.c.assert_nothing_left_within(Duration::from_secs(60));
+}
+
+/// The vCPUs (`nproc`) and guest memory (MemTotal, KiB) a container of a
+/// pod sees.
+fn vm_shape(s: &Setup, ctr: &str) -> (u32, u64) {
+    let out = s
+        .cri
+        .exec_sync(
+            ctr,
+            &["sh", "-c", "nproc; grep MemTotal /proc/meminfo"],
+            120,
+        )
+        .expect("exec");
+    let mut words = out.stdout.split_whitespace();
+    let cpus = words.next().and_then(|w| w.parse().ok());
+    let mem = words.nth(1).and_then(|w| w.parse().ok());
+    match (cpus, mem) {
+        (Some(c), Some(m)) => (c, m),
+        _ => panic!("nproc and MemTotal: {out:?}"),
+    }
+}
+
+/// MemTotal (`kib`) of a guest given `mib`: the guest kernel keeps its own
+/// image and page structures (about 1.6% of memory) out of it, so it is a
+/// little below what the VM has, never above.
+fn assert_mem(kib: u64, mib: u64) {
+    let got = kib / 1024;
+    assert!(
+        got <= mib && got + mib / 50 + 16 >= mib,
+        "MemTotal {got} MiB for a {mib} MiB guest"
+    );
 }
 
 /// Five pods made and removed one after another: each leaves nothing behind

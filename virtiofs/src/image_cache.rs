@@ -678,16 +678,10 @@ mod tests {
         };
         let fs = ImageCache::new(PassthroughFs::new(cfg).expect("passthrough"), true);
         fs.init(FsOptions::empty()).expect("init");
-        let lookup = |parent: u64, name: &str| {
-            fs.lookup(ctx(), parent, &c(name))
-                .expect("lookup")
-                .inode
-        };
-        let opened = |inode: u64, flags: i32| {
-            fs.open(ctx(), inode, false, flags as u32)
-                .expect("open")
-                .1
-        };
+        let lookup =
+            |parent: u64, name: &str| fs.lookup(ctx(), parent, &c(name)).expect("lookup").inode;
+        let opened =
+            |inode: u64, flags: i32| fs.open(ctx(), inode, false, flags as u32).expect("open").1;
         let c1 = lookup(ROOT, "c1");
         let rootfs = lookup(c1, "rootfs");
         let bin = lookup(rootfs, "bin");
