@@ -23,6 +23,7 @@ mod rpc;
 mod rtnl;
 mod runtime;
 mod settings;
+mod volumes;
 
 use std::time::Duration;
 

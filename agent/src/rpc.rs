@@ -10,12 +10,12 @@ use husk_protocols::{
         CreateContainerRequest, CreateContainerResponse, DeleteContainerRequest, Empty,
         ExecProcessRequest, ExecProcessResponse, HealthRequest, HealthResponse, ListPidsResponse,
         ListenersResponse, MountSharedRequest, MountSharedResponse, OomEvent, PersonalizeRequest,
-        PersonalizeResponse, ProcessRequest, ResizePtyRequest, ShutdownRequest, ShutdownResponse,
-        SignalProcessRequest, StartContainerResponse, StatsContainerResponse, StreamCheckRequest,
-        StreamCheckResponse, UpdateContainerRequest, VersionRequest, VersionResponse,
-        WaitListenersRequest, WaitProcessResponse,
+        PersonalizeResponse, PrepareVolumeRequest, ProcessRequest, ResizePtyRequest,
+        ShutdownRequest, ShutdownResponse, SignalProcessRequest, StartContainerResponse,
+        StatsContainerResponse, StreamCheckRequest, StreamCheckResponse, UpdateContainerRequest,
+        VersionRequest, VersionResponse, WaitListenersRequest, WaitProcessResponse,
     },
-    agent_ttrpc, pattern, API_VERSION, HOST_CID,
+    agent_ttrpc, pattern, API_VERSION, GUEST_MIRRORS, HOST_CID,
 };
 use sha2::{Digest, Sha256};
 use tokio::{
@@ -553,6 +553,16 @@ impl agent_ttrpc::Agent for AgentService {
             .delete(&req.container_id, req.force)
             .await
             .map_err(container_err)?;
+        // The container's volume copies go with it (guest memory).
+        let id = req.container_id.as_str();
+        if !id.is_empty() && !id.contains('/') && !id.starts_with('.') {
+            let mirrors = std::path::Path::new(GUEST_MIRRORS).join(id);
+            if let Err(e) = std::fs::remove_dir_all(&mirrors) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %mirrors.display(), "removing volume copies: {e}");
+                }
+            }
+        }
         Ok(Empty::new())
     }
 
@@ -605,6 +615,38 @@ impl agent_ttrpc::Agent for AgentService {
         let mut ev = OomEvent::new();
         ev.container_id = id;
         Ok(ev)
+    }
+
+    async fn prepare_volume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PrepareVolumeRequest,
+    ) -> ttrpc::Result<Empty> {
+        use husk_protocols::agent::prepare_volume_request::Kind;
+        let target = husk_path(&req.target)?;
+        let kind = req.kind.clone();
+        let done = tokio::task::spawn_blocking(move || match kind {
+            Some(Kind::Tmpfs(t)) => crate::volumes::tmpfs(&target, t.size_bytes),
+            Some(Kind::Mirror(m)) => {
+                let source = husk_path(&m.source).map_err(|e| {
+                    crate::volumes::VolumeError::Invalid(format!("mirror source: {e}"))
+                })?;
+                crate::volumes::mirror(&source, &target, &m.data_dir)
+            }
+            _ => Err(crate::volumes::VolumeError::Invalid(
+                "a volume of no kind this agent knows".into(),
+            )),
+        })
+        .await
+        .map_err(|e| status(Code::INTERNAL, format!("preparing the volume: {e}")))?;
+        done.map_err(|e| {
+            let code = match e {
+                crate::volumes::VolumeError::Invalid(_) => Code::INVALID_ARGUMENT,
+                crate::volumes::VolumeError::Io { .. } => Code::FAILED_PRECONDITION,
+            };
+            status(code, format!("volume {}: {e}", req.target))
+        })?;
+        Ok(Empty::new())
     }
 
     async fn wait_listeners(

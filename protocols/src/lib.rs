@@ -35,7 +35,7 @@ pub mod hybrid_vsock;
 pub mod pattern;
 
 /// Version of the agent API; bumped when a message or RPC is added.
-pub const API_VERSION: u32 = 4;
+pub const API_VERSION: u32 = 5;
 
 /// Length of a process's stdio token (`Stdio.token`): the first bytes the
 /// agent writes on each of the process's stream connections.
@@ -74,6 +74,15 @@ pub const FORWARD_VSOCK_PORT: u32 = 1026;
 /// spec names the sandbox's PID namespace, and the agent makes it exist
 /// (a holder process, PID 1 of that namespace) before the container does.
 pub const POD_PID_NAMESPACE: &str = "/run/husk/pod/pid";
+
+/// Where the guest copies of watched volumes live (`PrepareVolume`'s
+/// mirrors): `<GUEST_MIRRORS>/<container id>/<n>`, removed with the
+/// container.
+pub const GUEST_MIRRORS: &str = "/run/husk/volumes/mirror";
+
+/// Where the pod's memory-backed emptyDirs are mounted in the guest
+/// (`PrepareVolume`'s tmpfs), one per host volume, for the pod's life.
+pub const GUEST_MEMORY_VOLUMES: &str = "/run/husk/volumes/memory";
 
 /// Prefix of the one line the agent sends on the readiness connection:
 /// `husk-agent ready <agent version> api <API_VERSION>\n`.

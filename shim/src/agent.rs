@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use husk_protocols::{
     agent::{
         ContainerRequest, CreateContainerRequest, DeleteContainerRequest, Empty,
-        ExecProcessRequest, ProcessRequest, ResizePtyRequest, SignalProcessRequest,
-        StatsContainerResponse, Stdio, UpdateContainerRequest,
+        ExecProcessRequest, PrepareVolumeRequest, ProcessRequest, ResizePtyRequest,
+        SignalProcessRequest, StatsContainerResponse, Stdio, UpdateContainerRequest,
     },
     agent_ttrpc::AgentClient,
 };
@@ -66,6 +66,8 @@ pub trait Agent: Send + Sync {
     async fn update(&self, id: &str, resources_json: &[u8]) -> AgentResult<()>;
     /// Waits for the next OOM kill in the guest; the container id it names.
     async fn wait_oom_event(&self) -> AgentResult<String>;
+    /// Makes, or brings up to date, a volume the guest holds itself.
+    async fn prepare_volume(&self, req: PrepareVolumeRequest) -> AgentResult<()>;
 }
 
 /// The agent over ttrpc.
@@ -206,6 +208,11 @@ impl Agent for TtrpcAgent {
         r.container_id = id.to_string();
         r.resources_json = resources_json.to_vec();
         self.client.update_container(ctx(90), &r).await.map(drop)
+    }
+
+    async fn prepare_volume(&self, req: PrepareVolumeRequest) -> AgentResult<()> {
+        // A large payload is copied file by file in the guest.
+        self.client.prepare_volume(ctx(300), &req).await.map(drop)
     }
 
     async fn wait_oom_event(&self) -> AgentResult<String> {
@@ -384,6 +391,10 @@ pub mod fake {
 
         async fn update(&self, id: &str, _: &[u8]) -> AgentResult<()> {
             self.call("update", id.to_string())
+        }
+
+        async fn prepare_volume(&self, req: PrepareVolumeRequest) -> AgentResult<()> {
+            self.call("volume", req.target)
         }
 
         async fn wait_oom_event(&self) -> AgentResult<String> {

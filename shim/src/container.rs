@@ -158,6 +158,10 @@ pub struct Container {
     pub execs: HashMap<String, Proc>,
     /// CRI's sandbox container: the pod VM, with no process in the guest.
     pub sandbox: bool,
+    /// Watches of its volumes that the guest holds a copy of: held, never
+    /// read, so that they end with the record.
+    #[allow(dead_code)]
+    pub watches: Vec<crate::volwatch::Watch>,
 }
 
 impl Container {
@@ -168,6 +172,7 @@ impl Container {
             init,
             execs: HashMap::new(),
             sandbox,
+            watches: Vec::new(),
         }
     }
 

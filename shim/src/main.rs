@@ -20,6 +20,7 @@ mod sandbox;
 mod sizing;
 mod task;
 mod vm;
+mod volwatch;
 
 use std::{
     path::{Path, PathBuf},

@@ -16,6 +16,8 @@ use containerd_shim::protos::api::Mount as RootfsMount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::Spec;
 
+use husk_protocols::{GUEST_MEMORY_VOLUMES, GUEST_MIRRORS};
+
 use crate::vm::GUEST_SHARED;
 
 /// Errors preparing a container's files.
@@ -69,23 +71,88 @@ pub fn prepare(
     bundle: &Path,
     rootfs: &[RootfsMount],
     mut spec: Spec,
-) -> Result<String, RootfsError> {
+) -> Result<Prepared, RootfsError> {
     let dir = container_dir(shared, id);
     let io = |what: String| move |e| RootfsError::Io(what, e);
     std::fs::create_dir_all(dir.join("rootfs"))
         .map_err(io(format!("creating {}", dir.display())))?;
     let result = (|| {
         mount_rootfs(&dir.join("rootfs"), bundle, rootfs, &spec)?;
-        rewrite_spec(&mut spec, &dir, id)?;
+        let volumes = rewrite_spec(&mut spec, &dir, id)?;
         let text = serde_json::to_vec(&spec).map_err(|e| RootfsError::Spec(e.to_string()))?;
         std::fs::write(dir.join("config.json"), text)
             .map_err(io("writing the guest's config.json".into()))?;
-        Ok(format!("{GUEST_SHARED}/{id}"))
+        Ok(Prepared {
+            bundle: format!("{GUEST_SHARED}/{id}"),
+            volumes,
+        })
     })();
     if result.is_err() {
         release(shared, id);
     }
     result
+}
+
+/// What [`prepare`] made: the bundle the guest sees, and the volumes the
+/// guest must hold itself before the container is created.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The guest's path of the bundle.
+    pub bundle: String,
+    /// Volumes that live in the guest (`agent/src/volumes.rs`).
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// A volume the guest holds itself instead of reaching it through the
+/// share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestVolume {
+    /// A memory-backed emptyDir (kubelet's tmpfs under
+    /// `kubernetes.io~empty-dir/`): a tmpfs of the same size in the guest,
+    /// one per host volume, shared by the pod's containers.
+    Memory {
+        /// Its guest path.
+        target: String,
+        /// Its size, bytes.
+        size_bytes: u64,
+    },
+    /// A directory kubelet updates atomically (a `..data` symlink to the
+    /// current payload): a guest copy, brought up to date on each switch.
+    Mirror {
+        /// The copy's guest path.
+        target: String,
+        /// The host directory (watched for switches).
+        host: PathBuf,
+        /// The host directory as the guest sees it on the share.
+        guest_source: String,
+    },
+}
+
+/// The size of the memory-backed emptyDir at `src`, if it is one: a tmpfs
+/// that kubelet made for an emptyDir (`medium: Memory`).
+fn memory_empty_dir(src: &Path) -> Option<u64> {
+    if !src.to_string_lossy().contains("/kubernetes.io~empty-dir/") {
+        return None;
+    }
+    let st = nix::sys::statfs::statfs(src).ok()?;
+    (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .then(|| st.blocks().saturating_mul(st.block_size() as u64))
+}
+
+/// Whether `src` is laid out by kubelet's atomic writer (ConfigMap, Secret,
+/// projected, downward API): a directory whose `..data` is a symlink.
+pub fn atomic_writer_dir(src: &Path) -> bool {
+    src.is_dir()
+        && std::fs::symlink_metadata(src.join("..data")).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// The guest path of the memory volume at host path `src`: the same for
+/// every container of the pod that mounts it.
+fn memory_target(src: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(src.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{GUEST_MEMORY_VOLUMES}/{hex}")
 }
 
 /// The root file system a bundle brings itself (no rootfs mounts, e.g.
@@ -146,7 +213,8 @@ fn mount_rootfs(
     Ok(())
 }
 
-fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError> {
+fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<Vec<GuestVolume>, RootfsError> {
+    let mut volumes = Vec::new();
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(PathBuf::from("rootfs"));
     spec.set_root(Some(root));
@@ -165,6 +233,13 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
                         "bind mount source {} does not exist",
                         src.display()
                     )));
+                }
+                if let Some(size_bytes) = memory_empty_dir(&src) {
+                    let target = memory_target(&src);
+                    m.set_source(Some(PathBuf::from(&target)));
+                    volumes.push(GuestVolume::Memory { target, size_bytes });
+                    out.push(m);
+                    continue;
                 }
                 let host = dir.join("mounts").join(n.to_string());
                 if src.is_dir() {
@@ -190,9 +265,18 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
                     )
                     .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
                 }
-                m.set_source(Some(PathBuf::from(format!(
-                    "{GUEST_SHARED}/{id}/mounts/{n}"
-                ))));
+                let guest_source = format!("{GUEST_SHARED}/{id}/mounts/{n}");
+                if atomic_writer_dir(&src) {
+                    let target = format!("{GUEST_MIRRORS}/{id}/{n}");
+                    m.set_source(Some(PathBuf::from(&target)));
+                    volumes.push(GuestVolume::Mirror {
+                        target,
+                        host: src,
+                        guest_source,
+                    });
+                } else {
+                    m.set_source(Some(PathBuf::from(guest_source)));
+                }
             }
             out.push(m);
         }
@@ -204,7 +288,7 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<(), RootfsError
             linux.set_namespaces(Some(crate::sandbox::guest_namespaces(namespaces)));
         }
     }
-    Ok(())
+    Ok(volumes)
 }
 
 /// Bind-mounts `src` (and every mount below it) on `target`, read-only on
@@ -376,5 +460,96 @@ mod tests {
         }
         // The volume itself stays writable for the host.
         std::fs::write(src.join("new"), "host").expect("the source stays writable");
+    }
+
+    /// kubelet's kinds of volume, as bind mounts of a spec: a memory
+    /// emptyDir (a tmpfs under `kubernetes.io~empty-dir/`) becomes a guest
+    /// tmpfs of its size, off the share; an atomically written directory
+    /// becomes a guest copy of its share path; anything else stays a path
+    /// on the share.
+    #[test]
+    fn kubelet_volumes_are_recognised() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root: it mounts"
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let empty = dir
+            .path()
+            .join("pods/uid/volumes/kubernetes.io~empty-dir/cache");
+        let disk_empty = dir
+            .path()
+            .join("pods/uid/volumes/kubernetes.io~empty-dir/scratch");
+        let cm = dir
+            .path()
+            .join("pods/uid/volumes/kubernetes.io~configmap/cfg");
+        for d in [&empty, &disk_empty, &cm.join("..2026_12_05")] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        std::os::unix::fs::symlink("..2026_12_05", cm.join("..data")).expect("link");
+        mount(
+            Some("tmpfs"),
+            &empty,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=16m"),
+        )
+        .expect("tmpfs");
+        let _empty = Unmount(&empty);
+        let share = dir.path().join("shared/c1");
+        std::fs::create_dir_all(&share).expect("share");
+
+        let bind_of = |src: &Path, dst: &str| {
+            oci_spec::runtime::MountBuilder::default()
+                .destination(dst)
+                .typ("bind")
+                .source(src)
+                .options(vec!["rbind".to_string(), "rw".to_string()])
+                .build()
+                .expect("mount")
+        };
+        let mut spec = Spec::default();
+        spec.set_mounts(Some(vec![
+            bind_of(&empty, "/cache"),
+            bind_of(&disk_empty, "/scratch"),
+            bind_of(&cm, "/etc/cfg"),
+        ]));
+        let volumes = rewrite_spec(&mut spec, &share, "c1").expect("rewrite");
+        let binds = [share.join("mounts/1"), share.join("mounts/2")];
+        let _mounts: Vec<Unmount> = binds.iter().map(|p| Unmount(p)).collect();
+        let memory = memory_target(&empty);
+        assert_eq!(
+            volumes,
+            [
+                GuestVolume::Memory {
+                    target: memory.clone(),
+                    size_bytes: 16 << 20,
+                },
+                GuestVolume::Mirror {
+                    target: format!("{GUEST_MIRRORS}/c1/2"),
+                    host: cm.clone(),
+                    guest_source: format!("{GUEST_SHARED}/c1/mounts/2"),
+                },
+            ]
+        );
+        let sources: Vec<String> = spec
+            .mounts()
+            .as_ref()
+            .expect("mounts")
+            .iter()
+            .map(|m| m.source().as_ref().expect("source").display().to_string())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                memory,
+                format!("{GUEST_SHARED}/c1/mounts/1"),
+                format!("{GUEST_MIRRORS}/c1/2"),
+            ]
+        );
+        assert!(
+            !share.join("mounts/0").exists(),
+            "a memory emptyDir is not on the share"
+        );
     }
 }

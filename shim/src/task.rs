@@ -605,8 +605,16 @@ impl HuskTask {
         let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
 
         let creating = std::time::Instant::now();
-        let guest_bundle = rootfs::prepare(&vm.shared, &req.id, &bundle, &req.rootfs, spec)
+        let prepared = rootfs::prepare(&vm.shared, &req.id, &bundle, &req.rootfs, spec)
             .map_err(TaskError::Bundle)?;
+        let watches = match self.guest_volumes(&vm, &req.id, &prepared.volumes).await {
+            Ok(w) => w,
+            Err(e) => {
+                rootfs::release(&vm.shared, &req.id);
+                return Err(e);
+            }
+        };
+        let guest_bundle = prepared.bundle;
         let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let io = ProcessIo::setup(&vm, &req.stdin, &req.stdout, &req.stderr, req.terminal)
             .map_err(|e| {
@@ -628,15 +636,45 @@ impl HuskTask {
         vm.step(&req.id, Step::Create, creating.elapsed()).await;
         proc.pid = pid;
         proc.io = Some(io);
-        self.state
-            .lock()
-            .await
-            .containers
-            .insert(&req.id, Container::new(&req.bundle, proc, false))?;
+        self.state.lock().await.containers.insert(
+            &req.id,
+            Container {
+                watches,
+                ..Container::new(&req.bundle, proc, false)
+            },
+        )?;
         self.publish_create(req, pid).await;
         let mut resp = api::CreateTaskResponse::new();
         resp.pid = pid;
         Ok(resp)
+    }
+
+    /// Makes the volumes the guest holds itself for container `id` (memory
+    /// emptyDirs, copies of atomically updated directories) and starts
+    /// following the host side of the copies.
+    async fn guest_volumes(
+        &self,
+        vm: &Vm,
+        id: &str,
+        volumes: &[rootfs::GuestVolume],
+    ) -> TaskResult<Vec<crate::volwatch::Watch>> {
+        let mut watches = Vec::new();
+        for v in volumes {
+            // Watch first: a switch between the copy and the watch would
+            // otherwise be missed.
+            let w = crate::volwatch::watch(vm.guest.clone(), id, v).map_err(|e| {
+                TaskError::Bundle(rootfs::RootfsError::Io(format!("watching {v:?}"), e))
+            })?;
+            let req = crate::volwatch::request(v).map_err(|e| {
+                TaskError::Bundle(rootfs::RootfsError::Io(format!("volume {v:?}"), e))
+            })?;
+            vm.guest
+                .prepare_volume(req)
+                .await
+                .map_err(|e| TaskError::agent("preparing a volume in the guest", e))?;
+            watches.extend(w);
+        }
+        Ok(watches)
     }
 
     /// Publishes TaskCreate for `req`, whose init process has `pid`.

@@ -662,3 +662,230 @@ fn husk_pod_streams_and_shares_processes() {
     assert!(s.cri.pods().expect("list").is_empty());
     s.c.assert_nothing_left_within(Duration::from_secs(60));
 }
+
+/// Writes `files` as a new payload of the volume at `host` the way
+/// kubelet's atomic writer does (a new `..<ts>` directory, user-visible
+/// symlinks, `..data_tmp` renamed over `..data`, the old payload removed).
+fn kubelet_write(host: &std::path::Path, ts: &str, files: &[(String, Vec<u8>)]) {
+    use std::os::unix::fs::symlink;
+    let old = std::fs::read_link(host.join("..data")).ok();
+    let dir = host.join(ts);
+    for (name, bytes) in files {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("payload dir");
+        std::fs::write(&p, bytes).expect("payload file");
+    }
+    for (name, _) in files {
+        let top = name.split('/').next().expect("name");
+        if std::fs::symlink_metadata(host.join(top)).is_err() {
+            symlink(std::path::Path::new("..data").join(top), host.join(top)).expect("link");
+        }
+    }
+    symlink(ts, host.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(host.join("..data_tmp"), host.join("..data")).expect("switch");
+    if let Some(old) = old {
+        std::fs::remove_dir_all(host.join(old)).expect("old payload");
+    }
+}
+
+/// Unmounts a test's tmpfs whatever happens.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A pod's volumes as kubelet makes them: a ConfigMap-style directory that
+/// the host updates while a container watches it with inotify (the update
+/// and its events arrive within a second), a 1,000-file 10 MiB one that
+/// updates the same way, a memory-backed emptyDir that is a tmpfs of its
+/// size in the guest, shared by two containers, and a disk emptyDir they
+/// share with the host.
+#[test]
+fn husk_pod_volumes_follow_the_host() {
+    require_kvm();
+    let s = setup("cri-volumes");
+    let vols = s.dir.path().join("kubelet/pods/vol-uid/volumes");
+    let cfg = vols.join("kubernetes.io~configmap/cfg");
+    let big = vols.join("kubernetes.io~configmap/big");
+    let memory = vols.join("kubernetes.io~empty-dir/cache");
+    let disk = vols.join("kubernetes.io~empty-dir/scratch");
+    for d in [&cfg, &big, &memory, &disk] {
+        std::fs::create_dir_all(d).expect("volume dir");
+    }
+    // kubelet mounts a memory emptyDir as a tmpfs sized by its sizeLimit.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &memory,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .expect("tmpfs");
+    let _memory = Unmount(memory.clone());
+    let text = |s: &str| s.as_bytes().to_vec();
+    kubelet_write(
+        &cfg,
+        "..2026_12_05_09_00_00.1",
+        &[
+            ("app.conf".into(), text("version=1\n")),
+            ("extra/note".into(), text("note\n")),
+        ],
+    );
+    let big_files = |round: u8| -> Vec<(String, Vec<u8>)> {
+        (0..1000)
+            .map(|i| {
+                (
+                    format!("f{i:04}"),
+                    vec![b'a' + round + (i % 7) as u8; 10 * 1024],
+                )
+            })
+            .collect()
+    };
+    kubelet_write(&big, "..2026_12_05_09_00_00.1", &big_files(0));
+
+    let pod = s.cri.run_pod(&s.pod_spec("vol"), "husk").expect("pod");
+    let mount = |host: &std::path::Path, path: &str, readonly: bool| k8s_cri::v1::Mount {
+        container_path: path.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let watcher = s
+        .cri
+        .create_container_with(
+            &pod,
+            "watcher",
+            IMAGE,
+            &["husk-testprog", "watch", "/etc/cfg"],
+            |c| {
+                c.mounts.extend([
+                    mount(&cfg, "/etc/cfg", true),
+                    mount(&big, "/big", true),
+                    mount(&memory, "/cache", false),
+                    mount(&disk, "/scratch", false),
+                ]);
+            },
+        )
+        .expect("create");
+    s.cri.start_container(&watcher).expect("start");
+    let other = s
+        .cri
+        .create_container_with(&pod, "other", IMAGE, &["sleep", "3600"], |c| {
+            c.mounts.extend([
+                mount(&memory, "/cache", false),
+                mount(&disk, "/scratch", false),
+            ]);
+        })
+        .expect("create");
+    s.cri.start_container(&other).expect("start");
+    let log = s.dir.path().join("logs/vol/watcher.log");
+    wait_log(&log, "stdout", "watching /etc/cfg");
+
+    // What the containers see at start.
+    let out = s
+        .cri
+        .exec_sync(
+            &watcher,
+            &[
+                "sh",
+                "-c",
+                "cat /etc/cfg/app.conf /etc/cfg/extra/note; ls /big | wc -l; cat /big/f0999 | wc -c; \
+                 grep ' /cache ' /proc/mounts; echo shared > /cache/x; echo on-disk > /scratch/y; \
+                 echo nope > /etc/cfg/app.conf 2>/dev/null || echo cfg=ro",
+            ],
+            120,
+        )
+        .expect("exec");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[..4],
+        ["version=1", "note", "1000", "10240"],
+        "{out:?}"
+    );
+    assert!(
+        lines[4].starts_with("tmpfs /cache tmpfs") && lines[4].contains("size=16384k"),
+        "a memory emptyDir is a guest tmpfs of its size: {out:?}"
+    );
+    assert_eq!(lines.get(5), Some(&"cfg=ro"), "{out:?}");
+    let out = s
+        .cri
+        .exec_sync(&other, &["sh", "-c", "cat /cache/x /scratch/y"], 120)
+        .expect("exec");
+    assert_eq!(
+        out.stdout, "shared\non-disk\n",
+        "shared by the pod: {out:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(disk.join("y")).expect("disk emptyDir on the host"),
+        "on-disk\n"
+    );
+    assert!(
+        !memory.join("x").exists(),
+        "a memory emptyDir lives in the guest, not in host memory"
+    );
+
+    // The host updates the ConfigMap: the watcher's inotify sees kubelet's
+    // switch within a second.
+    let updated = std::time::Instant::now();
+    kubelet_write(
+        &cfg,
+        "..2026_12_05_09_01_00.2",
+        &[("app.conf".into(), text("version=2\n"))],
+    );
+    let seen = |want: &str| {
+        log_lines(&log)
+            .iter()
+            .any(|(s, _, t)| s == "stdout" && t == want)
+    };
+    while !seen("moved_to ..data") && updated.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = updated.elapsed();
+    eprintln!("ConfigMap update seen by inotify in the container after {took:?}");
+    assert!(
+        took <= Duration::from_secs(1),
+        "the update took {took:?} to reach the container's inotify watch"
+    );
+    let events: Vec<String> = log_lines(&log).into_iter().map(|(_, _, t)| t).collect();
+    for want in [
+        "create ..2026_12_05_09_01_00.2",
+        "create ..data_tmp",
+        "moved_from ..data_tmp",
+        "moved_to ..data",
+        "delete ..2026_12_05_09_00_00.1",
+        "delete extra",
+    ] {
+        assert!(events.iter().any(|e| e == want), "{want:?} in {events:?}");
+    }
+    // The big one updates too, every file.
+    let updated = std::time::Instant::now();
+    kubelet_write(&big, "..2026_12_05_09_01_00.2", &big_files(1));
+    let out = s
+        .cri
+        .exec_sync(
+            &watcher,
+            &[
+                "sh",
+                "-c",
+                "cat /etc/cfg/app.conf; ls /etc/cfg; until [ \"$(head -c 1 /big/f0000)\" = b ]; do sleep 0.2; done; \
+                 cat /big/* | wc -c; head -c 1 /big/f0999; echo",
+            ],
+            300,
+        )
+        .expect("exec");
+    eprintln!(
+        "1,000 files, 10 MiB: updated in the container within {:?}",
+        updated.elapsed()
+    );
+    assert_eq!(
+        out.stdout, "version=2\napp.conf\n10240000\ng\n",
+        "the new payload, and only it: {out:?}"
+    );
+
+    s.cri.stop_pod(&pod.id).expect("stop");
+    s.cri.remove_pod(&pod.id).expect("remove");
+    s.c.assert_nothing_left_within(Duration::from_secs(60));
+}

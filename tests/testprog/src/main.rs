@@ -29,6 +29,10 @@
 //! - `syscalls SECONDS`: calls `getppid` in a loop for SECONDS seconds
 //!   and prints how many calls it made: guest kernel work and nothing else
 //!   (the guest profiler's test).
+//! - `watch DIR`: watches DIR with inotify and prints one line per event,
+//!   `<event> <name>` (`create`, `delete`, `moved_from`, `moved_to`,
+//!   `close_write`), as a program that reloads its configuration would
+//!   see them (busybox's `inotifyd` is not in Debian's busybox-static).
 //! - `pause`: what Kubernetes' pause image runs: sleeps until SIGINT or
 //!   SIGTERM (then exits 0), reaping any child that exits. The CRI tests'
 //!   sandbox image runs it (no registry here to pull the real one from).
@@ -173,7 +177,7 @@ fn sink(port: u16) -> std::io::Result<()> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED | watch DIR");
     std::process::exit(2)
 }
 
@@ -187,6 +191,67 @@ fn syscalls(seconds: u64) {
         calls += 100;
     }
     println!("{calls} getppid calls");
+}
+
+/// `watch DIR`: prints DIR's inotify events until killed.
+fn watch(dir: &str) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(dir).map_err(std::io::Error::other)?;
+    // SAFETY: plain system calls on a descriptor this function owns; the
+    // buffer outlives every read into it.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mask = libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_MOVED_FROM
+        | libc::IN_MOVED_TO
+        | libc::IN_CLOSE_WRITE;
+    // SAFETY: `path` is a valid C string for the call's duration.
+    if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    println!("watching {dir}");
+    let mut buf = vec![0u8; 64 * 1024];
+    let header = std::mem::size_of::<libc::inotify_event>();
+    loop {
+        // SAFETY: reads into `buf`, which is `buf.len()` bytes long.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        let mut out = std::io::stdout().lock();
+        let mut at = 0;
+        while at + header <= n {
+            // SAFETY: the kernel wrote a whole event header at `at`
+            // (checked against `n`); read unaligned from the byte buffer.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            let len = ev.len as usize;
+            let name_bytes = buf.get(at + header..at + header + len).unwrap_or(&[]);
+            let name = String::from_utf8_lossy(name_bytes)
+                .trim_end_matches('\0')
+                .to_string();
+            let kind = [
+                (libc::IN_CREATE, "create"),
+                (libc::IN_DELETE, "delete"),
+                (libc::IN_MOVED_FROM, "moved_from"),
+                (libc::IN_MOVED_TO, "moved_to"),
+                (libc::IN_CLOSE_WRITE, "close_write"),
+            ]
+            .iter()
+            .find(|(bit, _)| ev.mask & bit != 0)
+            .map_or("other", |(_, k)| k);
+            writeln!(out, "{kind} {name}")?;
+            at += header + len;
+        }
+        out.flush()?;
+    }
 }
 
 fn main() {
@@ -223,6 +288,13 @@ fn main() {
         }
         Some("vector-check") => std::process::exit(vectors::main(num(1), num(2))),
         Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
+        Some("watch") => {
+            let dir = args.get(1).unwrap_or_else(|| usage());
+            if let Err(e) = watch(dir) {
+                eprintln!("husk-testprog: watch {dir}: {e}");
+                std::process::exit(1);
+            }
+        }
         _ => usage(),
     }
 }
