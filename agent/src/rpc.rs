@@ -631,7 +631,10 @@ impl agent_ttrpc::Agent for AgentService {
                 let source = husk_path(&m.source).map_err(|e| {
                     crate::volumes::VolumeError::Invalid(format!("mirror source: {e}"))
                 })?;
-                crate::volumes::mirror(&source, &target, &m.data_dir)
+                let pack = husk_path(&m.pack).map_err(|e| {
+                    crate::volumes::VolumeError::Invalid(format!("mirror pack: {e}"))
+                })?;
+                crate::volumes::mirror(&source, &target, &m.data_dir, &pack)
             }
             _ => Err(crate::volumes::VolumeError::Invalid(
                 "a volume of no kind this agent knows".into(),

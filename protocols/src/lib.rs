@@ -32,6 +32,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod hybrid_vsock;
+pub mod pack;
 pub mod pattern;
 
 /// Version of the agent API; bumped when a message or RPC is added.

@@ -125,6 +125,9 @@ pub enum GuestVolume {
         host: PathBuf,
         /// The host directory as the guest sees it on the share.
         guest_source: String,
+        /// Where the shim writes payload packs: on the host, and as the
+        /// guest sees it on the share.
+        packs: (PathBuf, String),
     },
 }
 
@@ -273,6 +276,7 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<Vec<GuestVolume
                         target,
                         host: src,
                         guest_source,
+                        packs: (dir.join("packs"), format!("{GUEST_SHARED}/{id}/packs")),
                     });
                 } else {
                     m.set_source(Some(PathBuf::from(guest_source)));
@@ -529,6 +533,7 @@ mod tests {
                     target: format!("{GUEST_MIRRORS}/c1/2"),
                     host: cm.clone(),
                     guest_source: format!("{GUEST_SHARED}/c1/mounts/2"),
+                    packs: (share.join("packs"), format!("{GUEST_SHARED}/c1/packs")),
                 },
             ]
         );

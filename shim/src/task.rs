@@ -665,7 +665,7 @@ impl HuskTask {
             let w = crate::volwatch::watch(vm.guest.clone(), id, v).map_err(|e| {
                 TaskError::Bundle(rootfs::RootfsError::Io(format!("watching {v:?}"), e))
             })?;
-            let req = crate::volwatch::request(v).map_err(|e| {
+            let (req, _pack) = crate::volwatch::request(v).map_err(|e| {
                 TaskError::Bundle(rootfs::RootfsError::Io(format!("volume {v:?}"), e))
             })?;
             vm.guest

@@ -14,8 +14,11 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd, RawFd},
-    path::Path,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use husk_protocols::agent::{MirrorVolume, PrepareVolumeRequest, TmpfsVolume};
@@ -46,8 +49,22 @@ pub fn data_dir(host: &Path) -> std::io::Result<String> {
         })
 }
 
-/// The agent request that makes or updates `volume` in the guest.
-pub fn request(volume: &GuestVolume) -> std::io::Result<PrepareVolumeRequest> {
+/// A payload pack on the share, removed once the agent has read it.
+#[derive(Debug)]
+pub struct Pack(PathBuf);
+
+impl Drop for Pack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Numbers packs: an update and the first copy may be packed at once.
+static PACKS: AtomicU64 = AtomicU64::new(0);
+
+/// The agent request that makes or updates `volume` in the guest, and the
+/// pack it names (keep it until the agent has answered).
+pub fn request(volume: &GuestVolume) -> std::io::Result<(PrepareVolumeRequest, Option<Pack>)> {
     let mut r = PrepareVolumeRequest::new();
     match volume {
         GuestVolume::Memory { target, size_bytes } => {
@@ -55,20 +72,30 @@ pub fn request(volume: &GuestVolume) -> std::io::Result<PrepareVolumeRequest> {
             let mut t = TmpfsVolume::new();
             t.size_bytes = *size_bytes;
             r.set_tmpfs(t);
+            Ok((r, None))
         }
         GuestVolume::Mirror {
             target,
             host,
             guest_source,
+            packs: (host_packs, guest_packs),
         } => {
+            let data = data_dir(host)?;
+            std::fs::create_dir_all(host_packs)?;
+            let name = format!("{}.pack", PACKS.fetch_add(1, Ordering::Relaxed));
+            let pack = Pack(host_packs.join(&name));
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&pack.0)?);
+            husk_protocols::pack::write_pack(&host.join(&data), &mut out)?;
+            drop(out);
             r.target = target.clone();
             let mut m = MirrorVolume::new();
             m.source = guest_source.clone();
-            m.data_dir = data_dir(host)?;
+            m.data_dir = data;
+            m.pack = format!("{guest_packs}/{name}");
             r.set_mirror(m);
+            Ok((r, Some(pack)))
         }
     }
-    Ok(r)
 }
 
 /// A running watch; dropping it ends it.
@@ -173,7 +200,8 @@ async fn follow(
             continue;
         }
         let started = std::time::Instant::now();
-        match agent.prepare_volume(request(volume)?).await {
+        let (req, _pack) = request(volume)?;
+        match agent.prepare_volume(req).await {
             Ok(()) => {
                 tracing::info!(
                     container = %id,
@@ -212,13 +240,27 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         switch(&dir, "..ts1");
         let fake = Arc::new(FakeAgent::default());
+        let packs = dir.with_extension("packs");
         let volume = GuestVolume::Mirror {
             target: "/run/husk/volumes/mirror/c1/0".into(),
             host: dir.clone(),
             guest_source: "/run/husk/shared/c1/mounts/0".into(),
+            packs: (packs.clone(), "/run/husk/shared/c1/packs".into()),
         };
-        let r = request(&volume).expect("request");
+        let (r, pack) = request(&volume).expect("request");
         assert_eq!(r.mirror().data_dir, "..ts1");
+        let pack = pack.expect("a pack");
+        let name = pack
+            .0
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(r.mirror().pack, format!("/run/husk/shared/c1/packs/{name}"));
+        assert!(pack.0.exists());
+        let path = pack.0.clone();
+        drop(pack);
+        assert!(!path.exists(), "a pack goes once the agent has it");
         let w = watch(fake.clone(), "c1", &volume)
             .expect("watch")
             .expect("a mirror");
@@ -241,6 +283,7 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert_eq!(volumes(&fake), 2, "no updates after the watch is dropped");
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&packs);
     }
 
     #[test]

@@ -849,17 +849,29 @@ fn husk_pod_volumes_follow_the_host() {
         took <= Duration::from_secs(1),
         "the update took {took:?} to reach the container's inotify watch"
     );
-    let events: Vec<String> = log_lines(&log).into_iter().map(|(_, _, t)| t).collect();
-    for want in [
+    // Then the rest of kubelet's steps: the old payload's name and
+    // directory go (after the switch, as on the host).
+    let wanted = [
         "create ..2026_12_05_09_01_00.2",
         "create ..data_tmp",
         "moved_from ..data_tmp",
         "moved_to ..data",
-        "delete ..2026_12_05_09_00_00.1",
         "delete extra",
-    ] {
-        assert!(events.iter().any(|e| e == want), "{want:?} in {events:?}");
+        "delete ..2026_12_05_09_00_00.1",
+    ];
+    while !wanted.iter().all(|w| seen(w)) && updated.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
     }
+    let events: Vec<String> = log_lines(&log).into_iter().map(|(_, _, t)| t).collect();
+    let at = |want: &str| events.iter().position(|e| e == want);
+    for want in wanted {
+        assert!(at(want).is_some(), "{want:?} in {events:?}");
+    }
+    assert!(
+        at("create ..2026_12_05_09_01_00.2") < at("moved_to ..data")
+            && at("moved_to ..data") < at("delete ..2026_12_05_09_00_00.1"),
+        "kubelet's order: {events:?}"
+    );
     // The big one updates too, every file.
     let updated = std::time::Instant::now();
     kubelet_write(&big, "..2026_12_05_09_01_00.2", &big_files(1));
