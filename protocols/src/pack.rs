@@ -25,8 +25,17 @@
 use std::{
     collections::HashSet,
     io::{self, Read, Write},
-    os::unix::fs::{symlink, MetadataExt, PermissionsExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Component, Path, PathBuf},
+};
+
+use nix::{
+    fcntl::OFlag,
+    sys::stat::Mode,
+    unistd::{Gid, Uid},
 };
 
 /// The first bytes of a pack.
@@ -107,6 +116,12 @@ impl From<io::Error> for UnpackError {
     }
 }
 
+impl From<nix::Error> for UnpackError {
+    fn from(e: nix::Error) -> Self {
+        UnpackError::Io(e.into())
+    }
+}
+
 fn malformed(m: impl Into<String>) -> UnpackError {
     UnpackError::Malformed(m.into())
 }
@@ -156,6 +171,26 @@ fn checked_path(bytes: &[u8]) -> Result<PathBuf, UnpackError> {
     }
 }
 
+/// The directory a record goes into, opened once for all the records of
+/// that directory (the writer emits a directory's entries together):
+/// every file is then created by one name relative to it, not by a walk
+/// of its whole path, which costs milliseconds per component where guest
+/// kernel code is emulated.
+struct Parent {
+    rel: PathBuf,
+    fd: OwnedFd,
+}
+
+fn open_dir(at: &Path) -> io::Result<OwnedFd> {
+    let fd = nix::fcntl::open(
+        at,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: `open` just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Unpacks a pack read from `r` into `dest`, which must not exist yet.
 /// Owners are set when the process may (as root); modes always.
 pub fn unpack(r: &mut impl Read, dest: &Path) -> Result<(), UnpackError> {
@@ -167,6 +202,10 @@ pub fn unpack(r: &mut impl Read, dest: &Path) -> Result<(), UnpackError> {
     std::fs::create_dir(dest)?;
     // Directories this unpack made: the only parents a record may have.
     let mut dirs: HashSet<PathBuf> = HashSet::new();
+    let mut parent = Parent {
+        rel: PathBuf::new(),
+        fd: open_dir(dest)?,
+    };
     let mut header = [0u8; 17];
     loop {
         if !read_or_end(r, &mut header)? {
@@ -185,35 +224,67 @@ pub fn unpack(r: &mut impl Read, dest: &Path) -> Result<(), UnpackError> {
         let mut name = vec![0u8; name_len as usize];
         read_exact(r, &mut name)?;
         let rel = checked_path(&name)?;
-        if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !dirs.contains(parent) {
-                return Err(malformed(format!(
-                    "{} comes before its directory",
-                    rel.display()
-                )));
-            }
+        let up = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if !up.as_os_str().is_empty() && !dirs.contains(&up) {
+            return Err(malformed(format!(
+                "{} comes before its directory",
+                rel.display()
+            )));
         }
+        if parent.rel != up {
+            parent = Parent {
+                fd: open_dir(&dest.join(&up))?,
+                rel: up,
+            };
+        }
+        let base = rel
+            .file_name()
+            .ok_or_else(|| malformed(format!("path {}", rel.display())))?
+            .to_owned();
         let mut len = [0u8; 8];
         read_exact(r, &mut len)?;
         let len = u64::from_le_bytes(len);
-        let path = dest.join(&rel);
+        let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+        let perms = Mode::from_bits_truncate(mode & 0o7777);
+        let dirfd = parent.fd.as_raw_fd();
         match tag {
             DIR => {
                 if len != 0 {
                     return Err(malformed("a directory with data"));
                 }
-                std::fs::create_dir(&path)?;
+                nix::sys::stat::mkdirat(Some(dirfd), base.as_os_str(), Mode::S_IRWXU)?;
+                let fd = nix::fcntl::openat(
+                    Some(dirfd),
+                    base.as_os_str(),
+                    OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?;
+                // SAFETY: `openat` just returned this descriptor.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // Ownership needs privilege; the agent has it, tests may not.
+                let _ = nix::unistd::fchown(fd.as_raw_fd(), owner.0, owner.1);
+                nix::sys::stat::fchmod(fd.as_raw_fd(), perms)?;
                 dirs.insert(rel);
             }
             FILE => {
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)?;
+                let fd = nix::fcntl::openat(
+                    Some(dirfd),
+                    base.as_os_str(),
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::S_IRUSR | Mode::S_IWUSR,
+                )?;
+                // SAFETY: `openat` just returned this descriptor.
+                let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
                 let copied = io::copy(&mut (&mut *r).take(len), &mut file)?;
                 if copied != len {
                     return Err(malformed("truncated file data"));
                 }
+                let _ = nix::unistd::fchown(file.as_raw_fd(), owner.0, owner.1);
+                nix::sys::stat::fchmod(file.as_raw_fd(), perms)?;
             }
             SYMLINK => {
                 let n = u32::try_from(len)
@@ -227,14 +298,16 @@ pub fn unpack(r: &mut impl Read, dest: &Path) -> Result<(), UnpackError> {
                 if target.contains('\0') {
                     return Err(malformed("a symlink target with NUL"));
                 }
-                symlink(target, &path)?;
+                nix::unistd::symlinkat(target, Some(dirfd), base.as_os_str())?;
+                let _ = nix::unistd::fchownat(
+                    Some(dirfd),
+                    base.as_os_str(),
+                    owner.0,
+                    owner.1,
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                );
             }
             other => return Err(malformed(format!("record kind {other}"))),
-        }
-        // Ownership needs privilege; the agent has it, tests may not.
-        let _ = std::os::unix::fs::lchown(&path, Some(uid), Some(gid));
-        if tag != SYMLINK {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
         }
     }
 }
@@ -242,6 +315,7 @@ pub fn unpack(r: &mut impl Read, dest: &Path) -> Result<(), UnpackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     struct Dir(PathBuf);
     impl Drop for Dir {
