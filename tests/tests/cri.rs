@@ -905,7 +905,7 @@ fn husk_pod_volumes_follow_the_host() {
         )
         .expect("exec");
     assert_eq!(
-        out.stdout, "version=2\napp.conf\n10240000\ng\n",
+        out.stdout, "version=2\napp.conf\n10240000\nbg\n",
         "the new payload, and only it: {out:?}"
     );
 
