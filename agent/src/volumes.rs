@@ -214,18 +214,9 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tempdir(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("husk-vol-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("dir");
-        Dir(d)
+    /// A directory removed when the test ends.
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("temporary directory")
     }
 
     /// Writes a payload the way kubelet's atomic writer does, and switches
@@ -272,8 +263,8 @@ mod tests {
 
     #[test]
     fn a_payload_and_its_update_are_mirrored_as_kubelet_writes_them() {
-        let d = tempdir("mirror");
-        let (host, guest) = (d.0.join("host"), d.0.join("guest"));
+        let d = tempdir();
+        let (host, guest) = (d.path().join("host"), d.path().join("guest"));
         std::fs::create_dir_all(&host).expect("host");
         kubelet_write(
             &host,
@@ -330,8 +321,8 @@ mod tests {
 
     #[test]
     fn modes_symlinks_and_many_files_survive_the_copy() {
-        let d = tempdir("copy");
-        let (host, guest) = (d.0.join("host"), d.0.join("guest"));
+        let d = tempdir();
+        let (host, guest) = (d.path().join("host"), d.path().join("guest"));
         std::fs::create_dir_all(&host).expect("host");
         let files: Vec<(String, String)> = (0..1000)
             .map(|i| (format!("f{i:04}"), format!("content {i}\n")))
@@ -364,17 +355,17 @@ mod tests {
             assert!(!valid_data_dir(bad), "{bad:?}");
         }
         assert!(valid_data_dir("..2026_12_05_08_00_00.123456789"));
-        let d = tempdir("bad");
-        let none = d.0.join("none.pack");
-        let e = mirror(&d.0, &d.0.join("g"), "..data", &none).expect_err("refused");
+        let d = tempdir();
+        let none = d.path().join("none.pack");
+        let e = mirror(d.path(), &d.path().join("g"), "..data", &none).expect_err("refused");
         assert!(e.to_string().contains("not a payload"), "{e}");
-        let e = mirror(&d.0, &d.0.join("g"), "..missing", &none).expect_err("missing");
+        let e = mirror(d.path(), &d.path().join("g"), "..missing", &none).expect_err("missing");
         assert!(e.to_string().contains("none.pack"), "{e}");
         std::fs::write(&none, b"garbage").expect("garbage");
-        let e = mirror(&d.0, &d.0.join("g"), "..missing", &none).expect_err("garbage");
+        let e = mirror(d.path(), &d.path().join("g"), "..missing", &none).expect_err("garbage");
         assert!(matches!(e, VolumeError::Invalid(_)), "{e}");
         assert!(
-            !d.0.join("g/..missing").exists(),
+            !d.path().join("g/..missing").exists(),
             "a failed unpack leaves nothing"
         );
     }

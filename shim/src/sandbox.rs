@@ -102,10 +102,11 @@ pub fn guest_namespaces(namespaces: Vec<LinuxNamespace>) -> Vec<LinuxNamespace> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec(annotations: &[(&str, &str)], hostname: Option<&str>) -> Spec {
+    /// A spec with `annotations` and `hostname` (also `sizing`'s tests).
+    pub(crate) fn spec(annotations: &[(&str, &str)], hostname: Option<&str>) -> Spec {
         let mut s = Spec::default();
         s.set_annotations(Some(
             annotations

@@ -170,14 +170,7 @@ mod tests {
     use super::*;
 
     fn spec(annotations: &[(&str, &str)]) -> Spec {
-        let mut s = Spec::default();
-        s.set_annotations(Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ));
-        s
+        crate::sandbox::tests::spec(annotations, None)
     }
 
     fn shape_of(cfg: &Config, annotations: &[(&str, &str)]) -> Shape {

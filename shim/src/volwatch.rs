@@ -200,17 +200,26 @@ async fn follow(
             continue;
         }
         let started = std::time::Instant::now();
-        let (req, _pack) = request(volume)?;
+        // The payload is read again while it is packed: what the guest
+        // gets is what the request names, even if kubelet switched again.
+        let (req, _pack) = match request(volume) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(container = %id, volume = %host.display(), "packing the payload: {e}");
+                continue;
+            }
+        };
+        let packed = req.mirror().data_dir.clone();
         match agent.prepare_volume(req).await {
             Ok(()) => {
                 tracing::info!(
                     container = %id,
                     volume = %host.display(),
-                    payload = %now,
+                    payload = %packed,
                     ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     "volume updated in the guest"
                 );
-                current = Some(now);
+                current = Some(packed);
             }
             Err(e) => {
                 tracing::warn!(container = %id, volume = %host.display(), "updating the guest copy: {e}")
