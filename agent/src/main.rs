@@ -10,7 +10,7 @@
 
 mod cgroups;
 mod codemap;
-mod containers;
+mod container;
 mod forward;
 mod helper;
 mod identity;

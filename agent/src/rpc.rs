@@ -26,7 +26,7 @@ use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY};
 use ttrpc::{r#async::TtrpcContext, Code};
 
 use crate::{
-    containers::{ContainerError, Containers},
+    container::{ContainerError, Containers},
     AGENT_VERSION,
 };
 
