@@ -15,7 +15,7 @@ use husk_protocols::{
         StatsContainerResponse, StreamCheckRequest, StreamCheckResponse, UpdateContainerRequest,
         VersionRequest, VersionResponse, WaitListenersRequest, WaitProcessResponse,
     },
-    agent_ttrpc, pattern, API_VERSION, GUEST_MIRRORS, HOST_CID,
+    agent_ttrpc, pattern, API_VERSION, HOST_CID,
 };
 use sha2::{Digest, Sha256};
 use tokio::{
@@ -553,16 +553,9 @@ impl agent_ttrpc::Agent for AgentService {
             .delete(&req.container_id, req.force)
             .await
             .map_err(container_err)?;
-        // The container's volume copies go with it (guest memory).
-        let id = req.container_id.as_str();
-        if !id.is_empty() && !id.contains('/') && !id.starts_with('.') {
-            let mirrors = std::path::Path::new(GUEST_MIRRORS).join(id);
-            if let Err(e) = std::fs::remove_dir_all(&mirrors) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %mirrors.display(), "removing volume copies: {e}");
-                }
-            }
-        }
+        // The container's volume copies go with it (guest memory). Its id
+        // is a checked one: only a container the agent created is deleted.
+        crate::volumes::remove_mirrors(&req.container_id);
         Ok(Empty::new())
     }
 

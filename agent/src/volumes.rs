@@ -19,9 +19,10 @@
 //! kubelet's steps in the guest. A watch in a container then sees what it
 //! would see under runc: the new payload directory created, `..data_tmp`
 //! created and moved to `..data`, the old payload directory deleted.
-//! The payload is read by the name the host gave it, which the guest has
-//! never looked up, so no cached entry can stand in for it.
+//! The payload crosses as one pack file under a name the guest has never
+//! looked up, so no cached entry of the share can stand in for it.
 
+use husk_protocols::GUEST_MIRRORS;
 use std::{
     collections::HashSet,
     io,
@@ -199,6 +200,21 @@ fn top_level_names(payload: &Path) -> Result<HashSet<String>, VolumeError> {
     Ok(names)
 }
 
+/// Removes the guest copies of container `id`'s volumes (after its
+/// delete; `id` is a container id the agent has checked).
+pub fn remove_mirrors(id: &str) {
+    remove_mirrors_in(Path::new(GUEST_MIRRORS), id);
+}
+
+fn remove_mirrors_in(base: &Path, id: &str) {
+    let mirrors = base.join(id);
+    if let Err(e) = std::fs::remove_dir_all(&mirrors) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(dir = %mirrors.display(), "removing volume copies: {e}");
+        }
+    }
+}
+
 fn remove(path: &Path) -> Result<(), VolumeError> {
     let meta = std::fs::symlink_metadata(path).map_err(io_err(format!("{}", path.display())))?;
     if meta.is_dir() {
@@ -248,6 +264,12 @@ mod tests {
         p
     }
 
+    /// Mirrors the payload `ts` of `host` into `guest`, packed as the shim
+    /// packs it.
+    fn mirror_payload(host: &Path, guest: &Path, ts: &str) -> Result<(), VolumeError> {
+        mirror(host, guest, ts, &pack(host, ts))
+    }
+
     fn read(p: &Path) -> String {
         std::fs::read_to_string(p).unwrap_or_else(|e| format!("<{e}>"))
     }
@@ -271,13 +293,7 @@ mod tests {
             "..2026_12_05_01",
             &[("app.conf", "v1\n"), ("nested/deep.txt", "deep\n")],
         );
-        mirror(
-            &host,
-            &guest,
-            "..2026_12_05_01",
-            &pack(&host, "..2026_12_05_01"),
-        )
-        .expect("first");
+        mirror_payload(&host, &guest, "..2026_12_05_01").expect("first");
         assert_eq!(read(&guest.join("app.conf")), "v1\n");
         assert_eq!(read(&guest.join("nested/deep.txt")), "deep\n");
         assert_eq!(
@@ -285,13 +301,7 @@ mod tests {
             Path::new("..data/app.conf")
         );
         // Again with the same payload: nothing changes.
-        mirror(
-            &host,
-            &guest,
-            "..2026_12_05_01",
-            &pack(&host, "..2026_12_05_01"),
-        )
-        .expect("again");
+        mirror_payload(&host, &guest, "..2026_12_05_01").expect("again");
         assert_eq!(
             names(&guest),
             ["..2026_12_05_01", "..data", "app.conf", "nested"]
@@ -303,13 +313,7 @@ mod tests {
             "..2026_12_05_02",
             &[("app.conf", "v2\n"), ("new.conf", "new\n")],
         );
-        mirror(
-            &host,
-            &guest,
-            "..2026_12_05_02",
-            &pack(&host, "..2026_12_05_02"),
-        )
-        .expect("update");
+        mirror_payload(&host, &guest, "..2026_12_05_02").expect("update");
         assert_eq!(read(&guest.join("app.conf")), "v2\n");
         assert_eq!(read(&guest.join("new.conf")), "new\n");
         assert_eq!(
@@ -335,7 +339,7 @@ mod tests {
         let secret = host.join("..ts1/f0000");
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).expect("chmod");
         symlink("f0001", host.join("..ts1/alias")).expect("alias");
-        mirror(&host, &guest, "..ts1", &pack(&host, "..ts1")).expect("mirror");
+        mirror_payload(&host, &guest, "..ts1").expect("mirror");
         assert_eq!(read(&guest.join("f0999")), "content 999\n");
         let mode = std::fs::metadata(guest.join("..ts1/f0000"))
             .expect("meta")
@@ -347,6 +351,22 @@ mod tests {
             Path::new("f0001")
         );
         assert_eq!(read(&guest.join("alias")), "content 1\n");
+    }
+
+    #[test]
+    fn a_deleted_containers_copies_go_and_only_its() {
+        let d = tempdir();
+        let (host, base) = (d.path().join("host"), d.path().join("mirrors"));
+        std::fs::create_dir_all(&host).expect("host");
+        kubelet_write(&host, "..ts1", &[("app.conf", "v1\n")]);
+        for id in ["c1", "c2"] {
+            mirror_payload(&host, &base.join(id).join("0"), "..ts1").expect("mirror");
+        }
+        remove_mirrors_in(&base, "c1");
+        assert_eq!(names(&base), ["c2"]);
+        // A container without copies: nothing to do, nothing fails.
+        remove_mirrors_in(&base, "c3");
+        assert_eq!(read(&base.join("c2/0/app.conf")), "v1\n");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
     future::Future,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -23,7 +23,7 @@ use super::{process::Process, stdio::devnull, ContainerError, Result};
 use crate::{reaper::Reaper, runtime::Outcome};
 
 /// Scratch files of the runtime helper (results, exec process specs).
-pub const RT_DIR: &str = "/run/husk/rt";
+const RT_DIR: &str = "/run/husk/rt";
 /// How long a runtime helper run may take.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -94,52 +94,93 @@ impl Runtime for Helper {
         process_json: &[u8],
         stdio: &Stdio,
     ) -> Result<Process> {
-        std::fs::create_dir_all(RT_DIR)
-            .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
-        let spec_path = Path::new(RT_DIR).join(format!("{id}.{exec_id}.process.json"));
-        std::fs::write(&spec_path, process_json)
-            .map_err(|e| ContainerError::Failed(format!("writing the process spec: {e}")))?;
-        let spec_arg = spec_path.display().to_string();
-        let result = super::process::spawn(id, exec_id, stdio, |extra| {
+        let spec = Scratch::write(
+            &format!("{id}.{exec_id}.process.json"),
+            process_json,
+            "the process spec",
+        )?;
+        let spec_arg = spec.arg();
+        super::process::spawn(id, exec_id, stdio, |extra| {
             let mut args = vec!["exec", "--id", id, "--process", spec_arg.as_str()];
             args.extend(extra.iter().map(String::as_str));
             args.into_iter().map(String::from).collect()
         })
-        .await;
-        let _ = std::fs::remove_file(&spec_path);
-        result
+        .await
     }
 
     async fn run(&self, op: Op<'_>) -> Result<()> {
-        match op {
-            Op::Start(id) => run(&["start", "--id", id]).await.map(drop),
+        // Kept until the helper has read it.
+        let mut resources = None;
+        let args: Vec<String> = match op {
+            Op::Start(id) => words(&["start", "--id", id]),
             Op::KillAll { id, signal } => {
-                let signal = signal.to_string();
-                run(&["kill", "--id", id, "--signal", &signal, "--all"])
-                    .await
-                    .map(drop)
+                words(&["kill", "--id", id, "--signal", &signal.to_string(), "--all"])
             }
-            Op::Pause(id) => run(&["pause", "--id", id]).await.map(drop),
-            Op::Resume(id) => run(&["resume", "--id", id]).await.map(drop),
+            Op::Pause(id) => words(&["pause", "--id", id]),
+            Op::Resume(id) => words(&["resume", "--id", id]),
             Op::Update { id, resources_json } => {
-                std::fs::create_dir_all(RT_DIR)
-                    .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
-                let path = unique("resources").with_extension("json");
-                std::fs::write(&path, resources_json)
-                    .map_err(|e| ContainerError::Failed(format!("writing the resources: {e}")))?;
-                let arg = path.display().to_string();
-                let result = run(&["update", "--id", id, "--resources", &arg]).await;
-                let _ = std::fs::remove_file(&path);
-                result.map(drop)
+                let file = Scratch::write(
+                    &format!("resources-{}.json", next_number()),
+                    resources_json,
+                    "the resources",
+                )?;
+                let args = words(&["update", "--id", id, "--resources", &file.arg()]);
+                resources = Some(file);
+                args
             }
             Op::Delete { id, force } => {
-                let mut args = vec!["delete", "--id", id];
+                let mut args = words(&["delete", "--id", id]);
                 if force {
-                    args.push("--force");
+                    args.push("--force".into());
                 }
-                run(&args).await.map(drop)
+                args
             }
-        }
+        };
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = run(&argv).await.map(drop);
+        drop(resources);
+        result
+    }
+}
+
+fn words(w: &[&str]) -> Vec<String> {
+    w.iter().map(|s| s.to_string()).collect()
+}
+
+/// The helper's scratch directory, made on first use.
+fn rt_dir() -> Result<&'static Path> {
+    static MADE: AtomicBool = AtomicBool::new(false);
+    if !MADE.load(Ordering::Relaxed) {
+        std::fs::create_dir_all(RT_DIR)
+            .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
+        MADE.store(true, Ordering::Relaxed);
+    }
+    Ok(Path::new(RT_DIR))
+}
+
+/// A file the helper reads (an exec's process spec, an update's
+/// resources), removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Writes `contents` (`what`, for errors) to `name` in the scratch
+    /// directory.
+    fn write(name: &str, contents: &[u8], what: &str) -> Result<Self> {
+        let path = rt_dir()?.join(name);
+        std::fs::write(&path, contents)
+            .map_err(|e| ContainerError::Failed(format!("writing {what}: {e}")))?;
+        Ok(Self(path))
+    }
+
+    /// The path, as the helper's argument.
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -148,10 +189,6 @@ static NEXT: AtomicU64 = AtomicU64::new(1);
 /// A number no other scratch file of this agent has used.
 pub fn next_number() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-fn unique(prefix: &str) -> PathBuf {
-    Path::new(RT_DIR).join(format!("{prefix}-{}", next_number()))
 }
 
 /// Starts `husk-agent runtime <args>` with `stdio` as its standard streams:
@@ -189,9 +226,7 @@ async fn start_helper(args: Vec<String>, stdio: [OwnedFd; 3]) -> Result<i32> {
 /// Runs `husk-agent runtime <args> --result F` with `stdio` as its standard
 /// streams and returns its outcome.
 pub async fn run_with(args: &[&str], stdio: [OwnedFd; 3]) -> Result<(Outcome, Instant)> {
-    std::fs::create_dir_all(RT_DIR)
-        .map_err(|e| ContainerError::Failed(format!("creating {RT_DIR}: {e}")))?;
-    let result = unique("result").with_extension("json");
+    let result = rt_dir()?.join(format!("result-{}.json", next_number()));
     let log = result.with_extension("log");
     let mut full: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     full.extend([

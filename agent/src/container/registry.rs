@@ -378,6 +378,11 @@ mod tests {
         dir
     }
 
+    /// An exec's OCI process: the default one.
+    fn process_json() -> Vec<u8> {
+        serde_json::to_vec(&oci_spec::runtime::Process::default()).expect("json")
+    }
+
     fn stdio() -> Stdio {
         Stdio::new()
     }
@@ -449,7 +454,7 @@ mod tests {
     async fn execs_need_a_running_container_and_a_new_id() {
         let c = doubles();
         let b = bundle();
-        let json = serde_json::to_vec(&oci_spec::runtime::Process::default()).expect("json");
+        let json = process_json();
         assert!(matches!(
             c.exec("nope", "e1", &json, &stdio()).await,
             Err(ContainerError::NotFound(_))
@@ -483,7 +488,7 @@ mod tests {
     async fn signals_go_to_the_process_or_through_the_runtime_to_all() {
         let c = doubles();
         let b = bundle();
-        let json = serde_json::to_vec(&oci_spec::runtime::Process::default()).expect("json");
+        let json = process_json();
         c.create("c1", b.path(), &stdio()).await.expect("create");
         c.exec("c1", "e1", &json, &stdio()).await.expect("exec");
         c.signal("c1", "e1", libc::SIGTERM, false)
@@ -556,7 +561,7 @@ mod tests {
     async fn an_exec_is_forgotten_only_after_it_exited() {
         let c = doubles();
         let b = bundle();
-        let json = serde_json::to_vec(&oci_spec::runtime::Process::default()).expect("json");
+        let json = process_json();
         c.create("c1", b.path(), &stdio()).await.expect("create");
         c.exec("c1", "e1", &json, &stdio()).await.expect("exec");
         assert!(matches!(
