@@ -195,60 +195,38 @@ fn syscalls(seconds: u64) {
 
 /// `watch DIR`: prints DIR's inotify events until killed.
 fn watch(dir: &str) -> std::io::Result<()> {
-    let path = std::ffi::CString::new(dir).map_err(std::io::Error::other)?;
-    // SAFETY: plain system calls on a descriptor this function owns; the
-    // buffer outlives every read into it.
-    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mask = libc::IN_CREATE
-        | libc::IN_DELETE
-        | libc::IN_MOVED_FROM
-        | libc::IN_MOVED_TO
-        | libc::IN_CLOSE_WRITE;
-    // SAFETY: `path` is a valid C string for the call's duration.
-    if unsafe { libc::inotify_add_watch(fd, path.as_ptr(), mask) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
+    inotify.add_watch(
+        dir,
+        F::IN_CREATE | F::IN_DELETE | F::IN_MOVED_FROM | F::IN_MOVED_TO | F::IN_CLOSE_WRITE,
+    )?;
     println!("watching {dir}");
-    let mut buf = vec![0u8; 64 * 1024];
-    let header = std::mem::size_of::<libc::inotify_event>();
+    let kinds = [
+        (F::IN_CREATE, "create"),
+        (F::IN_DELETE, "delete"),
+        (F::IN_MOVED_FROM, "moved_from"),
+        (F::IN_MOVED_TO, "moved_to"),
+        (F::IN_CLOSE_WRITE, "close_write"),
+    ];
     loop {
-        // SAFETY: reads into `buf`, which is `buf.len()` bytes long.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let n = usize::try_from(n).unwrap_or(0);
+        let events = match inotify.read_events() {
+            Ok(events) => events,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let mut out = std::io::stdout().lock();
-        let mut at = 0;
-        while at + header <= n {
-            // SAFETY: the kernel wrote a whole event header at `at`
-            // (checked against `n`); read unaligned from the byte buffer.
-            let ev: libc::inotify_event =
-                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
-            let len = ev.len as usize;
-            let name_bytes = buf.get(at + header..at + header + len).unwrap_or(&[]);
-            let name = String::from_utf8_lossy(name_bytes)
-                .trim_end_matches('\0')
-                .to_string();
-            let kind = [
-                (libc::IN_CREATE, "create"),
-                (libc::IN_DELETE, "delete"),
-                (libc::IN_MOVED_FROM, "moved_from"),
-                (libc::IN_MOVED_TO, "moved_to"),
-                (libc::IN_CLOSE_WRITE, "close_write"),
-            ]
-            .iter()
-            .find(|(bit, _)| ev.mask & bit != 0)
-            .map_or("other", |(_, k)| k);
+        for ev in events {
+            let kind = kinds
+                .iter()
+                .find(|(bit, _)| ev.mask.contains(*bit))
+                .map_or("other", |(_, k)| k);
+            let name = ev
+                .name
+                .as_deref()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
             writeln!(out, "{kind} {name}")?;
-            at += header + len;
         }
         out.flush()?;
     }
