@@ -621,13 +621,10 @@ impl agent_ttrpc::Agent for AgentService {
         let done = tokio::task::spawn_blocking(move || match kind {
             Some(Kind::Tmpfs(t)) => crate::volumes::tmpfs(&target, t.size_bytes),
             Some(Kind::Mirror(m)) => {
-                let source = husk_path(&m.source).map_err(|e| {
-                    crate::volumes::VolumeError::Invalid(format!("mirror source: {e}"))
-                })?;
                 let pack = husk_path(&m.pack).map_err(|e| {
                     crate::volumes::VolumeError::Invalid(format!("mirror pack: {e}"))
                 })?;
-                crate::volumes::mirror(&source, &target, &m.data_dir, &pack)
+                crate::volumes::mirror(m.mode, &target, &m.data_dir, &pack)
             }
             _ => Err(crate::volumes::VolumeError::Invalid(
                 "a volume of no kind this agent knows".into(),

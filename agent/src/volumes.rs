@@ -103,27 +103,19 @@ fn is_mount_point(path: &Path) -> Result<bool, VolumeError> {
     Ok(own.dev() != up.dev())
 }
 
-/// Brings `target` to the payload `data_dir` of the host directory
-/// `source`, which the host packed into `pack` (`husk_protocols::pack`:
-/// one file read instead of a few requests per file over virtio-fs), the
-/// way kubelet's atomic writer changes a volume (see the module
-/// documentation). Repeating it with the same payload changes nothing.
-pub fn mirror(
-    source: &Path,
-    target: &Path,
-    data_dir: &str,
-    pack: &Path,
-) -> Result<(), VolumeError> {
+/// Brings `target` to the payload `data_dir` of a host volume, which the
+/// host packed into `pack` (`husk_protocols::pack`: one file read instead
+/// of a few requests per file over virtio-fs), the way kubelet's atomic
+/// writer changes a volume (see the module documentation). A new copy's
+/// top directory gets the host volume's permission bits `mode`. Repeating
+/// it with the same payload changes nothing.
+pub fn mirror(mode: u32, target: &Path, data_dir: &str, pack: &Path) -> Result<(), VolumeError> {
     if !valid_data_dir(data_dir) {
         return Err(VolumeError::Invalid(format!(
             "{data_dir:?} is not a payload directory name"
         )));
     }
     if !target.exists() {
-        let mode = std::fs::metadata(source)
-            .map_err(io_err(format!("{}", source.display())))?
-            .permissions()
-            .mode();
         std::fs::create_dir_all(target)
             .map_err(io_err(format!("creating {}", target.display())))?;
         std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode & 0o7777))
@@ -267,7 +259,8 @@ mod tests {
     /// Mirrors the payload `ts` of `host` into `guest`, packed as the shim
     /// packs it.
     fn mirror_payload(host: &Path, guest: &Path, ts: &str) -> Result<(), VolumeError> {
-        mirror(host, guest, ts, &pack(host, ts))
+        let mode = std::fs::metadata(host).expect("host").permissions().mode();
+        mirror(mode & 0o7777, guest, ts, &pack(host, ts))
     }
 
     fn read(p: &Path) -> String {
@@ -377,12 +370,12 @@ mod tests {
         assert!(valid_data_dir("..2026_12_05_08_00_00.123456789"));
         let d = tempdir();
         let none = d.path().join("none.pack");
-        let e = mirror(d.path(), &d.path().join("g"), "..data", &none).expect_err("refused");
+        let e = mirror(0o755, &d.path().join("g"), "..data", &none).expect_err("refused");
         assert!(e.to_string().contains("not a payload"), "{e}");
-        let e = mirror(d.path(), &d.path().join("g"), "..missing", &none).expect_err("missing");
+        let e = mirror(0o755, &d.path().join("g"), "..missing", &none).expect_err("missing");
         assert!(e.to_string().contains("none.pack"), "{e}");
         std::fs::write(&none, b"garbage").expect("garbage");
-        let e = mirror(d.path(), &d.path().join("g"), "..missing", &none).expect_err("garbage");
+        let e = mirror(0o755, &d.path().join("g"), "..missing", &none).expect_err("garbage");
         assert!(matches!(e, VolumeError::Invalid(_)), "{e}");
         assert!(
             !d.path().join("g/..missing").exists(),

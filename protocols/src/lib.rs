@@ -36,7 +36,7 @@ pub mod pack;
 pub mod pattern;
 
 /// Version of the agent API; bumped when a message or RPC is added.
-pub const API_VERSION: u32 = 5;
+pub const API_VERSION: u32 = 6;
 
 /// Length of a process's stdio token (`Stdio.token`): the first bytes the
 /// agent writes on each of the process's stream connections.

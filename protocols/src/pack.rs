@@ -24,12 +24,14 @@
 
 use std::{
     collections::HashSet,
+    ffi::{OsStr, OsString},
     io::{self, Read, Write},
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::MetadataExt,
+        fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
     },
     path::{Path, PathBuf},
+    rc::Rc,
 };
 
 use nix::{
@@ -47,47 +49,269 @@ const DIR: u8 = 1;
 const FILE: u8 = 2;
 const SYMLINK: u8 = 3;
 
-/// Writes the tree at `root` (its contents, not `root` itself) as a pack:
-/// directories, regular files and symlinks; anything else is left out.
-pub fn write_pack(root: &Path, out: &mut impl Write) -> io::Result<()> {
-    out.write_all(MAGIC)?;
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(&rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = rel.join(entry.file_name());
-            let meta = std::fs::symlink_metadata(entry.path())?;
-            let kind = meta.file_type();
-            let (tag, data) = if kind.is_dir() {
-                (DIR, Vec::new())
-            } else if kind.is_file() {
-                (FILE, std::fs::read(entry.path())?)
-            } else if kind.is_symlink() {
-                let target = std::fs::read_link(entry.path())?;
-                (SYMLINK, target.into_os_string().into_encoded_bytes())
-            } else {
-                continue;
+/// Bounds on what one pack may hold. A volume's payload is written by
+/// whoever may change the ConfigMap or Secret, and its pack lands in the
+/// host's memory (`/run`) until the guest has read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Records (directories, files and symlinks), at most.
+    pub entries: u64,
+    /// Bytes of file contents and symlink targets, in all.
+    pub bytes: u64,
+    /// Bytes of one file.
+    pub file_bytes: u64,
+}
+
+impl Limits {
+    /// No bounds (for trees the caller made itself).
+    pub const NONE: Limits = Limits {
+        entries: u64::MAX,
+        bytes: u64::MAX,
+        file_bytes: u64::MAX,
+    };
+}
+
+/// What a pack holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Records written.
+    pub entries: u64,
+    /// Bytes of file contents and symlink targets.
+    pub bytes: u64,
+}
+
+/// Why a tree could not be packed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// Reading the tree failed; a symlink or mount where a directory or
+    /// file was expected shows as `ELOOP` or `EXDEV` here.
+    #[error("{path}: {source}")]
+    Read {
+        /// The entry, relative to the tree's root.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The tree exceeds a bound of [`Limits`].
+    #[error("{0}")]
+    TooLarge(String),
+    /// Writing the pack failed.
+    #[error("writing the pack: {0}")]
+    Write(#[source] io::Error),
+}
+
+fn read_err(path: &Path) -> impl FnOnce(nix::Error) -> PackError + '_ {
+    move |e| PackError::Read {
+        path: if path.as_os_str().is_empty() {
+            ".".into()
+        } else {
+            path.display().to_string()
+        },
+        source: e.into(),
+    }
+}
+
+/// How every entry of a tree being packed is opened: below the directory
+/// it is named in, following no symlink, crossing no mount.
+fn open_beneath(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> nix::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    let fd = nix::fcntl::openat2(dir.as_raw_fd(), name, how)?;
+    // SAFETY: `openat2` just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The names in the directory `dir`, sorted (`.` and `..` left out).
+fn names_in(dir: &OwnedFd) -> nix::Result<Vec<OsString>> {
+    let own = open_beneath(dir, OsStr::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+    let mut listing = nix::dir::Dir::from_fd(own.into_raw_fd())?;
+    let mut names = Vec::new();
+    for entry in listing.iter() {
+        let name = OsStr::from_bytes(entry?.file_name().to_bytes()).to_os_string();
+        if name != "." && name != ".." {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Writes the tree below the open directory `root` (its contents, not
+/// `root` itself) as a pack: directories, regular files and symlinks;
+/// anything else is left out. Every entry is opened below its directory's
+/// descriptor without following a symlink or crossing a mount (`openat2`
+/// with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV`): a
+/// symlink is recorded as one, never followed, so the pack holds only
+/// what is below `root`. A tree beyond `limits` fails before the entry
+/// that exceeds them is written.
+pub fn write_pack_dir(
+    root: OwnedFd,
+    out: &mut impl Write,
+    limits: &Limits,
+) -> Result<Totals, PackError> {
+    let w = PackError::Write;
+    out.write_all(MAGIC).map_err(w)?;
+    let mut totals = Totals::default();
+    // Directories still to list: their path, their parent's descriptor
+    // and their name in it. Each is opened only when listed, so at most
+    // one descriptor per level of the tree is open at a time.
+    let mut stack: Vec<(PathBuf, Rc<OwnedFd>, OsString)> = Vec::new();
+    let mut next = Some((PathBuf::new(), Rc::new(root)));
+    while let Some((rel, dir)) = next.take() {
+        let names = names_in(&dir).map_err(read_err(&rel))?;
+        let mut subdirs = Vec::new();
+        for name in names {
+            let path = rel.join(&name);
+            let meta = nix::sys::stat::fstatat(
+                Some(dir.as_raw_fd()),
+                name.as_os_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(read_err(&path))?;
+            let (tag, data) = match meta.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => {
+                    subdirs.push((path.clone(), dir.clone(), name.clone()));
+                    (DIR, Vec::new())
+                }
+                libc::S_IFREG => (FILE, read_file(&dir, &name, &path, &meta, &totals, limits)?),
+                libc::S_IFLNK => {
+                    let target = nix::fcntl::readlinkat(Some(dir.as_raw_fd()), name.as_os_str())
+                        .map_err(read_err(&path))?;
+                    (SYMLINK, target.into_encoded_bytes())
+                }
+                _ => continue,
             };
+            totals.entries += 1;
+            if totals.entries > limits.entries {
+                return Err(PackError::TooLarge(format!(
+                    "more than {} entries (at {})",
+                    limits.entries,
+                    path.display()
+                )));
+            }
+            totals.bytes += data.len() as u64;
+            if totals.bytes > limits.bytes {
+                return Err(PackError::TooLarge(format!(
+                    "more than {} bytes in all (at {})",
+                    limits.bytes,
+                    path.display()
+                )));
+            }
             let name = path.as_os_str().as_encoded_bytes();
             let name_len = u32::try_from(name.len())
                 .ok()
                 .filter(|&n| n <= MAX_PATH)
-                .ok_or_else(|| io::Error::other(format!("{}: path too long", path.display())))?;
-            out.write_all(&[tag])?;
-            for v in [meta.mode() & 0o7777, meta.uid(), meta.gid(), name_len] {
-                out.write_all(&v.to_le_bytes())?;
+                .ok_or_else(|| PackError::TooLarge(format!("{}: path too long", path.display())))?;
+            out.write_all(&[tag]).map_err(w)?;
+            for v in [meta.st_mode & 0o7777, meta.st_uid, meta.st_gid, name_len] {
+                out.write_all(&v.to_le_bytes()).map_err(w)?;
             }
-            out.write_all(name)?;
-            out.write_all(&(data.len() as u64).to_le_bytes())?;
-            out.write_all(&data)?;
-            if tag == DIR {
-                stack.push(path);
-            }
+            out.write_all(name).map_err(w)?;
+            out.write_all(&(data.len() as u64).to_le_bytes())
+                .map_err(w)?;
+            out.write_all(&data).map_err(w)?;
+        }
+        // Parents before children, as the reader needs: a directory's
+        // record is written when its parent is listed, its entries later.
+        stack.extend(subdirs.into_iter().rev());
+        if let Some((path, parent, name)) = stack.pop() {
+            let fd = open_beneath(&parent, &name, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+                .map_err(read_err(&path))?;
+            next = Some((path, Rc::new(fd)));
         }
     }
-    out.flush()
+    out.flush().map_err(w)?;
+    Ok(totals)
+}
+
+/// The contents of the regular file `name` in `dir` (at `path` in the
+/// tree, `meta` from listing it), read within `limits`.
+fn read_file(
+    dir: &OwnedFd,
+    name: &OsStr,
+    path: &Path,
+    meta: &libc::stat,
+    totals: &Totals,
+    limits: &Limits,
+) -> Result<Vec<u8>, PackError> {
+    // Refused on its listed size before it is opened: a 4 GiB sparse file
+    // costs nothing.
+    check_size(
+        path,
+        u64::try_from(meta.st_size).unwrap_or(0),
+        totals,
+        limits,
+    )?;
+    // O_NONBLOCK: a FIFO swapped in for the file must not block the
+    // reader; it is refused below.
+    let fd =
+        open_beneath(dir, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(read_err(path))?;
+    let now = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(read_err(path))?;
+    if now.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(PackError::Read {
+            path: path.display().to_string(),
+            source: io::Error::other("no longer a regular file"),
+        });
+    }
+    let size = u64::try_from(now.st_size).unwrap_or(0);
+    check_size(path, size, totals, limits)?;
+    // Read no more than the bounds allow: a file that grows meanwhile is
+    // refused, not followed.
+    let mut data = Vec::new();
+    std::fs::File::from(fd)
+        .take(limits.file_bytes.min(size).saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|e| PackError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    if data.len() as u64 > size {
+        return Err(PackError::Read {
+            path: path.display().to_string(),
+            source: io::Error::other("grew while being read"),
+        });
+    }
+    Ok(data)
+}
+
+/// Fails if a file of `size` bytes would break `limits`.
+fn check_size(path: &Path, size: u64, totals: &Totals, limits: &Limits) -> Result<(), PackError> {
+    if size > limits.file_bytes {
+        return Err(PackError::TooLarge(format!(
+            "{} holds {size} bytes, more than {} for one file",
+            path.display(),
+            limits.file_bytes
+        )));
+    }
+    if totals.bytes.saturating_add(size) > limits.bytes {
+        return Err(PackError::TooLarge(format!(
+            "more than {} bytes in all (at {})",
+            limits.bytes,
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// [`write_pack_dir`] of the directory at `root` (not followed if it is a
+/// symlink), without bounds: for trees the caller made itself.
+pub fn write_pack(root: &Path, out: &mut impl Write) -> Result<Totals, PackError> {
+    let fd = nix::fcntl::open(
+        root,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(read_err(Path::new("")))?;
+    // SAFETY: `open` just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    write_pack_dir(fd, out, &Limits::NONE)
 }
 
 /// What went wrong unpacking.
@@ -312,7 +536,7 @@ pub fn unpack(r: &mut impl Read, dest: &Path) -> Result<(), UnpackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
     /// A directory removed when the test ends.
     fn tempdir() -> tempfile::TempDir {

@@ -82,6 +82,17 @@ pub struct Config {
     /// How often the guest's balloon driver refreshes its memory
     /// statistics, seconds (0: no statistics).
     pub balloon_stats_secs: u32,
+    /// kubelet's root directory: only bind sources exactly at
+    /// `<kubelet_root>/pods/<uid>/volumes/kubernetes.io~<kind>/<name>` are
+    /// taken for kubelet's volumes (`kubelet.rs`).
+    pub kubelet_root: PathBuf,
+    /// The most entries (files, directories, symlinks) one ConfigMap-style
+    /// volume may hold to be copied into the guest.
+    pub volume_max_entries: u64,
+    /// The most bytes such a volume may hold in all, MiB.
+    pub volume_max_mib: u64,
+    /// The most bytes one file of such a volume may hold, MiB.
+    pub volume_max_file_mib: u64,
 }
 
 impl Default for Config {
@@ -109,6 +120,10 @@ impl Default for Config {
             profile_hz: 97,
             free_page_reporting: true,
             balloon_stats_secs: 0,
+            kubelet_root: PathBuf::from("/var/lib/kubelet"),
+            volume_max_entries: 10_000,
+            volume_max_mib: 64,
+            volume_max_file_mib: 16,
         }
     }
 }
@@ -161,9 +176,20 @@ impl Config {
         if cfg.profile_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
             return invalid("profile_dir must be an absolute path");
         }
+        if cfg.volume_max_entries == 0 || cfg.volume_max_mib == 0 || cfg.volume_max_file_mib == 0 {
+            return invalid(
+                "volume_max_entries, volume_max_mib and volume_max_file_mib must be positive",
+            );
+        }
+        if cfg.volume_max_mib > 4096 || cfg.volume_max_file_mib > cfg.volume_max_mib {
+            return invalid(
+                "volume_max_mib must be at most 4096, volume_max_file_mib at most volume_max_mib",
+            );
+        }
         for (name, p) in [
             ("template_dir", &cfg.template_dir),
             ("state_dir", &cfg.state_dir),
+            ("kubelet_root", &cfg.kubelet_root),
         ] {
             if !p.is_absolute() {
                 return invalid(&format!("{name} must be an absolute path"));
@@ -191,6 +217,15 @@ impl Config {
     /// The virtio-fs daemon binary.
     pub fn virtiofsd_binary(&self) -> PathBuf {
         Self::sibling(&self.virtiofsd, "husk-virtiofsd")
+    }
+
+    /// The bounds on a volume copied into the guest.
+    pub fn volume_limits(&self) -> husk_protocols::pack::Limits {
+        husk_protocols::pack::Limits {
+            entries: self.volume_max_entries,
+            bytes: self.volume_max_mib << 20,
+            file_bytes: self.volume_max_file_mib << 20,
+        }
     }
 }
 
@@ -258,6 +293,9 @@ mod tests {
         assert!(Config::parse("vcpus = 4\nmax_vcpus = 2\n", p).is_err());
         assert!(Config::parse("min_mem_mib = 4096\nmax_mem_mib = 1024\n", p).is_err());
         assert!(Config::parse("max_mem_mib = 100000\n", p).is_err());
+        assert!(Config::parse("kubelet_root = \"var/lib/kubelet\"\n", p).is_err());
+        assert!(Config::parse("volume_max_entries = 0\n", p).is_err());
+        assert!(Config::parse("volume_max_mib = 8\nvolume_max_file_mib = 9\n", p).is_err());
         assert!(matches!(
             Config::load(Some(Path::new("/nonexistent/husk.toml"))),
             Err(ConfigError::Read(..))

@@ -12,6 +12,7 @@ use containerd_shim::protos::ttrpc::{self as shim_ttrpc, Code};
 
 use crate::{
     config::ConfigError, io::IoError, network::NetError, rootfs::RootfsError, vm::VmError,
+    volwatch::VolumeError,
 };
 
 /// Why a Task request failed.
@@ -54,6 +55,10 @@ pub enum TaskError {
     /// The bundle (spec, root file system, mounts) is unusable.
     #[error("the bundle")]
     Bundle(#[source] RootfsError),
+    /// A volume cannot be copied into the guest (beyond husk.toml's
+    /// bounds, or not laid out by kubelet).
+    #[error("copying a volume into the guest")]
+    Volume(#[source] VolumeError),
     /// A request field is malformed.
     #[error("{0}")]
     Invalid(String),
@@ -136,6 +141,7 @@ impl TaskError {
             }
             TaskError::Config(_)
             | TaskError::Bundle(_)
+            | TaskError::Volume(_)
             | TaskError::Invalid(_)
             | TaskError::PodNetwork(_) => Code::INVALID_ARGUMENT,
             TaskError::Network(_) | TaskError::VmStart(_) | TaskError::Gone => Code::UNAVAILABLE,

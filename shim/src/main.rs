@@ -12,12 +12,15 @@ mod config;
 mod container;
 mod error;
 mod exits;
+mod hostfs;
 mod io;
+mod kubelet;
 mod network;
 mod portfwd;
 mod rootfs;
 mod sandbox;
 mod sizing;
+mod specpolicy;
 mod task;
 mod vm;
 mod volwatch;
@@ -133,7 +136,7 @@ impl Shim for HuskShim {
             if own_pod {
                 vm::cleanup_pod_dir(&pod);
             } else {
-                rootfs::release(&pod.join("shared"), &self.id);
+                rootfs::release(&pod.join("work"), &self.id);
             }
             let _ = std::fs::remove_file(self.bundle.join("husk-pod"));
         }
@@ -175,9 +178,24 @@ impl Shim for HuskShim {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    run::<HuskShim>(RUNTIME_ID, None).await;
+fn main() {
+    // Everything the shim makes for a pod (directories, files, sockets,
+    // and what its children husk-vmm and husk-virtiofsd make) is private
+    // from the moment it exists: no window between creating a socket or
+    // file and narrowing its mode.
+    // SAFETY: umask(2) only changes the process's file mode mask; no
+    // thread exists yet to race with it.
+    unsafe { libc::umask(0o077) };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run::<HuskShim>(RUNTIME_ID, None)),
+        Err(e) => {
+            eprintln!("containerd-shim-husk-v2: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Writes `address` to `path` (in the bundle) atomically.

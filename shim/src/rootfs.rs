@@ -1,24 +1,28 @@
-//! A container's files on the host side of the pod's shared directory.
+//! A container's files on the host side of the pod's share.
 //!
-//! `<shared>/<container id>/` holds `rootfs/` (the root file system
+//! `<work>/<container id>/` (`vm.rs`: the shim's tree, which the guest sees
+//! read-only at `/run/husk/shared`) holds `rootfs/` (the root file system
 //! containerd's snapshotter prepared, mounted here), `mounts/<n>` (each host
-//! file or directory the spec bind-mounts, bind-mounted here) and
-//! `config.json`: the bundle's spec rewritten for the guest — root path
-//! relative to the bundle, bind-mount sources pointing into the share,
-//! namespace paths of the host dropped (they mean nothing in the guest).
+//! file or directory the spec bind-mounts, bind-mounted here), `packs/`
+//! (payloads of copied volumes, `volwatch.rs`) and `config.json`: the
+//! bundle's spec rewritten for the guest — root path relative to the
+//! bundle, bind-mount sources pointing into the share or at volumes the
+//! guest holds itself, namespace paths of the host dropped (they mean
+//! nothing in the guest), and what the guest must not get filtered out
+//! (`specpolicy.rs`).
+//!
+//! Every mount here is `nosuid,nodev` on the host (`hostfs.rs`). The
+//! guest cannot change any name in this tree; it writes only inside the
+//! mounts, which nothing here looks into.
 
-use std::{
-    os::fd::{AsRawFd, FromRawFd},
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::api::Mount as RootfsMount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::Spec;
 
 use husk_protocols::{GUEST_MEMORY_VOLUMES, GUEST_MIRRORS};
 
-use crate::vm::GUEST_SHARED;
+use crate::{hostfs, kubelet, vm::GUEST_SHARED};
 
 /// Errors preparing a container's files.
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +40,29 @@ pub enum RootfsError {
         /// Why it failed.
         why: String,
     },
+    /// A kubelet volume cannot be copied into the guest.
+    #[error("volume {volume}: {why}")]
+    Volume {
+        /// The volume's host path.
+        volume: String,
+        /// Why.
+        why: String,
+    },
     /// A file operation failed.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
 }
 
-/// The host directory of container `id`.
-pub fn container_dir(shared: &Path, id: &str) -> PathBuf {
-    shared.join(id)
+/// What the host decides about a container's files, from `husk.toml`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// kubelet's root directory (`kubelet.rs`).
+    pub kubelet_root: PathBuf,
+}
+
+/// The host directory of container `id` in the pod's tree `work`.
+pub fn container_dir(work: &Path, id: &str) -> PathBuf {
+    work.join(id)
 }
 
 /// Reads and parses `<bundle>/config.json`.
@@ -62,25 +81,47 @@ fn mount_err(what: &str, target: &Path, why: impl std::fmt::Display) -> RootfsEr
     }
 }
 
+fn io(what: String) -> impl FnOnce(std::io::Error) -> RootfsError {
+    move |e| RootfsError::Io(what, e)
+}
+
 /// Mounts the root file system and the spec's bind mounts under the
-/// container's directory, writes the guest's config.json, and returns the
-/// bundle path the guest sees. On failure nothing stays mounted.
+/// container's directory in the pod's tree `work`, writes the guest's
+/// config.json, and returns the bundle path the guest sees. On failure
+/// nothing stays mounted.
 pub fn prepare(
-    shared: &Path,
+    work: &Path,
     id: &str,
     bundle: &Path,
     rootfs: &[RootfsMount],
     mut spec: Spec,
+    settings: &Settings,
 ) -> Result<Prepared, RootfsError> {
-    let dir = container_dir(shared, id);
-    let io = |what: String| move |e| RootfsError::Io(what, e);
-    std::fs::create_dir_all(dir.join("rootfs"))
-        .map_err(io(format!("creating {}", dir.display())))?;
+    let plain = Path::new(id).components().count() == 1
+        && matches!(
+            Path::new(id).components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    if !plain {
+        return Err(RootfsError::Spec(format!(
+            "container id {id:?} is not a plain name"
+        )));
+    }
+    let dir = container_dir(work, id);
+    // A directory of this name left over (a container that failed
+    // half-way and could not be cleaned up) is refused, never reused, and
+    // not touched.
+    std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
     let result = (|| {
+        hostfs::private_dir(&dir.join("rootfs"))
+            .map_err(io(format!("creating {}", dir.display())))?;
         mount_rootfs(&dir.join("rootfs"), bundle, rootfs, &spec)?;
-        let volumes = rewrite_spec(&mut spec, &dir, id)?;
+        for note in crate::specpolicy::apply(&mut spec) {
+            tracing::warn!(container = %id, "{note}");
+        }
+        let volumes = rewrite_spec(&mut spec, &dir, id, settings)?;
         let text = serde_json::to_vec(&spec).map_err(|e| RootfsError::Spec(e.to_string()))?;
-        std::fs::write(dir.join("config.json"), text)
+        write_new(&dir.join("config.json"), &text)
             .map_err(io("writing the guest's config.json".into()))?;
         Ok(Prepared {
             bundle: format!("{GUEST_SHARED}/{id}"),
@@ -88,9 +129,22 @@ pub fn prepare(
         })
     })();
     if result.is_err() {
-        release(shared, id);
+        release(work, id);
     }
     result
+}
+
+/// Writes `bytes` to a new file at `path`, mode 0600 (never through an
+/// existing name).
+pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// What [`prepare`] made: the bundle the guest sees, and the volumes the
@@ -116,37 +170,33 @@ pub enum GuestVolume {
         /// Its size, bytes.
         size_bytes: u64,
     },
-    /// A directory kubelet updates atomically (a `..data` symlink to the
+    /// A volume kubelet updates atomically (a `..data` symlink to the
     /// current payload): a guest copy, brought up to date on each switch.
+    /// It is not on the share: its payload crosses as a pack.
     Mirror {
         /// The copy's guest path.
         target: String,
-        /// The host directory (watched for switches).
-        host: PathBuf,
-        /// The host directory as the guest sees it on the share.
-        guest_source: String,
+        /// The host volume (watched for switches).
+        volume: kubelet::Volume,
+        /// The volume directory's permission bits (the copy's top
+        /// directory gets them).
+        mode: u32,
         /// Where the shim writes payload packs: on the host, and as the
         /// guest sees it on the share.
         packs: (PathBuf, String),
     },
 }
 
-/// The size of the memory-backed emptyDir at `src`, if it is one: a tmpfs
-/// that kubelet made for an emptyDir (`medium: Memory`).
-fn memory_empty_dir(src: &Path) -> Option<u64> {
-    if !src.to_string_lossy().contains("/kubernetes.io~empty-dir/") {
+/// The size of the memory-backed emptyDir `v`, if it is one: a tmpfs that
+/// kubelet made for an emptyDir (`medium: Memory`).
+fn memory_empty_dir(v: &kubelet::Volume) -> Option<u64> {
+    if v.kind != kubelet::Kind::EmptyDir {
         return None;
     }
-    let st = nix::sys::statfs::statfs(src).ok()?;
+    let fd = v.open().ok()?;
+    let st = nix::sys::statfs::fstatfs(&fd).ok()?;
     (st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
         .then(|| st.blocks().saturating_mul(st.block_size() as u64))
-}
-
-/// Whether `src` is laid out by kubelet's atomic writer (ConfigMap, Secret,
-/// projected, downward API): a directory whose `..data` is a symlink.
-pub fn atomic_writer_dir(src: &Path) -> bool {
-    src.is_dir()
-        && std::fs::symlink_metadata(src.join("..data")).is_ok_and(|m| m.file_type().is_symlink())
 }
 
 /// The guest path of the memory volume at host path `src`: the same for
@@ -190,6 +240,16 @@ pub fn check(bundle: &Path, rootfs: &[RootfsMount], spec: &Spec) -> Result<(), R
     Ok(())
 }
 
+/// Whether a mount's options or type make it a bind mount.
+fn is_bind(typ: Option<&str>, options: &[String]) -> bool {
+    typ == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind")
+}
+
+/// Whether a mount's options make it read-only.
+fn is_read_only(options: &[String]) -> bool {
+    options.iter().any(|o| o == "ro" || o == "rro")
+}
+
 fn mount_rootfs(
     target: &Path,
     bundle: &Path,
@@ -198,25 +258,33 @@ fn mount_rootfs(
 ) -> Result<(), RootfsError> {
     if rootfs.is_empty() {
         let src = bundle_root(bundle, spec)?;
-        return mount(
-            Some(&src),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| mount_err(&src.display().to_string(), target, e));
+        return hostfs::bind(&src, target, false)
+            .map_err(|e| mount_err(&src.display().to_string(), target, e));
     }
     for m in rootfs {
+        let what = || format!("{} {}", m.type_, m.source);
+        if is_bind(Some(m.type_.as_str()), &m.options) {
+            // A bind takes no flags at mount time: attach a hardened copy.
+            hostfs::bind(Path::new(&m.source), target, is_read_only(&m.options))
+                .map_err(|e| mount_err(&what(), target, e))?;
+            continue;
+        }
         let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
         let source = (!m.source.is_empty()).then_some(m.source.as_str());
-        containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, target)
-            .map_err(|e| mount_err(&format!("{} {}", m.type_, m.source), target, e))?;
+        let mut options = m.options.clone();
+        options.extend(["nosuid".to_string(), "nodev".to_string()]);
+        containerd_shim::mount::mount_rootfs(fs_type, source, &options, target)
+            .map_err(|e| mount_err(&what(), target, e))?;
     }
     Ok(())
 }
 
-fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<Vec<GuestVolume>, RootfsError> {
+fn rewrite_spec(
+    spec: &mut Spec,
+    dir: &Path,
+    id: &str,
+    settings: &Settings,
+) -> Result<Vec<GuestVolume>, RootfsError> {
     let mut volumes = Vec::new();
     let mut root = spec.root().clone().unwrap_or_default();
     root.set_path(PathBuf::from("rootfs"));
@@ -225,63 +293,62 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<Vec<GuestVolume
     if let Some(mounts) = spec.mounts().clone() {
         let mut out = Vec::with_capacity(mounts.len());
         for (n, mut m) in mounts.into_iter().enumerate() {
-            let is_bind = m.typ().as_deref() == Some("bind")
-                || m.options()
-                    .as_ref()
-                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
+            let options = m.options().clone().unwrap_or_default();
             let source = m.source().clone();
-            if let (true, Some(src)) = (is_bind, source) {
-                if !src.exists() {
-                    return Err(RootfsError::Spec(format!(
-                        "bind mount source {} does not exist",
-                        src.display()
-                    )));
-                }
-                if let Some(size_bytes) = memory_empty_dir(&src) {
-                    let target = memory_target(&src);
-                    m.set_source(Some(PathBuf::from(&target)));
-                    volumes.push(GuestVolume::Memory { target, size_bytes });
-                    out.push(m);
-                    continue;
-                }
-                let host = dir.join("mounts").join(n.to_string());
-                if src.is_dir() {
-                    std::fs::create_dir_all(&host)
-                } else {
-                    std::fs::create_dir_all(dir.join("mounts"))
-                        .and_then(|()| std::fs::File::create(&host).map(drop))
-                }
-                .map_err(|e| RootfsError::Io(format!("creating {}", host.display()), e))?;
-                let read_only = m
-                    .options()
-                    .as_ref()
-                    .is_some_and(|o| o.iter().any(|x| x == "ro" || x == "rro"));
-                if read_only {
-                    bind_read_only(&src, &host)?;
-                } else {
-                    mount(
-                        Some(&src),
-                        &host,
-                        None::<&str>,
-                        MsFlags::MS_BIND | MsFlags::MS_REC,
-                        None::<&str>,
-                    )
-                    .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
-                }
-                let guest_source = format!("{GUEST_SHARED}/{id}/mounts/{n}");
-                if atomic_writer_dir(&src) {
-                    let target = format!("{GUEST_MIRRORS}/{id}/{n}");
-                    m.set_source(Some(PathBuf::from(&target)));
-                    volumes.push(GuestVolume::Mirror {
-                        target,
-                        host: src,
-                        guest_source,
-                        packs: (dir.join("packs"), format!("{GUEST_SHARED}/{id}/packs")),
-                    });
-                } else {
-                    m.set_source(Some(PathBuf::from(guest_source)));
-                }
+            let (true, Some(src)) = (is_bind(m.typ().as_deref(), &options), source) else {
+                out.push(m);
+                continue;
+            };
+            if !src.exists() {
+                return Err(RootfsError::Spec(format!(
+                    "bind mount source {} does not exist",
+                    src.display()
+                )));
             }
+            let volume = kubelet::volume(&settings.kubelet_root, &src);
+            if let Some(size_bytes) = volume.as_ref().and_then(memory_empty_dir) {
+                let target = memory_target(&src);
+                m.set_source(Some(PathBuf::from(&target)));
+                volumes.push(GuestVolume::Memory { target, size_bytes });
+                out.push(m);
+                continue;
+            }
+            if let Some(v) = volume.filter(|v| v.kind == kubelet::Kind::Atomic) {
+                let bad = |why: String| RootfsError::Volume {
+                    volume: src.display().to_string(),
+                    why,
+                };
+                let fd = v.open().map_err(|e| bad(e.to_string()))?;
+                kubelet::data_dir(&fd)
+                    .map_err(|e| bad(format!("not written by kubelet's atomic writer: {e}")))?;
+                let mode = kubelet::mode(&fd).map_err(|e| bad(e.to_string()))?;
+                let target = format!("{GUEST_MIRRORS}/{id}/{n}");
+                m.set_source(Some(PathBuf::from(&target)));
+                volumes.push(GuestVolume::Mirror {
+                    target,
+                    volume: v,
+                    mode,
+                    packs: (dir.join("packs"), format!("{GUEST_SHARED}/{id}/packs")),
+                });
+                out.push(m);
+                continue;
+            }
+            let mounts = dir.join("mounts");
+            hostfs::private_dir(&mounts).map_err(io(format!("creating {}", mounts.display())))?;
+            let host = mounts.join(n.to_string());
+            if src.is_dir() {
+                std::fs::create_dir(&host).map(drop)
+            } else {
+                write_new(&host, b"")
+            }
+            .map_err(io(format!("creating {}", host.display())))?;
+            // Read-only on the host side of the share too: guest root can
+            // remount its own view, but its writes end in EROFS here.
+            hostfs::bind(&src, &host, is_read_only(&options))
+                .map_err(|e| mount_err(&src.display().to_string(), &host, e))?;
+            m.set_source(Some(PathBuf::from(format!(
+                "{GUEST_SHARED}/{id}/mounts/{n}"
+            ))));
             out.push(m);
         }
         spec.set_mounts(Some(out));
@@ -295,95 +362,11 @@ fn rewrite_spec(spec: &mut Spec, dir: &Path, id: &str) -> Result<Vec<GuestVolume
     Ok(volumes)
 }
 
-/// Bind-mounts `src` (and every mount below it) on `target`, read-only on
-/// the host.
-///
-/// The container's own view is made read-only in the guest as well, but
-/// guest root (a privileged container) can remount that view; the guest
-/// reaches the files only through the share, so the share's side is what
-/// must refuse the writes (`EROFS` through virtio-fs). The mount is made
-/// read-only *before* it is attached: the virtio-fs daemon sees the share
-/// through a mount namespace of its own, which receives a copy of each new
-/// mount as it is attached, and a later change of flags would not reach
-/// that copy.
-fn bind_read_only(src: &Path, target: &Path) -> Result<(), RootfsError> {
-    let fail = |what: &str| {
-        let e = std::io::Error::last_os_error();
-        mount_err(&format!("{} ({what})", src.display()), target, e)
-    };
-    let cstr = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| mount_err("read-only", p, "a NUL in the path"))
-    };
-    let (src_c, target_c) = (cstr(src)?, cstr(target)?);
-    let empty = c"";
-    // SAFETY: open_tree(2) reads the NUL-terminated path; it returns a new
-    // descriptor (owned below) or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            src_c.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
-        )
-    };
-    let fd = std::os::fd::RawFd::try_from(fd)
-        .ok()
-        .filter(|fd| *fd >= 0)
-        .ok_or_else(|| fail("open_tree"))?;
-    // SAFETY: `fd` was just returned by open_tree and is owned by nothing
-    // else.
-    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: mount_setattr(2) on the detached tree `tree`; it reads the
-    // empty path and `attr` (of the size passed), alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(fail("mount_setattr"));
-    }
-    // SAFETY: move_mount(2) attaches the detached tree at the NUL-terminated
-    // `target`; both paths live for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            target_c.as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc != 0 {
-        return Err(fail("move_mount"));
-    }
-    Ok(())
-}
-
-/// Unmounts everything of container `id` and removes its directory. Safe
-/// to repeat.
-pub fn release(shared: &Path, id: &str) {
-    let dir = container_dir(shared, id);
-    if let Some(s) = dir.to_str() {
-        if let Err(e) = containerd_shim::mount::umount_recursive(Some(s), libc::MNT_DETACH) {
-            tracing::warn!("unmounting below {s}: {e}");
-        }
-    }
-    let _ = umount2(&dir.join("rootfs"), MntFlags::MNT_DETACH);
-    let left = crate::vm::mounts_below(&dir);
+/// Unmounts everything of container `id` in the pod's tree `work` and
+/// removes its directory. Safe to repeat.
+pub fn release(work: &Path, id: &str) {
+    let dir = container_dir(work, id);
+    let left = hostfs::unmount_below(&dir);
     if !left.is_empty() {
         tracing::error!("not removing {}: still mounted: {left:?}", dir.display());
         return;
@@ -398,6 +381,7 @@ pub fn release(shared: &Path, id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
     /// Unmounts the test's bind mount whatever happens.
     struct Unmount<'a>(&'a Path);
@@ -412,6 +396,9 @@ mod tests {
         mount(Some(src), target, None::<&str>, flags, None::<&str>).expect("mount");
     }
 
+    /// A read-only volume is read-only where the virtio-fs daemon sees it
+    /// too: the attributes are set before the mount is attached, so the
+    /// daemon's copy (a peer of the share) gets them.
     #[test]
     fn a_read_only_volume_refuses_writes_where_the_daemon_sees_it() {
         assert!(
@@ -449,7 +436,7 @@ mod tests {
         let target = share.join("vol");
         std::fs::create_dir(&target).expect("mkdir");
 
-        bind_read_only(&src, &target).expect("read-only bind");
+        hostfs::bind(&src, &target, true).expect("read-only bind");
         let _target = Unmount(&target);
         let _copy = Unmount(&daemon.join("vol"));
         for view in [&share, &daemon] {
@@ -461,6 +448,14 @@ mod tests {
                 std::fs::read_to_string(view.join("vol/old")).expect("read"),
                 "kept"
             );
+            let st = nix::sys::statvfs::statvfs(&view.join("vol")).expect("statvfs");
+            let f = st.flags();
+            use nix::sys::statvfs::FsFlags;
+            assert!(
+                f.contains(FsFlags::ST_NOSUID) && f.contains(FsFlags::ST_NODEV),
+                "{}: {f:?}",
+                view.display()
+            );
         }
         // The volume itself stays writable for the host.
         std::fs::write(src.join("new"), "host").expect("the source stays writable");
@@ -468,29 +463,33 @@ mod tests {
 
     /// kubelet's kinds of volume, as bind mounts of a spec: a memory
     /// emptyDir (a tmpfs under `kubernetes.io~empty-dir/`) becomes a guest
-    /// tmpfs of its size, off the share; an atomically written directory
-    /// becomes a guest copy of its share path; anything else stays a path
-    /// on the share.
+    /// tmpfs of its size, off the share; an atomically written volume
+    /// becomes a guest copy, off the share too; anything else stays a path
+    /// on the share. What a container wrote into a volume (a `..data`
+    /// symlink chain to a host directory) changes none of it.
     #[test]
-    fn kubelet_volumes_are_recognised() {
+    fn kubelet_volumes_are_recognised_by_where_they_are() {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test needs root: it mounts"
         );
         let dir = tempfile::tempdir().expect("dir");
-        let empty = dir
-            .path()
-            .join("pods/uid/volumes/kubernetes.io~empty-dir/cache");
-        let disk_empty = dir
-            .path()
-            .join("pods/uid/volumes/kubernetes.io~empty-dir/scratch");
-        let cm = dir
-            .path()
-            .join("pods/uid/volumes/kubernetes.io~configmap/cfg");
-        for d in [&empty, &disk_empty, &cm.join("..2026_12_05")] {
+        let root = dir.path().join("kubelet");
+        let vols = root.join("pods/uid/volumes");
+        let empty = vols.join("kubernetes.io~empty-dir/cache");
+        let disk_empty = vols.join("kubernetes.io~empty-dir/scratch");
+        let cm = vols.join("kubernetes.io~configmap/cfg");
+        let host_path = dir.path().join("hostpath");
+        for d in [&empty, &disk_empty, &cm.join("..2026_12_05"), &host_path] {
             std::fs::create_dir_all(d).expect("mkdir");
         }
         std::os::unix::fs::symlink("..2026_12_05", cm.join("..data")).expect("link");
+        // The attack: `..data -> ..x -> <a host directory>`, planted by a
+        // container in a writable emptyDir and in a hostPath.
+        for planted in [&disk_empty, &host_path] {
+            std::os::unix::fs::symlink("..x", planted.join("..data")).expect("link");
+            std::os::unix::fs::symlink("/etc", planted.join("..x")).expect("link");
+        }
         mount(
             Some("tmpfs"),
             &empty,
@@ -500,8 +499,8 @@ mod tests {
         )
         .expect("tmpfs");
         let _empty = Unmount(&empty);
-        let share = dir.path().join("shared/c1");
-        std::fs::create_dir_all(&share).expect("share");
+        let ctr = dir.path().join("work/c1");
+        std::fs::create_dir_all(&ctr).expect("container dir");
 
         let bind_of = |src: &Path, dst: &str| {
             oci_spec::runtime::MountBuilder::default()
@@ -517,9 +516,13 @@ mod tests {
             bind_of(&empty, "/cache"),
             bind_of(&disk_empty, "/scratch"),
             bind_of(&cm, "/etc/cfg"),
+            bind_of(&host_path, "/host"),
         ]));
-        let volumes = rewrite_spec(&mut spec, &share, "c1").expect("rewrite");
-        let binds = [share.join("mounts/1"), share.join("mounts/2")];
+        let settings = Settings {
+            kubelet_root: root.clone(),
+        };
+        let volumes = rewrite_spec(&mut spec, &ctr, "c1", &settings).expect("rewrite");
+        let binds = [ctr.join("mounts/1"), ctr.join("mounts/3")];
         let _mounts: Vec<Unmount> = binds.iter().map(|p| Unmount(p)).collect();
         let memory = memory_target(&empty);
         assert_eq!(
@@ -531,9 +534,9 @@ mod tests {
                 },
                 GuestVolume::Mirror {
                     target: format!("{GUEST_MIRRORS}/c1/2"),
-                    host: cm.clone(),
-                    guest_source: format!("{GUEST_SHARED}/c1/mounts/2"),
-                    packs: (share.join("packs"), format!("{GUEST_SHARED}/c1/packs")),
+                    volume: kubelet::volume(&root, &cm).expect("a kubelet volume"),
+                    mode: 0o755,
+                    packs: (ctr.join("packs"), format!("{GUEST_SHARED}/c1/packs")),
                 },
             ]
         );
@@ -550,11 +553,33 @@ mod tests {
                 memory,
                 format!("{GUEST_SHARED}/c1/mounts/1"),
                 format!("{GUEST_MIRRORS}/c1/2"),
+                format!("{GUEST_SHARED}/c1/mounts/3"),
             ]
         );
+        for gone in ["mounts/0", "mounts/2"] {
+            assert!(
+                !ctr.join(gone).exists(),
+                "{gone}: a guest volume is not on the share"
+            );
+        }
+        // The planted links are on the share as links, for the guest to
+        // resolve inside the container.
+        assert_eq!(
+            std::fs::read_link(ctr.join("mounts/1/..x")).expect("link"),
+            Path::new("/etc")
+        );
+        // A ConfigMap-kind path without kubelet's layout is refused.
+        std::fs::remove_file(cm.join("..data")).expect("rm");
+        std::os::unix::fs::symlink("/etc", cm.join("..data")).expect("link");
+        let mut spec = Spec::default();
+        spec.set_mounts(Some(vec![bind_of(&cm, "/etc/cfg")]));
+        let other = dir.path().join("work/c2");
+        std::fs::create_dir_all(&other).expect("container dir");
+        let e = rewrite_spec(&mut spec, &other, "c2", &settings).expect_err("not kubelet's");
         assert!(
-            !share.join("mounts/0").exists(),
-            "a memory emptyDir is not on the share"
+            e.to_string()
+                .contains("not written by kubelet's atomic writer"),
+            "{e}"
         );
     }
 }

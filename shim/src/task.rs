@@ -605,12 +605,19 @@ impl HuskTask {
         let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
 
         let creating = std::time::Instant::now();
-        let prepared = rootfs::prepare(&vm.shared, &req.id, &bundle, &req.rootfs, spec)
+        let settings = rootfs::Settings {
+            kubelet_root: cfg.kubelet_root.clone(),
+        };
+        let prepared = rootfs::prepare(&vm.work, &req.id, &bundle, &req.rootfs, spec, &settings)
             .map_err(TaskError::Bundle)?;
-        let watches = match self.guest_volumes(&vm, &req.id, &prepared.volumes).await {
+        let limits = cfg.volume_limits();
+        let watches = match self
+            .guest_volumes(&vm, &req.id, &prepared.volumes, limits)
+            .await
+        {
             Ok(w) => w,
             Err(e) => {
-                rootfs::release(&vm.shared, &req.id);
+                rootfs::release(&vm.work, &req.id);
                 return Err(e);
             }
         };
@@ -618,7 +625,7 @@ impl HuskTask {
         let mut proc = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let io = ProcessIo::setup(&vm, &req.stdin, &req.stdout, &req.stderr, req.terminal)
             .map_err(|e| {
-                rootfs::release(&vm.shared, &req.id);
+                rootfs::release(&vm.work, &req.id);
                 TaskError::Stdio(e)
             })?;
         let created = vm
@@ -629,7 +636,7 @@ impl HuskTask {
             Ok(pid) => pid,
             Err(e) => {
                 drop(io);
-                rootfs::release(&vm.shared, &req.id);
+                rootfs::release(&vm.work, &req.id);
                 return Err(TaskError::agent("creating the container in the guest", e));
             }
         };
@@ -657,17 +664,16 @@ impl HuskTask {
         vm: &Vm,
         id: &str,
         volumes: &[rootfs::GuestVolume],
+        limits: husk_protocols::pack::Limits,
     ) -> TaskResult<Vec<crate::volwatch::Watch>> {
         let mut watches = Vec::new();
         for v in volumes {
             // Watch first: a switch between the copy and the watch would
             // otherwise be missed.
-            let w = crate::volwatch::watch(vm.guest.clone(), id, v).map_err(|e| {
+            let w = crate::volwatch::watch(vm.guest.clone(), id, v, limits).map_err(|e| {
                 TaskError::Bundle(rootfs::RootfsError::Io(format!("watching {v:?}"), e))
             })?;
-            let (req, _pack) = crate::volwatch::request(v).map_err(|e| {
-                TaskError::Bundle(rootfs::RootfsError::Io(format!("volume {v:?}"), e))
-            })?;
+            let (req, _pack) = crate::volwatch::request(v, &limits).map_err(TaskError::Volume)?;
             vm.guest
                 .prepare_volume(req)
                 .await
@@ -889,7 +895,7 @@ impl HuskTask {
                 }
             }
             if let Some(vm) = &vm {
-                rootfs::release(&vm.shared, id);
+                rootfs::release(&vm.work, id);
             }
         }
         self.state.lock().await.containers.remove(id);

@@ -1,15 +1,27 @@
 //! One pod's microVM: its directory, virtio-fs daemon, VMM and agent.
 //!
-//! Layout of `<state_dir>/<namespace>/<sandbox id>/`:
-//! `shared/` (served to the guest over virtio-fs; each container's root
-//! file system and bind mounts are mounted below it), `fs.sock` (the
-//! daemon's vhost-user socket), `vsock.sock` (hybrid vsock), `api.sock`
-//! (the VMM's control socket), `pids` (VMM and daemon, for cleanup after
-//! a dead shim), and the two processes' logs.
+//! Layout of `<state_dir>/<namespace>/<sandbox id>/` (every directory
+//! 0700, every file 0600: no local user reaches a pod's files or sockets):
 //!
-//! `shared/` is made a shared mount before the daemon starts: the daemon's
-//! sandbox holds a copy of the mount tree, and only mounts that propagate
-//! (root file systems mounted later, per container) reach it.
+//! * `work/`: the shim's tree: each container's directory with its root
+//!   file system and bind mounts mounted below it, its guest spec and its
+//!   volume packs (`rootfs.rs`, `volwatch.rs`). Only the shim writes here;
+//!   the guest never sees this path.
+//! * `shared/`: what husk-virtiofsd serves, the guest's
+//!   `/run/husk/shared`: a bind of `work/` that is read-only, `nosuid` and
+//!   `nodev`. The guest can change nothing of the tree itself (no name can
+//!   be planted, swapped or removed: `EROFS`); it writes only inside the
+//!   mounts below it (root file systems, writable volumes), which the shim
+//!   never looks into. So nothing the shim opens, writes, mounts or
+//!   unmounts by path can be redirected by the guest (`docs/security.md`).
+//! * `fs.sock` (the daemon's vhost-user socket), `vsock.sock` (hybrid
+//!   vsock), `api.sock` (the VMM's control socket), `pids` (VMM and
+//!   daemon, for cleanup after a dead shim), and the two processes' logs.
+//!
+//! `work/` is a shared mount and `shared/` its peer, both made before the
+//! daemon starts: the daemon's sandbox holds a copy of the mount tree, and
+//! only mounts that propagate (root file systems mounted later, per
+//! container) reach it.
 
 use std::{
     os::{fd::AsRawFd, unix::process::CommandExt},
@@ -32,7 +44,7 @@ use husk_protocols::{
 };
 use husk_shim::steps::{self, Step};
 use nix::{
-    mount::{mount, umount2, MntFlags, MsFlags},
+    mount::{mount, MsFlags},
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
@@ -42,6 +54,7 @@ use crate::{
     agent::{Agent, TtrpcAgent},
     config::Config,
     exits::Exits,
+    hostfs,
     network::{self, PodNetwork},
 };
 
@@ -78,8 +91,9 @@ pub struct Vm {
     pub sandbox: String,
     /// The pod directory.
     pub dir: PathBuf,
-    /// The host side of the guest's /run/husk/shared.
-    pub shared: PathBuf,
+    /// The shim's tree, which the guest sees read-only at
+    /// /run/husk/shared (see the module documentation).
+    pub work: PathBuf,
     /// The hybrid vsock socket.
     pub vsock: PathBuf,
     /// The agent's client, for the VM's own calls (setup, listeners,
@@ -203,30 +217,7 @@ impl Vm {
             // Left by a shim that died: take it down first.
             cleanup_pod_dir(&dir);
         }
-        std::fs::create_dir_all(&dir).map_err(setup(format!("creating {}", dir.display())))?;
-        let shared = dir.join("shared");
-        std::fs::create_dir_all(&shared).map_err(setup("creating the shared directory"))?;
-        mount(
-            Some(&shared),
-            &shared,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| VmError::Setup("bind-mounting the shared directory".into(), nix_io(e)))?;
-        mount(
-            None::<&str>,
-            &shared,
-            None::<&str>,
-            MsFlags::MS_SHARED,
-            None::<&str>,
-        )
-        .map_err(|e| {
-            VmError::Setup(
-                "making the shared directory a shared mount".into(),
-                nix_io(e),
-            )
-        })?;
+        let (work, shared) = make_share(&dir)?;
 
         let fs_sock = dir.join("fs.sock");
         let daemon = std::process::Command::new(cfg.virtiofsd_binary())
@@ -380,7 +371,7 @@ impl Vm {
         let vm = Self {
             sandbox: id.to_string(),
             dir,
-            shared,
+            work,
             vsock,
             guest: Arc::new(TtrpcAgent::new(agent.clone())),
             agent,
@@ -570,6 +561,51 @@ impl Vm {
     }
 }
 
+/// Makes the pod directory `dir` and its share (see the module
+/// documentation): `work/`, a shared mount, and `shared/`, its read-only,
+/// `nosuid`, `nodev` peer. Returns both.
+fn make_share(dir: &Path) -> Result<(PathBuf, PathBuf), VmError> {
+    for d in dir.ancestors().skip(1).take(2) {
+        // The namespace directory and the state directory.
+        hostfs::private_dir(d).map_err(setup(format!("making {} private", d.display())))?;
+    }
+    let (work, shared) = (dir.join("work"), dir.join("shared"));
+    for d in [dir, &work, &shared] {
+        hostfs::private_dir(d).map_err(setup(format!("creating {}", d.display())))?;
+    }
+    let mnt = |what: &str, src: Option<&Path>, target: &Path, flags: MsFlags| {
+        mount(src, target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| VmError::Setup(format!("{what} ({})", target.display()), nix_io(e)))
+    };
+    let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mnt(
+        "bind-mounting the pod's tree",
+        Some(&work),
+        &work,
+        MsFlags::MS_BIND,
+    )?;
+    mnt(
+        "hardening the pod's tree",
+        None,
+        &work,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | hardened,
+    )?;
+    mnt(
+        "making the pod's tree a shared mount",
+        None,
+        &work,
+        MsFlags::MS_SHARED,
+    )?;
+    mnt("binding the share", Some(&work), &shared, MsFlags::MS_BIND)?;
+    mnt(
+        "making the share read-only",
+        None,
+        &shared,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | hardened,
+    )?;
+    Ok((work, shared))
+}
+
 /// Whether `pid` runs the program `name` (guards against reused pids).
 fn runs(pid: i32, name: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -597,14 +633,7 @@ pub fn cleanup_pod_dir(dir: &Path) {
             }
         }
     }
-    let shared = dir.join("shared");
-    if let Some(s) = shared.to_str() {
-        if let Err(e) = containerd_shim::mount::umount_recursive(Some(s), libc::MNT_DETACH) {
-            tracing::warn!("unmounting below {s}: {e}");
-        }
-    }
-    let _ = umount2(&shared, MntFlags::MNT_DETACH);
-    let left = mounts_below(dir);
+    let left = hostfs::unmount_below(dir);
     if !left.is_empty() {
         // Never delete through a mount: it may be a container's snapshot.
         tracing::error!("not removing {}: still mounted: {left:?}", dir.display());
@@ -615,18 +644,4 @@ pub fn cleanup_pod_dir(dir: &Path) {
             tracing::warn!("removing {}: {e}", dir.display());
         }
     }
-}
-
-/// Mount points at or below `dir` (from /proc/self/mountinfo).
-pub fn mounts_below(dir: &Path) -> Vec<String> {
-    let Some(prefix) = dir.to_str() else {
-        return Vec::new();
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|m| *m == prefix || m.starts_with(&format!("{prefix}/")))
-        .map(String::from)
-        .collect()
 }
