@@ -210,13 +210,31 @@ impl Vm {
         net: Option<PodNetwork>,
         exits: &Exits,
     ) -> Result<Self, VmError> {
-        let since = std::time::Instant::now();
         let dir = pod_dir(cfg, namespace, id);
         husk_shim::poddir::check_socket_room(&dir).map_err(VmError::Config)?;
         if dir.exists() {
             // Left by a shim that died: take it down first.
             cleanup_pod_dir(&dir);
         }
+        let started = Self::start_in(cfg, namespace, id, hostname, net, exits, dir.clone()).await;
+        if started.is_err() {
+            // Nothing of a VM that did not start stays: its processes (from
+            // the pid file), its mounts, its directory.
+            cleanup_pod_dir(&dir);
+        }
+        started
+    }
+
+    async fn start_in(
+        cfg: &Config,
+        namespace: &str,
+        id: &str,
+        hostname: &str,
+        net: Option<PodNetwork>,
+        exits: &Exits,
+        dir: PathBuf,
+    ) -> Result<Self, VmError> {
+        let since = std::time::Instant::now();
         let (work, shared) = make_share(&dir)?;
 
         let fs_sock = dir.join("fs.sock");
@@ -233,6 +251,7 @@ impl Vm {
             .map_err(|e| VmError::Spawn(cfg.virtiofsd_binary().display().to_string(), e))?;
         let daemon_pid = i32::try_from(daemon.id()).unwrap_or(0);
         let daemon_exit = exits.watch(daemon_pid);
+        write_pids(&dir, &[("virtiofsd", daemon_pid)])?;
         wait_for_path(&fs_sock, &daemon_exit, "the virtio-fs daemon").await?;
 
         let vsock = dir.join("vsock.sock");
@@ -336,11 +355,7 @@ impl Vm {
         let net_config = net.as_ref().map(network_request);
         let netns = net.map(|n| n.netns);
         let vmm_exit = exits.watch(vmm_pid);
-        std::fs::write(
-            dir.join("pids"),
-            format!("vmm {vmm_pid}\nvirtiofsd {daemon_pid}\n"),
-        )
-        .map_err(setup("writing the pid file"))?;
+        write_pids(&dir, &[("vmm", vmm_pid), ("virtiofsd", daemon_pid)])?;
 
         let within = Duration::from_secs(cfg.agent_timeout_secs);
         let vm_log = || std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default();
@@ -559,6 +574,15 @@ impl Vm {
             network::detach(netns.clone()).await;
         }
     }
+}
+
+/// Writes the pod's pid file (what `cleanup_pod_dir` kills), replacing it.
+fn write_pids(dir: &Path, pids: &[(&str, i32)]) -> Result<(), VmError> {
+    let text: String = pids.iter().map(|(n, p)| format!("{n} {p}\n")).collect();
+    let tmp = dir.join("pids.new");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, dir.join("pids")))
+        .map_err(setup("writing the pid file"))
 }
 
 /// Makes the pod directory `dir` and its share (see the module

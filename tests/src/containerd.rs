@@ -121,11 +121,13 @@ impl Containerd {
         std::fs::write(
             &husk_toml,
             format!(
-                "kernel = \"{}\"\ninitramfs = \"{}\"\ntemplate_dir = \"{}\"\nstate_dir = \"{}\"\nserial_console = {serial}\n",
+                "kernel = \"{}\"\ninitramfs = \"{}\"\ntemplate_dir = \"{}\"\nstate_dir = \"{}\"\n\
+                 kubelet_root = \"{}\"\nserial_console = {serial}\n",
                 artifacts.kernel.display(),
                 artifacts.initramfs.display(),
                 templates.display(),
-                pods.display()
+                pods.display(),
+                dir.join("kubelet").display(),
             ),
         )?;
         let path_env = format!(

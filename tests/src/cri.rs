@@ -12,6 +12,66 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// What a CRI test runs on: a private containerd with its CRI plugin and
+/// husk's runtime handler inside a network namespace of its own, the test
+/// images imported, and a connected client.
+#[derive(Debug)]
+pub struct Setup {
+    /// The CRI client.
+    pub cri: Cri,
+    /// The containerd.
+    pub c: crate::containerd::Containerd,
+    /// The network namespace containerd and the pods live in.
+    pub netns: crate::netns::NetNs,
+    /// The test's directory (containerd's, the logs, kubelet's root).
+    pub dir: crate::TestDir,
+    _templates: crate::TestDir,
+}
+
+/// A [`Setup`] for the test `name`.
+pub fn setup(name: &str) -> Setup {
+    let artifacts = crate::Artifacts::locate().expect("artifacts");
+    let dir = crate::TestDir::new(name).expect("dir");
+    let templates = crate::TestDir::new(&format!("{name}-templates")).expect("dir");
+    let netns =
+        crate::netns::NetNs::new(&format!("husk-{name}-{}", std::process::id())).expect("netns");
+    let c =
+        crate::containerd::Containerd::start_cri(&artifacts, dir.path(), templates.path(), &netns)
+            .expect("containerd with CRI");
+    c.import_test_image().expect("images");
+    let cri = Cri::connect(&c.socket).expect("CRI client");
+    Setup {
+        cri,
+        c,
+        netns,
+        dir,
+        _templates: templates,
+    }
+}
+
+impl Setup {
+    /// A pod spec named `name` whose logs go to the test's directory.
+    pub fn pod_spec(&self, name: &str) -> PodSpec {
+        let log_dir = self.dir.path().join("logs").join(name);
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        PodSpec::new(name, log_dir)
+    }
+
+    /// The kubelet root the test's husk.toml names (`<dir>/kubelet`).
+    pub fn kubelet_root(&self) -> std::path::PathBuf {
+        self.dir.path().join("kubelet")
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("containerd log:\n{}", self.c.log());
+            self.cri.remove_all_pods();
+        }
+    }
+}
+
 /// A connected CRI client.
 #[derive(Debug)]
 pub struct Cri {

@@ -6,56 +6,12 @@
 use std::time::Duration;
 
 use husk_e2e::{
-    containerd::{Containerd, IMAGE, PAUSE_IMAGE},
-    cri::{Cri, PodSpec},
+    containerd::{IMAGE, PAUSE_IMAGE},
+    cri::{setup, Setup},
     netns::NetNs,
     require_kvm,
     stream::{forwarded, Stream, STDERR, STDIN, STDOUT},
-    Artifacts, TestDir,
 };
-
-struct Setup {
-    cri: Cri,
-    c: Containerd,
-    netns: NetNs,
-    dir: TestDir,
-    _templates: TestDir,
-}
-
-fn setup(name: &str) -> Setup {
-    let artifacts = Artifacts::locate().expect("artifacts");
-    let dir = TestDir::new(name).expect("dir");
-    let templates = TestDir::new(&format!("{name}-templates")).expect("dir");
-    let netns = NetNs::new(&format!("husk-{name}-{}", std::process::id())).expect("netns");
-    let c = Containerd::start_cri(&artifacts, dir.path(), templates.path(), &netns)
-        .expect("containerd with CRI");
-    c.import_test_image().expect("images");
-    let cri = Cri::connect(&c.socket).expect("CRI client");
-    Setup {
-        cri,
-        c,
-        netns,
-        dir,
-        _templates: templates,
-    }
-}
-
-impl Setup {
-    fn pod_spec(&self, name: &str) -> PodSpec {
-        let log_dir = self.dir.path().join("logs").join(name);
-        std::fs::create_dir_all(&log_dir).expect("log dir");
-        PodSpec::new(name, log_dir)
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("containerd log:\n{}", self.c.log());
-            self.cri.remove_all_pods();
-        }
-    }
-}
 
 /// The harness itself, on runc: CRI answers, sees both images, and a runc
 /// pod gets an IP on the CNI bridge inside the test's namespace. (husk's

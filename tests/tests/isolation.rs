@@ -196,7 +196,8 @@ fn containers_cannot_reach_vsock_nor_write_read_only_volumes() {
             "-c",
             "cat /ro/config; echo x > /ro/config && echo wrote-ro; \
              mount -o remount,rw /ro && echo remounted; \
-             echo x > /ro/config && echo wrote; echo x > /ro/new && echo created; true",
+             echo x > /ro/config && echo wrote; echo x > /ro/new && echo created; \
+             echo devices:; ls /dev; true",
         ])
         .expect("ctr task exec");
     assert!(o.status.success(), "{}", describe(&o));
@@ -222,6 +223,32 @@ fn containers_cannot_reach_vsock_nor_write_read_only_volumes() {
     assert!(
         !volume.join("new").exists(),
         "nothing created in the volume"
+    );
+    // 4. `--privileged` lists the host's devices in the spec; none of the
+    //    host's disks reaches the guest (the spec policy drops them, and
+    //    says so in the log).
+    let devices: Vec<&str> = out
+        .split("devices:\n")
+        .nth(1)
+        .expect("the device listing")
+        .lines()
+        .collect();
+    assert!(devices.contains(&"null"), "{devices:?}");
+    let host_disks: Vec<String> = std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!host_disks.is_empty());
+    for disk in &host_disks {
+        assert!(
+            !devices.contains(&disk.as_str()),
+            "the host's {disk} in a privileged container: {devices:?}"
+        );
+    }
+    assert!(
+        c.log().contains("host device(s) the guest does not have"),
+        "the spec policy's note in the shim's log"
     );
 
     for id in ["u1", "p1"] {

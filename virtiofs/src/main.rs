@@ -85,6 +85,12 @@ struct Args {
 }
 
 fn main() {
+    // Its vhost-user socket is its owner's alone from the moment it
+    // exists. (The file system clears the mask again when it starts: files
+    // the guest creates get the modes the guest asks for.)
+    // SAFETY: umask(2) only changes the process's file mode mask; no other
+    // thread exists yet.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

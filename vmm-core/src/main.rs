@@ -115,6 +115,11 @@ fn print_error_chain(e: &anyhow::Error) {
 }
 
 fn main() {
+    // What husk-vmm creates (its sockets, snapshots, templates, profiles)
+    // is its owner's alone from the moment it exists.
+    // SAFETY: umask(2) only changes the process's file mode mask; no other
+    // thread exists yet.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

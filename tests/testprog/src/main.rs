@@ -33,11 +33,14 @@
 //!   `<event> <name>` (`create`, `delete`, `moved_from`, `moved_to`,
 //!   `close_write`), as a program that reloads its configuration would
 //!   see them (busybox's `inotifyd` is not in Debian's busybox-static).
+//! - `ptrace-probe PID`: tries to attach to, seize and read the memory of
+//!   PID, and prints what each attempt got (see `ptrace`).
 //! - `pause`: what Kubernetes' pause image runs: sleeps until SIGINT or
 //!   SIGTERM (then exits 0), reaping any child that exits. The CRI tests'
 //!   sandbox image runs it (no registry here to pull the real one from).
 
 mod probe;
+mod ptrace;
 mod vectors;
 
 use std::io::Write;
@@ -177,7 +180,7 @@ fn sink(port: u16) -> std::io::Result<()> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED | watch DIR");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED | watch DIR | ptrace-probe PID");
     std::process::exit(2)
 }
 
@@ -266,6 +269,10 @@ fn main() {
         }
         Some("vector-check") => std::process::exit(vectors::main(num(1), num(2))),
         Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
+        Some("ptrace-probe") => {
+            let pid = i32::try_from(num(1)).unwrap_or_else(|_| usage());
+            std::process::exit(ptrace::main(pid))
+        }
         Some("watch") => {
             let dir = args.get(1).unwrap_or_else(|| usage());
             if let Err(e) = watch(dir) {
