@@ -384,11 +384,16 @@ fn a_tenant_cannot_reach_the_node_through_its_pod() {
 
     // 5. A "ConfigMap" with a 4 GiB sparse file.
     let used = used_bytes(&s.c.pods);
-    let err = s
+    // CRI creates the task (and the shim its files) at StartContainer.
+    let big_ctr = s
         .cri
         .create_container_with(&pod, "big", IMAGE, &["sleep", "3605"], |c| {
             c.mounts.push(mount(&big, "/big", true))
         })
+        .expect("create");
+    let err = s
+        .cri
+        .start_container(&big_ctr)
         .expect_err("a 4 GiB volume");
     let text = format!("{err:#}");
     assert!(
