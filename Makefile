@@ -34,7 +34,7 @@ APT_PACKAGES := linux-source-6.1 build-essential flex bison bc libelf-dev libssl
 
 FUZZ_SECONDS ?= 20
 DENSITY_PODS ?= 20
-FUZZ_TARGETS := vsock_packets vsock_tx_chain net_tx_chain balloon_queues mmio_transport emulate_step ready_line guest_metrics profile_stack_walk
+FUZZ_TARGETS := vsock_packets vsock_tx_chain net_tx_chain balloon_queues mmio_transport emulate_step ready_line guest_metrics profile_stack_walk xsave_ops
 
 .PHONY: all deps build kernel kernel-profiling agent initramfs guest-image vmm test unit-test lint demo bench-boot bench-run bench-pod bench-density soak fuzz-smoke clean
 

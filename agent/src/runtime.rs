@@ -20,8 +20,7 @@ use std::{
 
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::workload::{
-    default::DefaultExecutor, Executor, ExecutorError, ExecutorSetEnvsError,
-    ExecutorValidationError,
+    default::DefaultExecutor, Executor, ExecutorError, ExecutorValidationError,
 };
 use libcontainer::{
     container::{builder::ContainerBuilder, Container, ContainerStatus},
@@ -321,20 +320,18 @@ fn container_seccomp(c: &Container) -> Result<Option<LinuxSeccomp>, String> {
 ///   it and the first attempt is refused, it is set — a confined exec that
 ///   cannot gain privileges through set-uid programs is preferred to an
 ///   unconfined one. Any other failure fails the exec.
-/// * `hwcaps_mask`: the glibc `hwcaps` mask the VMM gave the agent (see
-///   [`hwcaps_mask`]), merged into the process's `GLIBC_TUNABLES`.
+///
+/// The environment is the process's own: husk adds nothing to it (on KVM
+/// PVM hosts it once added a glibc mask against AVX, until the guest
+/// kernel could switch the whole vector state; docs/security.md).
 #[derive(Clone)]
 struct Workload {
     seccomp: Option<LinuxSeccomp>,
-    hwcaps_mask: Option<String>,
 }
 
 impl Workload {
     fn new(seccomp: Option<LinuxSeccomp>) -> Self {
-        Self {
-            seccomp,
-            hwcaps_mask: hwcaps_mask(),
-        }
+        Self { seccomp }
     }
 }
 
@@ -378,14 +375,6 @@ impl Executor for Workload {
         let path = env.iter().find_map(|e| e.strip_prefix("PATH="));
         find_executable(command, path).map(|_| ()).map_err(invalid)
     }
-
-    fn setup_envs(&self, mut envs: HashMap<String, String>) -> Result<(), ExecutorSetEnvsError> {
-        if let Some(mask) = &self.hwcaps_mask {
-            let merged = merge_tunables(envs.get(TUNABLES).map(String::as_str), mask);
-            envs.insert(TUNABLES.to_string(), merged);
-        }
-        DefaultExecutor {}.setup_envs(envs)
-    }
 }
 
 /// Where `command` is: itself when it holds a `/` (relative to the working
@@ -410,53 +399,6 @@ fn find_executable(command: &str, path: Option<&str>) -> Result<PathBuf, String>
         .map(|d| Path::new(d).join(command))
         .find(|p| std::fs::metadata(p).is_ok_and(|m| executable(&m)))
         .ok_or_else(|| format!("executable '{command}' not found in $PATH ({path})"))
-}
-
-const TUNABLES: &str = "GLIBC_TUNABLES";
-const HWCAPS: &str = "glibc.cpu.hwcaps=";
-
-/// The `glibc.cpu.hwcaps` value of the agent's own `GLIBC_TUNABLES`, if any.
-///
-/// On KVM PVM hosts husk-vmm puts `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...`
-/// on the guest kernel's command line, which makes it the environment of
-/// the agent (PID 1) and of this helper. Guest user code there runs
-/// natively and sees the host's AVX and AVX-512, while the guest kernel
-/// switches only x87/SSE registers between processes (docs/security.md,
-/// "Guest register state"): glibc must not pick its AVX string functions
-/// in any guest process, containers included.
-fn hwcaps_mask() -> Option<String> {
-    let own = std::env::var(TUNABLES).ok()?;
-    own.split(':')
-        .find_map(|t| t.strip_prefix(HWCAPS))
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
-}
-
-/// `GLIBC_TUNABLES` for a container process: its own tunables (if any) with
-/// `mask` appended to its `glibc.cpu.hwcaps` (or added as one).
-fn merge_tunables(own: Option<&str>, mask: &str) -> String {
-    let Some(own) = own.filter(|o| !o.is_empty()) else {
-        return format!("{HWCAPS}{mask}");
-    };
-    let mut found = false;
-    let mut parts: Vec<String> = own
-        .split(':')
-        .map(|t| match t.strip_prefix(HWCAPS) {
-            Some(v) if !found => {
-                found = true;
-                if v.is_empty() {
-                    format!("{HWCAPS}{mask}")
-                } else {
-                    format!("{HWCAPS}{v},{mask}")
-                }
-            }
-            _ => t.to_string(),
-        })
-        .collect();
-    if !found {
-        parts.push(format!("{HWCAPS}{mask}"));
-    }
-    parts.join(":")
 }
 
 /// Applies `resources` to the container's cgroup, as `runc update` does.
@@ -532,21 +474,6 @@ mod tests {
         assert_eq!(a.get("--signal").ok(), Some("9"));
         assert!(a.has("--all"));
         assert!(!a.has("--force"));
-    }
-
-    #[test]
-    fn hwcaps_mask_is_merged_into_the_container_tunables() {
-        let m = "-AVX,-AVX2";
-        assert_eq!(merge_tunables(None, m), "glibc.cpu.hwcaps=-AVX,-AVX2");
-        assert_eq!(merge_tunables(Some(""), m), "glibc.cpu.hwcaps=-AVX,-AVX2");
-        assert_eq!(
-            merge_tunables(Some("glibc.malloc.arena_max=2"), m),
-            "glibc.malloc.arena_max=2:glibc.cpu.hwcaps=-AVX,-AVX2"
-        );
-        assert_eq!(
-            merge_tunables(Some("glibc.cpu.hwcaps=-ERMS:glibc.malloc.arena_max=2"), m),
-            "glibc.cpu.hwcaps=-ERMS,-AVX,-AVX2:glibc.malloc.arena_max=2"
-        );
     }
 
     #[test]

@@ -391,10 +391,7 @@ fn a_tenant_cannot_reach_the_node_through_its_pod() {
             c.mounts.push(mount(&big, "/big", true))
         })
         .expect("create");
-    let err = s
-        .cri
-        .start_container(&big_ctr)
-        .expect_err("a 4 GiB volume");
+    let err = s.cri.start_container(&big_ctr).expect_err("a 4 GiB volume");
     let text = format!("{err:#}");
     assert!(
         text.contains("kubernetes.io~configmap/big")

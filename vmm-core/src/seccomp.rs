@@ -81,6 +81,15 @@ const VCPU_SNAPSHOT_IOCTLS: &[u64] = &[
     ioc(2, 0x9f, size::<kvm_bindings::kvm_vcpu_events>()), // KVM_GET_VCPU_EVENTS
 ];
 
+/// vCPU ioctls for executing XSAVE/XRSTOR for the guest on hosts whose
+/// emulator lacks them (`arch/xsave.rs`): the new extended state, and
+/// raising the fault the instruction takes (CR2 for a page fault).
+const VCPU_XSTATE_IOCTLS: &[u64] = &[
+    ioc(1, 0xa5, size::<kvm_bindings::kvm_xsave>()), // KVM_SET_XSAVE
+    ioc(1, 0x84, size::<kvm_bindings::kvm_sregs>()), // KVM_SET_SREGS
+    ioc(1, 0xa0, size::<kvm_bindings::kvm_vcpu_events>()), // KVM_SET_VCPU_EVENTS
+];
+
 /// VM ioctls a snapshot needs.
 const VM_SNAPSHOT_IOCTLS: &[u64] = &[
     ioc(3, 0x62, size::<kvm_bindings::kvm_irqchip>()), // KVM_GET_IRQCHIP
@@ -193,6 +202,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 run_loop
                     .iter()
                     .chain(VCPU_SNAPSHOT_IOCTLS)
+                    .chain(VCPU_XSTATE_IOCTLS)
                     .map(|&v| ioctl_eq(v))
                     .collect::<Result<_, _>>()?,
             );

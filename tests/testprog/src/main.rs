@@ -21,8 +21,11 @@
 //!   and its length, read in 1 MiB pieces.
 //! - `vsock-probe [--report FILE [--then-sleep]]`: tries every way to get a
 //!   vsock socket (see `probe`); exits 0 only if all were refused.
-//! - `vector-check SECONDS SEED`: checks that vector registers survive
-//!   context switches (see `vectors`); run two at once.
+//! - `vector-check SECONDS SEED [ROUNDS]`: checks that vector registers
+//!   survive context switches (see `vectors`) for SECONDS seconds and at
+//!   least ROUNDS rounds; run two at once.
+//! - `avx-sum SECONDS SEED`: checksums buffers with AVX-512 (or AVX2)
+//!   accumulators held across yields and checks each sum (see `vectors`).
 //! - `sink PORT`: accepts TCP connections on PORT, one after another; reads
 //!   each to its end and answers the byte count in decimal (the pod
 //!   throughput benchmark's receiver).
@@ -180,7 +183,7 @@ fn sink(port: u16) -> std::io::Result<()> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED | watch DIR | ptrace-probe PID");
+    eprintln!("usage: husk-testprog rand BYTES SEED | alloc MIB | hold MIB SEED | sum FILE | sink PORT | pause | vsock-probe [--report FILE [--then-sleep]] | vector-check SECONDS SEED [ROUNDS] | avx-sum SECONDS SEED | watch DIR | ptrace-probe PID");
     std::process::exit(2)
 }
 
@@ -267,7 +270,11 @@ fn main() {
                 std::process::exit(1);
             }
         }
-        Some("vector-check") => std::process::exit(vectors::main(num(1), num(2))),
+        Some("vector-check") => {
+            let min_rounds = if args.len() > 3 { num(3) } else { 0 };
+            std::process::exit(vectors::main(num(1), num(2), min_rounds))
+        }
+        Some("avx-sum") => std::process::exit(vectors::sum_main(num(1), num(2))),
         Some("vsock-probe") => std::process::exit(probe::main(&args[1..])),
         Some("ptrace-probe") => {
             let pid = i32::try_from(num(1)).unwrap_or_else(|_| usage());

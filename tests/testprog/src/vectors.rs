@@ -113,10 +113,10 @@ unsafe fn avx512_round(input: &[u64; 8], mask: u16) -> ([u64; 8], u16) {
     (out, (k & 0xffff) as u16)
 }
 
-/// Runs rounds for `secs` seconds with patterns from `seed`; prints what is
-/// usable and how many rounds lost their registers. Exits 0 only if none
-/// did.
-pub fn main(secs: u64, seed: u64) -> i32 {
+/// Runs rounds for `secs` seconds, and on until at least `min_rounds`
+/// rounds, with patterns from `seed`; prints what is usable and how many
+/// rounds lost their registers. Exits 0 only if none did.
+pub fn main(secs: u64, seed: u64, min_rounds: u64) -> i32 {
     let u = usable();
     let start = std::time::Instant::now();
     let (mut rounds, mut bad) = (0u64, 0u64);
@@ -126,7 +126,7 @@ pub fn main(secs: u64, seed: u64) -> i32 {
             println!("round {round}: {class} lost: want {want:x?} got {got:x?}");
         }
     };
-    while start.elapsed().as_secs() < secs {
+    while start.elapsed().as_secs() < secs || rounds < min_rounds {
         rounds += 1;
         let p = |lane| pattern(seed, rounds, lane);
         let sse = [p(0), p(1)];
@@ -158,4 +158,113 @@ pub fn main(secs: u64, seed: u64) -> i32 {
         u.avx, u.avx512
     );
     i32::from(bad > 0)
+}
+
+/// Sums `buf` with AVX-512: one accumulator in zmm20 for the whole buffer,
+/// kept across a `sched_yield` after every 64 vectors, so another process
+/// runs while it holds a partial sum.
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(buf: &[u64]) -> u64 {
+    let mut out = [0u64; 8];
+    let count = buf.len() / 8;
+    // SAFETY: reads `count` 64-byte vectors from `buf` (whole vectors only),
+    // writes 64 bytes to `out`; the caller checked that AVX-512 is usable.
+    unsafe {
+        asm!(
+            "vpxorq zmm20, zmm20, zmm20",
+            "2:",
+            "vpaddq zmm20, zmm20, [{p}]",
+            "add {p}, 64",
+            "dec {n}",
+            "test {n}, 63",
+            "jnz 3f",
+            "mov eax, {nr}",
+            "syscall",
+            "3:",
+            "test {n}, {n}",
+            "jnz 2b",
+            "vmovdqu64 [{o}], zmm20",
+            p = inout(reg) buf.as_ptr() => _,
+            n = inout(reg) count => _,
+            o = in(reg) out.as_mut_ptr(),
+            nr = const libc::SYS_sched_yield,
+            out("rax") _, out("rcx") _, out("r11") _, out("zmm20") _,
+        );
+    }
+    out.iter().fold(0, |a, &x| a.wrapping_add(x))
+}
+
+/// [`sum_avx512`] with AVX2 (ymm14, 32-byte vectors).
+#[target_feature(enable = "avx2")]
+unsafe fn sum_avx2(buf: &[u64]) -> u64 {
+    let mut out = [0u64; 4];
+    let count = buf.len() / 4;
+    // SAFETY: as in `sum_avx512`, with 32-byte vectors; the caller checked
+    // that AVX2 is usable.
+    unsafe {
+        asm!(
+            "vpxor ymm14, ymm14, ymm14",
+            "2:",
+            "vpaddq ymm14, ymm14, [{p}]",
+            "add {p}, 32",
+            "dec {n}",
+            "test {n}, 63",
+            "jnz 3f",
+            "mov eax, {nr}",
+            "syscall",
+            "3:",
+            "test {n}, {n}",
+            "jnz 2b",
+            "vmovdqu [{o}], ymm14",
+            p = inout(reg) buf.as_ptr() => _,
+            n = inout(reg) count => _,
+            o = in(reg) out.as_mut_ptr(),
+            nr = const libc::SYS_sched_yield,
+            out("rax") _, out("rcx") _, out("r11") _, out("ymm14") _,
+        );
+    }
+    out.iter().fold(0, |a, &x| a.wrapping_add(x))
+}
+
+/// `avx-sum SECONDS SEED`: checksums 64 KiB buffers with AVX-512 (or AVX2)
+/// accumulators held across yields, as a vectorised program computes, and
+/// compares each sum with a scalar one, for SECONDS seconds. Prints how
+/// many buffers it summed and how many sums were wrong; exits 0 only if
+/// none was.
+pub fn sum_main(secs: u64, seed: u64) -> i32 {
+    let u = usable();
+    let avx2 = u.avx && __cpuid_count(7, 0).ebx & (1 << 5) != 0;
+    if !u.avx512 && !avx2 {
+        println!("avx-sum: neither AVX-512 nor AVX2 is usable here");
+        return 2;
+    }
+    let mut buf = vec![0u64; 8192];
+    let start = std::time::Instant::now();
+    let (mut buffers, mut wrong) = (0u64, 0u64);
+    while start.elapsed().as_secs() < secs {
+        buffers += 1;
+        for (i, x) in buf.iter_mut().enumerate() {
+            *x = pattern(seed, buffers, i as u64);
+        }
+        let want = buf.iter().fold(0u64, |a, &x| a.wrapping_add(x));
+        // SAFETY: the feature used was checked above (CPUID and XCR0).
+        let got = unsafe {
+            if u.avx512 {
+                sum_avx512(&buf)
+            } else {
+                sum_avx2(&buf)
+            }
+        };
+        if got != want {
+            wrong += 1;
+            if wrong <= 5 {
+                println!("buffer {buffers}: sum {got:#x}, want {want:#x}");
+            }
+        }
+    }
+    println!(
+        "avx-sum: avx512 {}: {buffers} buffers, {wrong} wrong",
+        u.avx512
+    );
+    i32::from(wrong > 0)
 }

@@ -6,11 +6,18 @@
 //! * [`CpuProfile::Host`] (hardware KVM): the host's features minus the
 //!   paravirtual ones that use hypercalls, which husk's VMM does not serve.
 //! * [`CpuProfile::Emulated`] (KVM PVM and similar): the guest kernel's code
-//!   runs through an instruction emulator that lacks XSAVE/XRSTOR, POPCNT,
-//!   CMPXCHG16B, CLAC/STAC and a few more, so these features (and the ones
-//!   that depend on XSAVE, such as AVX) are hidden. The kernel command line
-//!   repeats this (`noxsave clearcpuid=...`, see [`emulated_cmdline`])
-//!   because some kernel paths probe the hardware directly.
+//!   runs through an instruction emulator that lacks POPCNT, CMPXCHG16B,
+//!   CLAC/STAC, XSAVE/XRSTOR and a few more. Most of these features are
+//!   hidden (the kernel command line repeats this, see
+//!   [`emulated_cmdline`], because some kernel paths probe the hardware
+//!   directly). XSAVE is not: guest user code on such hosts runs natively
+//!   with the host's XCR0, so the guest kernel must switch every state
+//!   component between processes, and husk-vmm executes XSAVE and XRSTOR
+//!   for it (`arch/xsave.rs`). The guest sees plain XSAVE for exactly the
+//!   user state components the host offers (x87, SSE, AVX, AVX-512), with
+//!   the feature bits the kernel ties them to (AVX, AVX512F), and without
+//!   XSAVEOPT, XSAVEC, XSAVES or XGETBV with ECX = 1, so that only the
+//!   standard format is ever used.
 //!
 //! The profile is picked once per VM ([`CpuProfile::detect`]), so the same
 //! binary runs unchanged on both kinds of host.
@@ -47,22 +54,15 @@ impl CpuProfile {
 }
 
 /// The kernel command line words that keep a guest kernel away from
-/// instructions an emulating host lacks, plus `noreplace-smp`: with one vCPU
-/// the kernel would otherwise rewrite every LOCK prefix in its text at boot
-/// (2.3 s of emulated code measured, see docs/boot-time.md).
-///
-/// The last word is not for the kernel: it becomes an environment variable
-/// of the guest's init (the agent), which hands the mask on to every
-/// container process. Guest user code on such hosts runs natively and sees
-/// the host's CPUID and XCR0 (AVX, AVX-512), but the guest kernel, without
-/// XSAVE, switches only x87/SSE registers between processes; glibc's AVX
-/// string functions then stored other processes' register contents (about
-/// one container exec in three crashed). The mask keeps glibc on its SSE2
-/// code. It does not stop programs that use AVX by themselves
-/// (docs/security.md, "Guest register state").
+/// instructions an emulating host lacks (among them XSAVEOPT, XSAVEC,
+/// XSAVES and XGETBV1: husk-vmm executes plain XSAVE and XRSTOR only, and
+/// the guest kernel sees some CPUID leaves as the host has them, whatever
+/// the VMM's table says), plus `noreplace-smp`: with one vCPU the kernel
+/// would otherwise rewrite every LOCK prefix in its text at boot (2.3 s of
+/// emulated code measured, see docs/boot-time.md).
 pub const fn emulated_cmdline() -> &'static str {
-    "noxsave clearcpuid=popcnt,cx16,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm noreplace-smp \
-     GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,-AVX512VL,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load"
+    "clearcpuid=popcnt,cx16,smap,smep,rdrand,rdseed,fsgsbase,erms,fsrm,xsaveopt,xsavec,xsaves,xgetbv1 \
+     noreplace-smp"
 }
 
 const fn bit(n: u32) -> u32 {
@@ -77,7 +77,6 @@ const L1_ECX_CX16: u32 = bit(13);
 const L1_ECX_PDCM: u32 = bit(15);
 const L1_ECX_POPCNT: u32 = bit(23);
 const L1_ECX_XSAVE: u32 = bit(26);
-const L1_ECX_OSXSAVE: u32 = bit(27);
 const L1_ECX_AVX: u32 = bit(28);
 const L1_ECX_F16C: u32 = bit(29);
 const L1_ECX_RDRAND: u32 = bit(30);
@@ -121,6 +120,17 @@ const L7_EDX_FSRM: u32 = bit(4);
 const L7_EDX_HIDDEN: u32 = bit(2) | bit(3) | bit(22) | bit(23) | bit(24) | bit(25);
 const L7_EDX_ARCH_CAPABILITIES: u32 = bit(29);
 
+// Leaf 0xD.0 EAX: the XSAVE state components an emulated guest may use:
+// x87, SSE, AVX, AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM (the user state
+// components whose feature bits the guest keeps). MPX is gone from CPUs and
+// hidden; PKRU needs RDPKRU/WRPKRU in the guest kernel, which the emulator
+// is not known to run; AMX is a dynamic feature the guest cannot enable.
+const XSAVE_COMPONENTS: u32 = 0xe7;
+// Leaf 0xD.1 EAX: XSAVEOPT, XSAVEC, XGETBV with ECX = 1, XSAVES.
+const L0D1_EAX_HIDDEN: u32 = bit(0) | bit(1) | bit(2) | bit(3);
+/// The legacy region and the header of an XSAVE area.
+const XSAVE_MIN_AREA: u32 = 576;
+
 // KVM paravirtual features (leaf 0x4000_0001 EAX) that need no hypercall.
 const KVM_FEATURE_CLOCKSOURCE: u32 = bit(0);
 const KVM_FEATURE_NOP_IO_DELAY: u32 = bit(1);
@@ -150,13 +160,7 @@ pub fn apply_policy(
                     e.edx |= L1_EDX_HTT;
                 }
                 if profile == CpuProfile::Emulated {
-                    e.ecx &= !(L1_ECX_CX16
-                        | L1_ECX_POPCNT
-                        | L1_ECX_XSAVE
-                        | L1_ECX_OSXSAVE
-                        | L1_ECX_AVX
-                        | L1_ECX_F16C
-                        | L1_ECX_RDRAND);
+                    e.ecx &= !(L1_ECX_CX16 | L1_ECX_POPCNT | L1_ECX_F16C | L1_ECX_RDRAND);
                 }
             }
             0x6 | 0xa => {
@@ -170,11 +174,12 @@ pub fn apply_policy(
                 e.ebx &= !(L7_EBX_SGX | L7_EBX_HLE | L7_EBX_RTM | L7_EBX_MPX);
                 e.edx &= !L7_EDX_ARCH_CAPABILITIES;
                 if profile == CpuProfile::Emulated {
+                    // AVX512F stays: the guest kernel ties the AVX-512
+                    // state components to it.
                     e.ebx &= !(L7_EBX_FSGSBASE
                         | L7_EBX_AVX2
                         | L7_EBX_SMEP
                         | L7_EBX_ERMS
-                        | L7_EBX_AVX512F
                         | L7_EBX_AVX512DQ
                         | L7_EBX_RDSEED
                         | L7_EBX_SMAP
@@ -195,8 +200,9 @@ pub fn apply_policy(
             0xb | 0x1f => {
                 e.edx = apic_id;
             }
-            0xd if profile == CpuProfile::Emulated => {
-                e.eax = 0;
+            0xd if e.index == 1 && profile == CpuProfile::Emulated => {
+                e.eax &= !L0D1_EAX_HIDDEN;
+                // No supervisor components (IA32_XSS), no XSAVES area.
                 e.ebx = 0;
                 e.ecx = 0;
                 e.edx = 0;
@@ -211,9 +217,64 @@ pub fn apply_policy(
         }
     }
     if profile == CpuProfile::Emulated {
-        // Nothing may describe XSAVE state components when XSAVE is hidden.
-        entries.retain(|e| e.function != 0xd || e.index == 0);
+        emulated_xsave(entries);
     }
+}
+
+/// Leaf 0xD for an emulated guest: the components of [`XSAVE_COMPONENTS`]
+/// the host offers, their descriptions and the sizes they add up to; no
+/// XSAVE at all (leaf 1's bit and leaf 0xD cleared) when the host offers
+/// no XSAVE or its AVX component has no place.
+fn emulated_xsave(entries: &mut Vec<kvm_cpuid_entry2>) {
+    let offered = entries
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| e.eax & XSAVE_COMPONENTS);
+    // KVM PVM lists the XSAVE components it can hold for the guest (leaf
+    // 0xD) but not XSAVE itself in leaf 1: its emulator cannot run it.
+    let has_xsave = offered & 0x3 == 0x3;
+    let place = |c: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == 0xd && e.index == c && e.eax != 0)
+            .map(|e| e.ebx + e.eax)
+    };
+    // Only components with a place in the standard format.
+    let kept = (2..32)
+        .filter(|c| offered & (1 << c) != 0 && place(*c).is_some())
+        .fold(offered & 0x3, |m, c| m | (1 << c));
+    let usable = has_xsave && kept & 0x7 == 0x7;
+    let end = (2..32)
+        .filter(|c| kept & (1 << c) != 0)
+        .filter_map(place)
+        .fold(XSAVE_MIN_AREA, u32::max);
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (0x1, _) if !usable => e.ecx &= !(L1_ECX_XSAVE | L1_ECX_AVX),
+            (0x1, _) => e.ecx |= L1_ECX_XSAVE | L1_ECX_AVX,
+            (0x7, 0) if !usable || kept & 0xe0 != 0xe0 => e.ebx &= !L7_EBX_AVX512F,
+            (0xd, 0) if usable => {
+                e.eax = kept;
+                e.edx = 0;
+                // What the components of XCR0 need; KVM keeps EBX current
+                // as the guest changes XCR0.
+                e.ebx = XSAVE_MIN_AREA;
+                e.ecx = end;
+            }
+            (0xd, 0) => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+    entries.retain(|e| {
+        e.function != 0xd
+            || e.index == 0
+            || (usable && (e.index == 1 || kept & (1 << e.index) != 0))
+    });
 }
 
 #[cfg(test)]
@@ -239,12 +300,21 @@ mod tests {
         }
     }
 
+    /// What KVM reports on a host with AVX-512 (and MPX and PKRU, which an
+    /// emulated guest does not get).
     fn host_like() -> Vec<kvm_cpuid_entry2> {
         vec![
             entry(0x1, 0, 0, 0x0008_0800, u32::MAX, !L1_EDX_HTT),
             entry(0x7, 0, 0, u32::MAX, u32::MAX, u32::MAX),
-            entry(0xd, 0, 7, 0, 0, 0),
-            entry(0xd, 1, 1, 0, 0, 0),
+            entry(0xd, 0, 0x2ff, 576, 2696, 0),
+            entry(0xd, 1, 0xf, 0, 0, 0),
+            entry(0xd, 2, 256, 576, 0, 0),
+            entry(0xd, 3, 64, 960, 0, 0),
+            entry(0xd, 4, 64, 1024, 0, 0),
+            entry(0xd, 5, 64, 1088, 0, 0),
+            entry(0xd, 6, 512, 1152, 0, 0),
+            entry(0xd, 7, 1024, 1664, 0, 0),
+            entry(0xd, 9, 8, 2688, 0, 0),
             entry(0xb, 0, 0, 0, 0, 0),
             entry(0x4000_0001, 0, u32::MAX, 0, 0, 0),
         ]
@@ -262,13 +332,7 @@ mod tests {
         let mut e = host_like();
         apply_policy(&mut e, CpuProfile::Emulated, 0, 1);
         let l1 = find(&e, 1, 0);
-        for hidden in [
-            L1_ECX_POPCNT,
-            L1_ECX_CX16,
-            L1_ECX_XSAVE,
-            L1_ECX_AVX,
-            L1_ECX_RDRAND,
-        ] {
+        for hidden in [L1_ECX_POPCNT, L1_ECX_CX16, L1_ECX_RDRAND] {
             assert_eq!(l1.ecx & hidden, 0);
         }
         assert_ne!(l1.ecx & L1_ECX_HYPERVISOR, 0);
@@ -284,8 +348,50 @@ mod tests {
             assert_eq!(l7.ebx & hidden, 0);
         }
         assert_eq!(l7.edx & (L7_EDX_FSRM | L7_EDX_ARCH_CAPABILITIES), 0);
+    }
+
+    /// The guest kernel switches the AVX and AVX-512 state that its user
+    /// code uses natively, with plain XSAVE/XRSTOR only.
+    #[test]
+    fn emulated_profile_offers_plain_xsave_for_the_user_state() {
+        let mut e = host_like();
+        apply_policy(&mut e, CpuProfile::Emulated, 0, 1);
+        assert_ne!(find(&e, 1, 0).ecx & (L1_ECX_XSAVE | L1_ECX_AVX), 0);
+        assert_ne!(find(&e, 7, 0).ebx & L7_EBX_AVX512F, 0);
+        let l0 = find(&e, 0xd, 0);
+        assert_eq!((l0.eax, l0.edx), (0xe7, 0), "x87 SSE AVX opmask ZMM");
+        assert_eq!(l0.ecx, 2688, "the standard area for those");
+        let l1 = find(&e, 0xd, 1);
+        assert_eq!(l1.eax & 0xf, 0, "no XSAVEOPT, XSAVEC, XGETBV1, XSAVES");
+        let subleaves: Vec<u32> = e
+            .iter()
+            .filter(|x| x.function == 0xd)
+            .map(|x| x.index)
+            .collect();
+        assert_eq!(subleaves, [0, 1, 2, 5, 6, 7], "MPX and PKRU gone");
+        assert!(emulated_cmdline().contains(",xsaveopt,xsavec,xsaves,xgetbv1"));
+        assert!(!emulated_cmdline().contains("noxsave"));
+
+        // A host without AVX-512: AVX alone, and no AVX512F bit.
+        let mut e = host_like();
+        e.retain(|x| !(x.function == 0xd && x.index >= 5));
+        e.iter_mut()
+            .filter(|x| x.function == 0xd && x.index == 0)
+            .for_each(|x| x.eax = 0x7);
+        apply_policy(&mut e, CpuProfile::Emulated, 0, 1);
+        assert_eq!(find(&e, 0xd, 0).eax, 0x7);
+        assert_eq!(find(&e, 0xd, 0).ecx, 832);
+        assert_eq!(find(&e, 7, 0).ebx & L7_EBX_AVX512F, 0);
+
+        // A host without XSAVE: none offered, nothing described.
+        let mut e = host_like();
+        e.iter_mut()
+            .filter(|x| x.function == 0xd && x.index == 0)
+            .for_each(|x| x.eax = 0);
+        apply_policy(&mut e, CpuProfile::Emulated, 0, 1);
+        assert_eq!(find(&e, 1, 0).ecx & (L1_ECX_XSAVE | L1_ECX_AVX), 0);
         assert_eq!(find(&e, 0xd, 0).eax, 0);
-        assert!(!e.iter().any(|x| x.function == 0xd && x.index == 1));
+        assert!(!e.iter().any(|x| x.function == 0xd && x.index != 0));
     }
 
     #[test]
@@ -295,7 +401,10 @@ mod tests {
         assert_ne!(find(&e, 1, 0).ecx & L1_ECX_POPCNT, 0);
         assert_ne!(find(&e, 7, 0).ebx & L7_EBX_SMAP, 0);
         assert_eq!(find(&e, 0x4000_0001, 0).eax, KVM_FEATURES_KEPT);
-        assert_eq!(find(&e, 0xd, 1).eax, 1);
+        // Hardware runs every XSAVE form itself: leaf 0xD as KVM gives it.
+        assert_eq!(find(&e, 0xd, 1).eax, 0xf);
+        assert_eq!(find(&e, 0xd, 0).eax, 0x2ff);
+        assert_eq!(e.iter().filter(|x| x.function == 0xd).count(), 9);
     }
 
     #[test]

@@ -8,3 +8,4 @@ pub mod emulate;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod xsave;

@@ -27,6 +27,7 @@ use crate::{
         regs::{
             segment_from_gdt, Segment, BOOT_GDT, BOOT_MSRS, GDT_BASE, PVH_CR0, PVH_RBX, PVH_RFLAGS,
         },
+        xsave,
     },
     bus::Bus,
     memory::GuestMemory,
@@ -108,8 +109,32 @@ pub struct Vcpu {
     control: Arc<VcpuControl>,
     /// Instructions stepped over because the host could not emulate them.
     pub stepped: u64,
+    /// XSAVE/XRSTOR executed for the guest (`arch/xsave.rs`).
+    pub xstate_ops: u64,
+    /// Where the guest's XSAVE components lie, read from the vCPU's CPUID
+    /// on the first XSAVE/XRSTOR this VMM executes.
+    xsave_layout: Option<xsave::Layout>,
     /// The guest profiler, when one samples this VM.
     profiler: Option<Arc<Profiler>>,
+}
+
+/// CR4.OSXSAVE: the guest kernel enabled XSAVE.
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR0.WP: supervisor writes honour read-only pages.
+const CR0_WP: u64 = 1 << 16;
+/// The size of KVM's (non-XSAVE2) state buffer.
+const KVM_XSAVE_BYTES: usize = 4096;
+
+/// An exception the VMM raises in the guest instead of finishing an
+/// instruction it executes for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GuestFault {
+    /// #UD.
+    InvalidOpcode,
+    /// #GP(0).
+    Protection,
+    /// #PF at `addr` with the error code `code`.
+    Page { addr: u64, code: u32 },
 }
 
 fn kvm_seg(s: Segment) -> kvm_segment {
@@ -151,6 +176,8 @@ impl Vcpu {
             mem,
             control,
             stepped: 0,
+            xstate_ops: 0,
+            xsave_layout: None,
             profiler: None,
         })
     }
@@ -350,11 +377,12 @@ impl Vcpu {
             Err(e) => VcpuExit::Error(format!("vCPU {}: {e}", self.index)),
         };
         self.control.thread_exiting();
-        if self.stepped > 0 {
+        if self.stepped > 0 || self.xstate_ops > 0 {
             tracing::debug!(
                 vcpu = self.index,
                 stepped = self.stepped,
-                "instructions stepped over for the host emulator"
+                xsave_xrstor = self.xstate_ops,
+                "instructions done for the host emulator"
             );
         }
         let _ = events.send((self.index, exit));
@@ -459,6 +487,9 @@ impl Vcpu {
         } else {
             self.read_code_at_rip(kregs.rip)
         };
+        if let Some(insn) = xsave::decode(&bytes) {
+            return self.xstate_instruction(&insn, kregs);
+        }
         let mut regs = to_regs(&kregs);
         let stepped = emulate::step(&bytes, &mut regs).map_err(|e| e.to_string())?;
         from_regs(&regs, &mut kregs);
@@ -473,6 +504,200 @@ impl Vcpu {
             "stepped over an instruction"
         );
         Ok(())
+    }
+
+    /// Executes XSAVE or XRSTOR for the guest (`arch/xsave.rs`), or raises
+    /// the fault the CPU would; either way the guest goes on.
+    fn xstate_instruction(
+        &mut self,
+        insn: &xsave::Insn,
+        mut kregs: kvm_regs,
+    ) -> Result<(), String> {
+        if self.xsave_layout.is_none() {
+            self.xsave_layout = Some(self.read_xsave_layout()?);
+        }
+        let layout = self
+            .xsave_layout
+            .clone()
+            .unwrap_or_else(|| xsave::Layout::new([]));
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        let next = kregs.rip.wrapping_add(insn.len as u64);
+        match self.xstate_op(insn, &kregs, &sregs, next, &layout)? {
+            Ok(()) => {
+                kregs.rip = next;
+                self.fd
+                    .set_regs(&kregs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            }
+            Err(fault) => self.raise(fault, sregs)?,
+        }
+        self.xstate_ops += 1;
+        Ok(())
+    }
+
+    /// The instruction's work: `Ok(Err(fault))` when the guest must take a
+    /// fault instead, `Err` when the VMM itself failed.
+    fn xstate_op(
+        &self,
+        insn: &xsave::Insn,
+        kregs: &kvm_regs,
+        sregs: &kvm_sregs,
+        next: u64,
+        layout: &xsave::Layout,
+    ) -> Result<Result<(), GuestFault>, String> {
+        if sregs.cr4 & CR4_OSXSAVE == 0 {
+            return Ok(Err(GuestFault::InvalidOpcode));
+        }
+        let xcrs = self
+            .fd
+            .get_xcrs()
+            .map_err(|e| format!("KVM_GET_XCRS: {e}"))?;
+        let xcr0 = xcrs.xcrs[..usize::try_from(xcrs.nr_xcrs)
+            .unwrap_or(0)
+            .min(xcrs.xcrs.len())]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(1, |x| x.value);
+        if !layout.fits(xcr0, KVM_XSAVE_BYTES) {
+            return Err(format!(
+                "XCR0 {xcr0:#x} names state components this VMM cannot move"
+            ));
+        }
+        let rfbm = xcr0 & ((kregs.rdx << 32) | (kregs.rax & 0xffff_ffff));
+        let regs = to_regs(kregs);
+        let addr = insn
+            .operand
+            .address(&regs.gpr, next, sregs.fs.base, sregs.gs.base);
+        if addr % xsave::ALIGN != 0 {
+            return Ok(Err(GuestFault::Protection));
+        }
+        let write = insn.op == xsave::Op::Save;
+        let mut area = vec![0u8; layout.extent(rfbm)];
+        let pages = match self.guest_pages(addr, area.len(), write, sregs.cr0 & CR0_WP != 0) {
+            Ok(p) => p,
+            Err(fault) => return Ok(Err(fault)),
+        };
+        for (at, gpa, len) in &pages {
+            self.mem
+                .read_slice(&mut area[*at..*at + *len], GuestAddress(*gpa))
+                .map_err(|e| format!("reading the XSAVE area at {gpa:#x}: {e}"))?;
+        }
+        let mut state = self
+            .fd
+            .get_xsave()
+            .map_err(|e| format!("KVM_GET_XSAVE: {e}"))?;
+        let mut cpu: Vec<u8> = state.region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        match insn.op {
+            xsave::Op::Save => {
+                for r in xsave::save(&cpu, &mut area, rfbm, layout) {
+                    for (at, gpa, len) in &pages {
+                        // The part of `r` on this page.
+                        let (lo, hi) = (r.start.max(*at), r.end.min(at + len));
+                        if lo < hi {
+                            self.mem
+                                .write_slice(&area[lo..hi], GuestAddress(gpa + (lo - at) as u64))
+                                .map_err(|e| format!("writing the XSAVE area: {e}"))?;
+                        }
+                    }
+                }
+            }
+            xsave::Op::Restore => {
+                if let Err(xsave::Fault::Gp) = xsave::restore(&mut cpu, &area, rfbm, xcr0, layout) {
+                    return Ok(Err(GuestFault::Protection));
+                }
+                for (w, b) in state.region.iter_mut().zip(cpu.chunks_exact(4)) {
+                    *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                // SAFETY: `state` is a whole kvm_xsave, which is all that
+                // KVM_SET_XSAVE reads.
+                unsafe { self.fd.set_xsave(&state) }.map_err(|e| format!("KVM_SET_XSAVE: {e}"))?;
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The guest-physical pieces of `len` bytes at guest-virtual `addr`:
+    /// `(offset in the range, guest-physical address, length)` per page,
+    /// or the page fault a supervisor access (a write if `write`) would
+    /// take.
+    fn guest_pages(
+        &self,
+        addr: u64,
+        len: usize,
+        write: bool,
+        wp: bool,
+    ) -> Result<Vec<(usize, u64, usize)>, GuestFault> {
+        const PAGE: u64 = 4096;
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let va = addr.wrapping_add(done as u64);
+            let chunk = usize::try_from(PAGE - va % PAGE)
+                .unwrap_or(4096)
+                .min(len - done);
+            let w = u32::from(write) << 1;
+            let t = match self.fd.translate_gva(va) {
+                Ok(t) if t.valid != 0 => t,
+                _ => return Err(GuestFault::Page { addr: va, code: w }),
+            };
+            if write && wp && t.writeable == 0 {
+                return Err(GuestFault::Page {
+                    addr: va,
+                    code: w | 1,
+                });
+            }
+            out.push((done, t.physical_address, chunk));
+            done += chunk;
+        }
+        Ok(out)
+    }
+
+    /// Raises `fault` in the guest: it is delivered when the vCPU runs
+    /// next, at the faulting instruction (RIP is not advanced).
+    fn raise(&self, fault: GuestFault, mut sregs: kvm_sregs) -> Result<(), String> {
+        let (nr, code) = match fault {
+            GuestFault::InvalidOpcode => (6, None),
+            GuestFault::Protection => (13, Some(0)),
+            GuestFault::Page { addr, code } => {
+                sregs.cr2 = addr;
+                self.fd
+                    .set_sregs(&sregs)
+                    .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+                (14, Some(code))
+            }
+        };
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        events.exception.injected = 1;
+        events.exception.nr = nr;
+        events.exception.has_error_code = u8::from(code.is_some());
+        events.exception.error_code = code.unwrap_or(0);
+        events.flags = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))?;
+        tracing::debug!(vcpu = self.index, ?fault, "raised a fault for XSAVE/XRSTOR");
+        Ok(())
+    }
+
+    /// The XSAVE layout of this vCPU's CPUID (leaf 0xD).
+    fn read_xsave_layout(&self) -> Result<xsave::Layout, String> {
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| format!("KVM_GET_CPUID2: {e}"))?;
+        Ok(xsave::Layout::new(
+            cpuid
+                .as_slice()
+                .iter()
+                .filter(|e| e.function == 0xd && e.index >= 2)
+                .map(|e| (e.index, e.ebx, e.eax)),
+        ))
     }
 
     fn read_code_at_rip(&self, rip: u64) -> Vec<u8> {
