@@ -301,15 +301,28 @@ async fn main() -> Result<()> {
     require_kvm();
     let a = Artifacts::locate()?;
     let within = Duration::from_secs(args.timeout_s);
-    let profile = CpuProfile::detect().cmdline();
+    let detected = CpuProfile::detect();
     // husk-vmm's own words, so both VMMs boot the guest alike.
     let base = husk_vmm_core::vmm::BASE_CMDLINE.join(" ");
-    let cmdline = format!("{base} {profile} console=ttyS0 8250.nr_uarts=1").replace("  ", " ");
+    let cmdline = format!(
+        "{base} {} console=ttyS0 8250.nr_uarts=1",
+        detected.cmdline()
+    )
+    .replace("  ", " ");
+    // Where guest kernel code is emulated, husk-vmm executes the guest's
+    // XSAVE/XRSTOR itself (arch/xsave.rs); QEMU cannot, so its guest runs
+    // on FXSAVE.
+    let qemu_cmdline = if detected == CpuProfile::Emulated {
+        format!("{cmdline} noxsave")
+    } else {
+        cmdline.clone()
+    };
     println!(
         "boot benchmark: {} runs each, {} MiB, marker {MARKER:?}",
         args.runs, args.mem_mib
     );
-    println!("kernel command line (both): {cmdline}");
+    println!("kernel command line (husk): {cmdline}");
+    println!("kernel command line (QEMU): {qemu_cmdline}");
     let (mut husk, mut qemu) = (Vec::new(), Vec::new());
     for i in 0..args.runs {
         let h = boot_husk(&a, args.mem_mib, within)
@@ -323,7 +336,7 @@ async fn main() -> Result<()> {
             h.peak_rss_kib
         );
         husk.push(h);
-        let q = boot_qemu(&a, &args.qemu, args.mem_mib, &cmdline, within)
+        let q = boot_qemu(&a, &args.qemu, args.mem_mib, &qemu_cmdline, within)
             .await
             .context("QEMU boot")?;
         println!(

@@ -27,61 +27,41 @@ fn an_address(pid: i32) -> usize {
         .unwrap_or(0x40_0000)
 }
 
-/// Runs the probe; the exit code is 0 (the lines say what happened).
-pub fn main(pid: i32) -> i32 {
-    // SAFETY: ptrace(2) on a pid; no memory of ours is passed.
-    let attached = unsafe {
+/// `ptrace(request, pid, 0, 0)`.
+fn ptrace(request: libc::c_uint, pid: i32) -> libc::c_long {
+    // SAFETY: ptrace(2) with null address and data; no memory of ours is
+    // passed.
+    unsafe {
         libc::ptrace(
-            libc::PTRACE_ATTACH,
+            request,
             pid,
             std::ptr::null_mut::<libc::c_void>(),
             std::ptr::null_mut::<libc::c_void>(),
         )
-    };
-    if attached == 0 {
+    }
+}
+
+/// Waits for the tracee `pid` to stop, then detaches from it.
+fn wait_and_detach(pid: i32) {
+    let mut status = 0;
+    // SAFETY: waitpid(2) writes the status into a local.
+    unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+    ptrace(libc::PTRACE_DETACH, pid);
+}
+
+/// Runs the probe; the exit code is 0 (the lines say what happened).
+pub fn main(pid: i32) -> i32 {
+    if ptrace(libc::PTRACE_ATTACH, pid) == 0 {
         println!("attach ok");
-        let mut status = 0;
-        // SAFETY: waitpid(2) and ptrace(2) on the tracee just attached.
-        unsafe {
-            libc::waitpid(pid, &mut status, libc::__WALL);
-            libc::ptrace(
-                libc::PTRACE_DETACH,
-                pid,
-                std::ptr::null_mut::<libc::c_void>(),
-                std::ptr::null_mut::<libc::c_void>(),
-            );
-        }
+        wait_and_detach(pid);
     } else {
         println!("attach {}", errno());
     }
-    // SAFETY: as above; a seized tracee is not stopped.
-    let seized = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            pid,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::c_void>(),
-        )
-    };
-    if seized == 0 {
+    if ptrace(libc::PTRACE_SEIZE, pid) == 0 {
         println!("seize ok");
-        // SAFETY: detaching needs a stopped tracee: interrupt it first.
-        unsafe {
-            libc::ptrace(
-                libc::PTRACE_INTERRUPT,
-                pid,
-                std::ptr::null_mut::<libc::c_void>(),
-                std::ptr::null_mut::<libc::c_void>(),
-            );
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, libc::__WALL);
-            libc::ptrace(
-                libc::PTRACE_DETACH,
-                pid,
-                std::ptr::null_mut::<libc::c_void>(),
-                std::ptr::null_mut::<libc::c_void>(),
-            );
-        }
+        // Detaching needs a stopped tracee: interrupt it first.
+        ptrace(libc::PTRACE_INTERRUPT, pid);
+        wait_and_detach(pid);
     } else {
         println!("seize {}", errno());
     }
