@@ -10,7 +10,7 @@
 //! requested components, and leaves every unrequested byte alone.
 #![no_main]
 
-use husk_vmm_core::arch::xsave::{decode, restore, save, Layout, HEADER, MIN_AREA};
+use husk_vmm_core::arch::xsave::{decode, restore, save, Layout, Mode, HEADER, MIN_AREA};
 use libfuzzer_sys::fuzz_target;
 
 /// An AVX-512 host's layout (the offsets are the CPU's, not the guest's).
@@ -37,10 +37,16 @@ fuzz_target!(|data: &[u8]| {
     let (words, rest) = rest.split_at(20 * 8);
     let w = |i: usize| u64_at(words, i * 8);
     let gpr: [u64; 16] = std::array::from_fn(w);
-    if let Some(i) = decode(insn_bytes) {
-        assert!((2..=15).contains(&i.len), "length {}", i.len);
-        assert_eq!(decode(&insn_bytes[..i.len]), Some(i), "decoded from its own bytes");
-        let _ = i.operand.address(&gpr, w(16).wrapping_add(i.len as u64), w(17), w(18));
+    for mode in [Mode::Long, Mode::Protected32] {
+        if let Some(i) = decode(insn_bytes, mode) {
+            assert!((2..=15).contains(&i.len), "length {}", i.len);
+            assert_eq!(decode(&insn_bytes[..i.len], mode), Some(i), "decoded from its own bytes");
+            let a = i.operand.address(&gpr, w(16).wrapping_add(i.len as u64), w(17), w(18));
+            if mode == Mode::Protected32 {
+                assert!(!i.operand.rip_relative && i.operand.addr32, "{i:?}");
+                let _ = a;
+            }
+        }
     }
     let l = layout();
     let rfbm = w(19) & XCR0;

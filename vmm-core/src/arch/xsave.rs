@@ -120,19 +120,32 @@ pub struct Insn {
     pub len: usize,
 }
 
-/// Decodes `bytes` (64-bit mode) as XSAVE, XSAVE64, XSAVEOPT, XRSTOR or
-/// XRSTOR64 with a memory operand; `None` for anything else (including
-/// the forms a 66, F2 or F3 prefix turns into other instructions).
-pub fn decode(bytes: &[u8]) -> Option<Insn> {
+/// The processor mode an instruction is decoded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 64-bit mode (where a Linux kernel runs).
+    Long,
+    /// 32-bit protected mode with 32-bit addresses (a boot stub, a test).
+    Protected32,
+}
+
+/// Decodes `bytes` as XSAVE, XSAVE64, XSAVEOPT, XRSTOR or XRSTOR64 with a
+/// memory operand, in `mode`; `None` for anything else (including the
+/// forms a 66, F2 or F3 prefix turns into other instructions, and 16-bit
+/// addressing).
+pub fn decode(bytes: &[u8], mode: Mode) -> Option<Insn> {
+    let long = mode == Mode::Long;
     let mut i = 0;
     let mut segment = Segment::Flat;
-    let mut addr32 = false;
+    let mut addr32 = !long;
     loop {
         match *bytes.get(i)? {
             // Operand-size and repeat prefixes make these opcodes other
             // instructions (CLWB, PTWRITE, ...).
             0x66 | 0xf2 | 0xf3 => return None,
-            0x67 => addr32 = true,
+            0x67 if long => addr32 = true,
+            // 16-bit addressing.
+            0x67 => return None,
             0x64 => segment = Segment::Fs,
             0x65 => segment = Segment::Gs,
             0x2e | 0x36 | 0x3e | 0x26 => segment = Segment::Flat,
@@ -143,7 +156,8 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
         i += 1;
     }
     let mut rex = 0u8;
-    if (0x40..=0x4f).contains(&bytes[i]) {
+    // Outside 64-bit mode these bytes are INC/DEC, not REX.
+    if long && (0x40..=0x4f).contains(&bytes[i]) {
         rex = bytes[i];
         i += 1;
     }
@@ -191,7 +205,8 @@ pub fn decode(bytes: &[u8]) -> Option<Insn> {
             disp_len = [0, 1, 4][usize::from(md)];
         }
     } else if rm == 5 && md == 0 {
-        operand.rip_relative = true;
+        // RIP-relative in 64-bit mode, an absolute address otherwise.
+        operand.rip_relative = long;
         disp_len = 4;
     } else {
         operand.base = Some(rm | rex_b);
@@ -390,7 +405,7 @@ mod tests {
     const XCR0: u64 = 0xe7;
 
     fn op(bytes: &[u8]) -> Insn {
-        decode(bytes).unwrap_or_else(|| panic!("{bytes:02x?}"))
+        decode(bytes, Mode::Long).unwrap_or_else(|| panic!("{bytes:02x?}"))
     }
 
     #[test]
@@ -455,12 +470,31 @@ mod tests {
             &[0x48, 0x0f, 0xae, 0xa7, 0x00], // truncated disp32
             &[],
         ] {
-            assert_eq!(decode(bytes), None, "{bytes:02x?}");
+            assert_eq!(decode(bytes, Mode::Long), None, "{bytes:02x?}");
         }
         // More than 15 bytes.
         let mut long = vec![0x3e; 12];
         long.extend([0x48, 0x0f, 0xae, 0x27]);
-        assert_eq!(decode(&long), None);
+        assert_eq!(decode(&long, Mode::Long), None);
+    }
+
+    #[test]
+    fn protected_mode_has_no_rex_and_no_rip() {
+        let gpr: [u64; 16] = std::array::from_fn(|i| 0x1_0000_1000 * (i as u64 + 1));
+        // xsave [esi]: 0f ae 26, a 32-bit address.
+        let i = decode(&[0x0f, 0xae, 0x26], Mode::Protected32).expect("xsave");
+        assert_eq!(i.operand.address(&gpr, 3, 0, 0), gpr[6] & 0xffff_ffff);
+        // xrstor [0x2000]: mod 0 rm 5 is an absolute address, not RIP.
+        let i = decode(
+            &[0x0f, 0xae, 0x2d, 0x00, 0x20, 0x00, 0x00],
+            Mode::Protected32,
+        )
+        .expect("xrstor");
+        assert_eq!((i.op, i.len), (Op::Restore, 7));
+        assert_eq!(i.operand.address(&gpr, 0x5007, 0, 0), 0x2000);
+        // 0x48 is DEC EAX there, and 0x67 asks for 16-bit addresses.
+        assert_eq!(decode(&[0x48, 0x0f, 0xae, 0x27], Mode::Protected32), None);
+        assert_eq!(decode(&[0x67, 0x0f, 0xae, 0x27], Mode::Protected32), None);
     }
 
     /// A vCPU state with every byte of every component distinct.

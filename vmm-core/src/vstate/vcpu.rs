@@ -120,6 +120,10 @@ pub struct Vcpu {
 
 /// CR4.OSXSAVE: the guest kernel enabled XSAVE.
 const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR0.PE: protected mode.
+const CR0_PE: u64 = 1 << 0;
+/// EFER.LMA: long mode is active.
+const EFER_LMA: u64 = 1 << 10;
 /// CR0.WP: supervisor writes honour read-only pages.
 const CR0_WP: u64 = 1 << 16;
 /// The size of KVM's (non-XSAVE2) state buffer.
@@ -487,8 +491,21 @@ impl Vcpu {
         } else {
             self.read_code_at_rip(kregs.rip)
         };
-        if let Some(insn) = xsave::decode(&bytes) {
-            return self.xstate_instruction(&insn, kregs);
+        if bytes.windows(2).any(|w| w == [0x0f, 0xae]) {
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+            let mode = if sregs.efer & EFER_LMA != 0 && sregs.cs.l != 0 {
+                Some(xsave::Mode::Long)
+            } else if sregs.cr0 & CR0_PE != 0 && sregs.cs.db != 0 {
+                Some(xsave::Mode::Protected32)
+            } else {
+                None
+            };
+            if let Some(insn) = mode.and_then(|m| xsave::decode(&bytes, m)) {
+                return self.xstate_instruction(&insn, kregs, sregs);
+            }
         }
         let mut regs = to_regs(&kregs);
         let stepped = emulate::step(&bytes, &mut regs).map_err(|e| e.to_string())?;
@@ -512,6 +529,7 @@ impl Vcpu {
         &mut self,
         insn: &xsave::Insn,
         mut kregs: kvm_regs,
+        sregs: kvm_sregs,
     ) -> Result<(), String> {
         if self.xsave_layout.is_none() {
             self.xsave_layout = Some(self.read_xsave_layout()?);
@@ -520,10 +538,6 @@ impl Vcpu {
             .xsave_layout
             .clone()
             .unwrap_or_else(|| xsave::Layout::new([]));
-        let sregs = self
-            .fd
-            .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         let next = kregs.rip.wrapping_add(insn.len as u64);
         match self.xstate_op(insn, &kregs, &sregs, next, &layout)? {
             Ok(()) => {
