@@ -401,7 +401,9 @@ mod tests {
         assert_ne!(find(&e, 1, 0).ecx & L1_ECX_POPCNT, 0);
         assert_ne!(find(&e, 7, 0).ebx & L7_EBX_SMAP, 0);
         assert_eq!(find(&e, 0x4000_0001, 0).eax, KVM_FEATURES_KEPT);
-        // Hardware runs every XSAVE form itself: leaf 0xD as KVM gives it.
+        // Hardware runs every XSAVE form itself: leaf 0xD as KVM gives it,
+        // and the guest kernel's command line gets nothing.
+        assert_eq!(CpuProfile::Host.cmdline(), "");
         assert_eq!(find(&e, 0xd, 1).eax, 0xf);
         assert_eq!(find(&e, 0xd, 0).eax, 0x2ff);
         assert_eq!(e.iter().filter(|x| x.function == 0xd).count(), 9);
