@@ -90,7 +90,7 @@ pub fn pod_netns(spec: &Spec) -> Result<Option<PathBuf>, NetError> {
     match ns {
         None => Err(NetError::Unsupported(
             "husk does not run pods on the host's network (hostNetwork: true): a pod VM cannot \
-             share the host's network namespace; use runc for this pod"
+             share the host's network namespace; use a runc RuntimeClass for this pod"
                 .into(),
         )),
         Some(n) => Ok(n.path().clone()),

@@ -17,6 +17,14 @@
 //! shared one, which the agent makes in the guest when a container first
 //! joins it (no cost to pods that do not share); every other namespace is
 //! made new in the guest.
+//!
+//! A pod cannot share the host's namespaces (`hostNetwork`, `hostPID`,
+//! `hostIPC`): its VM has a kernel of its own. Such a sandbox is refused
+//! with an error naming the pod field and the way out (a runc
+//! RuntimeClass), before anything is made. And no container ever shares
+//! the agent's namespaces: a spec that leaves out a mount, PID, IPC or UTS
+//! namespace gets a new one in the guest (the guest's own would be the
+//! agent's: its processes, its vsock, its files).
 
 use husk_protocols::POD_PID_NAMESPACE;
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
@@ -74,6 +82,53 @@ pub fn hostname(spec: &Spec, id: &str) -> String {
         .collect()
 }
 
+/// Refuses a CRI sandbox that asks for one of the host's namespaces: a
+/// sandbox spec without a PID namespace is a `hostPID` pod, without an IPC
+/// namespace a `hostIPC` one (`hostNetwork` is refused where the pod
+/// network is wired, `network.rs`).
+pub fn refuse_host_namespaces(spec: &Spec) -> Result<(), String> {
+    let has = |typ: LinuxNamespaceType| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| ns.iter().any(|n| n.typ() == typ))
+    };
+    for (typ, ns, field, flag, what) in [
+        (
+            LinuxNamespaceType::Pid,
+            "PID",
+            "hostPID",
+            "--pid=host",
+            "processes",
+        ),
+        (
+            LinuxNamespaceType::Ipc,
+            "IPC",
+            "hostIPC",
+            "--ipc=host",
+            "IPC objects",
+        ),
+    ] {
+        if !has(typ) {
+            return Err(format!(
+                "husk does not run pods in the host's {ns} namespace ({field}: true, or \
+                 {flag}): a pod VM has a kernel of its own and cannot see or share the host's \
+                 {what}; use a runc RuntimeClass (or runtime) for this pod"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The namespaces every container gets in the guest, new unless the spec
+/// names one: without them it would share the agent's.
+const ALWAYS_OWN: [LinuxNamespaceType; 4] = [
+    LinuxNamespaceType::Mount,
+    LinuxNamespaceType::Pid,
+    LinuxNamespaceType::Ipc,
+    LinuxNamespaceType::Uts,
+];
+
 /// Whether a namespace of type `typ` named by a host path is one the pod
 /// shares, which in husk is the guest's own.
 fn pod_shared(typ: LinuxNamespaceType) -> bool {
@@ -88,17 +143,32 @@ fn pod_shared(typ: LinuxNamespaceType) -> bool {
 /// the guest's, which is the pod's); a PID namespace named by host path
 /// (CRI's `shareProcessNamespace`: the sandbox's) becomes the pod's shared
 /// one in the guest, which the agent makes on first use; any other host
-/// path means nothing in the guest, so that namespace is made new.
+/// path means nothing in the guest, so that namespace is made new. A
+/// mount, PID, IPC or UTS namespace the spec leaves out is made new too
+/// (see the module documentation); the IPC and UTS ones a CRI container
+/// names by the sandbox's path are the guest's, which are the pod's, never
+/// the agent's to reach through (the agent keeps no IPC objects).
 pub fn guest_namespaces(namespaces: Vec<LinuxNamespace>) -> Vec<LinuxNamespace> {
-    namespaces
-        .into_iter()
+    let mut out: Vec<LinuxNamespace> = namespaces
+        .iter()
         .filter(|n| n.path().is_none() || !pod_shared(n.typ()))
+        .cloned()
         .map(|mut n| {
             let shared_pid = n.typ() == LinuxNamespaceType::Pid && n.path().is_some();
             n.set_path(shared_pid.then(|| POD_PID_NAMESPACE.into()));
             n
         })
-        .collect()
+        .collect();
+    for typ in ALWAYS_OWN {
+        // A pod namespace named by path (IPC, UTS) stays the guest's.
+        if !namespaces.iter().any(|n| n.typ() == typ) {
+            let mut n = LinuxNamespace::default();
+            n.set_typ(typ);
+            n.set_path(None);
+            out.push(n);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -171,8 +241,56 @@ pub(crate) mod tests {
                 (LinuxNamespaceType::Network, None),
             ]
         );
-        // A container of its own PID namespace gets a new one.
+        // A container of its own PID namespace gets a new one, and the
+        // namespaces its spec leaves out are new too: none is the agent's.
         let own = guest_namespaces(vec![ns(LinuxNamespaceType::Pid, None)]);
-        assert_eq!(own[0].path(), &None);
+        let kinds: Vec<_> = own.iter().map(|n| (n.typ(), n.path().clone())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (LinuxNamespaceType::Pid, None),
+                (LinuxNamespaceType::Mount, None),
+                (LinuxNamespaceType::Ipc, None),
+                (LinuxNamespaceType::Uts, None),
+            ]
+        );
+        // Without any: all four made, the network left to the pod's.
+        let bare = guest_namespaces(Vec::new());
+        assert_eq!(bare.len(), 4);
+        assert!(!bare.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+    }
+
+    #[test]
+    fn host_namespaces_are_refused_by_name() {
+        let with = |types: &[LinuxNamespaceType]| {
+            let mut s = spec(&[("io.kubernetes.cri.container-type", "sandbox")], None);
+            let ns: Vec<LinuxNamespace> = types
+                .iter()
+                .map(|&t| {
+                    let mut n = LinuxNamespace::default();
+                    n.set_typ(t);
+                    n
+                })
+                .collect();
+            s.set_linux(Some(
+                oci_spec::runtime::LinuxBuilder::default()
+                    .namespaces(ns)
+                    .build()
+                    .expect("linux"),
+            ));
+            s
+        };
+        use LinuxNamespaceType::{Ipc, Mount, Network, Pid, Uts};
+        assert_eq!(
+            refuse_host_namespaces(&with(&[Pid, Ipc, Uts, Network, Mount])),
+            Ok(())
+        );
+        let e = refuse_host_namespaces(&with(&[Ipc, Uts, Network, Mount])).expect_err("hostPID");
+        assert!(
+            e.contains("hostPID: true") && e.contains("runc RuntimeClass"),
+            "{e}"
+        );
+        let e = refuse_host_namespaces(&with(&[Pid, Uts, Network, Mount])).expect_err("hostIPC");
+        assert!(e.contains("hostIPC: true"), "{e}");
     }
 }

@@ -596,6 +596,9 @@ impl HuskTask {
         if role == Role::Sandbox {
             return self.create_sandbox(&cfg, req, &spec).await;
         }
+        if role == Role::Alone {
+            sandbox::refuse_host_namespaces(&spec).map_err(TaskError::Invalid)?;
+        }
         rootfs::check(&bundle, &req.rootfs, &spec).map_err(TaskError::Bundle)?;
         let pod = role.pod(&req.id);
         let vm = self
@@ -717,6 +720,7 @@ impl HuskTask {
             mem_mib = cfg.mem_mib,
             "pod VM shape"
         );
+        sandbox::refuse_host_namespaces(spec).map_err(TaskError::Invalid)?;
         let netns = crate::network::pod_netns(spec).map_err(TaskError::PodNetwork)?;
         let net = match netns {
             Some(ns) => Some(

@@ -98,6 +98,9 @@ pub struct PodSpec {
     pub share_processes: bool,
     /// Whether the pod may run privileged containers.
     pub privileged: bool,
+    /// The pod's namespace options when not kubelet's usual ones (network
+    /// and IPC of the pod, PID per container or shared): e.g. `hostPID`.
+    pub namespace_options: Option<NamespaceOption>,
     /// The pod's summed resources, as kubelet computes them (containerd
     /// passes them to the runtime as sandbox annotations).
     pub resources: Option<k8s_cri::v1::LinuxContainerResources>,
@@ -115,6 +118,7 @@ impl PodSpec {
             annotations: HashMap::new(),
             share_processes: false,
             privileged: false,
+            namespace_options: None,
             resources: None,
         }
     }
@@ -227,16 +231,18 @@ impl Cri {
                 security_context: Some(LinuxSandboxSecurityContext {
                     // As kubelet sets them: network and IPC of the pod, PID
                     // per container unless the pod shares it.
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Pod as i32,
-                        pid: if spec.share_processes {
-                            NamespaceMode::Pod
-                        } else {
-                            NamespaceMode::Container
-                        } as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(spec.namespace_options.clone().unwrap_or(
+                        NamespaceOption {
+                            network: NamespaceMode::Pod as i32,
+                            pid: if spec.share_processes {
+                                NamespaceMode::Pod
+                            } else {
+                                NamespaceMode::Container
+                            } as i32,
+                            ipc: NamespaceMode::Pod as i32,
+                            ..Default::default()
+                        },
+                    )),
                     privileged: spec.privileged,
                     ..Default::default()
                 }),

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use k8s_cri::v1::{NamespaceMode, NamespaceOption};
+
 use husk_e2e::{
     containerd::{IMAGE, PAUSE_IMAGE},
     cri::{setup, Setup},
@@ -40,6 +42,39 @@ fn cri_harness_runs_a_runc_pod() {
     s.cri.stop_pod(&pod.id).expect("stop");
     s.cri.remove_pod(&pod.id).expect("remove");
     assert!(s.cri.pods().expect("list").is_empty());
+}
+
+/// A pod that asks for one of the host's namespaces (`hostNetwork`,
+/// `hostPID`, `hostIPC`) is refused before its VM is made, with an error
+/// that names the pod field and the way out (a runc RuntimeClass), and
+/// leaves nothing behind.
+#[test]
+fn host_namespaces_are_refused_cleanly() {
+    require_kvm();
+    let s = setup("cri-hostns");
+    let opts = |network: NamespaceMode, pid: NamespaceMode, ipc: NamespaceMode| NamespaceOption {
+        network: network as i32,
+        pid: pid as i32,
+        ipc: ipc as i32,
+        ..Default::default()
+    };
+    use NamespaceMode::{Container, Node, Pod};
+    for (field, options) in [
+        ("hostNetwork", opts(Node, Container, Pod)),
+        ("hostPID", opts(Pod, Node, Pod)),
+        ("hostIPC", opts(Pod, Container, Node)),
+    ] {
+        let mut spec = s.pod_spec(&field.to_lowercase());
+        spec.namespace_options = Some(options);
+        let e = s.cri.run_pod(&spec, "husk").expect_err(field);
+        let text = format!("{e:#}");
+        assert!(
+            text.contains(&format!("({field}: true")) && text.contains("runc RuntimeClass"),
+            "{field}: {text}"
+        );
+    }
+    assert!(s.cri.pods().expect("pods").is_empty());
+    s.c.assert_nothing_left_within(Duration::from_secs(60));
 }
 
 /// An HTTP GET of `/` on `ip:port`, from inside `netns`: the body.
