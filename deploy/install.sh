@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-bins=(containerd-shim-husk-v2 husk-vmm husk-virtiofsd)
+bins=(containerd-shim-husk-v2 husk-jailer husk-vmm husk-virtiofsd)
 dst_bin="$root$bin_dir"
 dst_guest="$root/var/lib/husk/guest"
 dst_conf="$root/etc/husk/husk.toml"

@@ -35,6 +35,8 @@ pub struct Config {
     pub vmm: Option<PathBuf>,
     /// The virtio-fs daemon [default: husk-virtiofsd next to the shim].
     pub virtiofsd: Option<PathBuf>,
+    /// The jailer binary (default: next to the shim).
+    pub jailer: Option<PathBuf>,
     /// Guest kernel [default: husk-vmm's, /var/lib/husk/guest/vmlinux].
     pub kernel: Option<PathBuf>,
     /// Guest initramfs [default: husk-vmm's].
@@ -93,6 +95,12 @@ pub struct Config {
     pub volume_max_mib: u64,
     /// The most bytes one file of such a volume may hold, MiB.
     pub volume_max_file_mib: u64,
+    /// The cgroup a pod VM is placed below when its spec names none (a
+    /// cgroupfs path; `ctr` names `/<namespace>/<id>`, CRI pods kubelet's).
+    pub cgroup_parent: String,
+    /// Memory a pod's cgroup may use beyond its guest RAM, MiB: husk-vmm,
+    /// husk-virtiofsd, their page cache, the kernel's KVM structures.
+    pub host_overhead_mib: u64,
 }
 
 impl Default for Config {
@@ -100,6 +108,7 @@ impl Default for Config {
         Self {
             vmm: None,
             virtiofsd: None,
+            jailer: None,
             kernel: None,
             initramfs: None,
             vcpus: 1,
@@ -124,6 +133,8 @@ impl Default for Config {
             volume_max_entries: 10_000,
             volume_max_mib: 64,
             volume_max_file_mib: 16,
+            cgroup_parent: "/husk".into(),
+            host_overhead_mib: 64,
         }
     }
 }
@@ -186,6 +197,14 @@ impl Config {
                 "volume_max_mib must be at most 4096, volume_max_file_mib at most volume_max_mib",
             );
         }
+        if !cfg.cgroup_parent.starts_with('/')
+            || cfg.cgroup_parent.split('/').any(|c| c == "." || c == "..")
+        {
+            return invalid("cgroup_parent must be an absolute cgroup path without . or ..");
+        }
+        if cfg.host_overhead_mib < 16 || cfg.host_overhead_mib > 4096 {
+            return invalid("host_overhead_mib must be 16 to 4096");
+        }
         for (name, p) in [
             ("template_dir", &cfg.template_dir),
             ("state_dir", &cfg.state_dir),
@@ -212,6 +231,11 @@ impl Config {
     /// The VMM binary.
     pub fn vmm_binary(&self) -> PathBuf {
         Self::sibling(&self.vmm, "husk-vmm")
+    }
+
+    /// The jailer every pod VM process starts through.
+    pub fn jailer_binary(&self) -> PathBuf {
+        Self::sibling(&self.jailer, "husk-jailer")
     }
 
     /// The virtio-fs daemon binary.

@@ -4,6 +4,7 @@
 //! end-to-end tests share), and the per-step timing lines the shim logs
 //! and the benchmarks read back (`steps`). The shim binary (`main.rs`) uses them from here.
 
+pub mod jail;
 pub mod metrics;
 pub mod poddir;
 pub mod steps;

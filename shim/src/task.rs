@@ -57,7 +57,7 @@ use crate::{
     io::ProcessIo,
     rootfs,
     sandbox::{self, Role},
-    vm::Vm,
+    vm::{HostSide, Vm},
 };
 
 type TtrpcResult<T> = shim_ttrpc::Result<T>;
@@ -243,14 +243,23 @@ impl HuskTask {
         sandbox: &str,
         hostname: &str,
         net: Option<crate::network::PodNetwork>,
+        host: &HostSide,
     ) -> TaskResult<Arc<Vm>> {
         let mut st = self.state.lock().await;
         if let Some(vm) = &st.vm {
             return Ok(vm.clone());
         }
-        let vm = Vm::start(cfg, &self.namespace, sandbox, hostname, net, &self.exits)
-            .await
-            .map_err(TaskError::VmStart)?;
+        let vm = Vm::start(
+            cfg,
+            &self.namespace,
+            sandbox,
+            hostname,
+            net,
+            host,
+            &self.exits,
+        )
+        .await
+        .map_err(TaskError::VmStart)?;
         let vm = Arc::new(vm);
         st.vm = Some(vm.clone());
         st.agent = Some(vm.guest.clone());
@@ -580,6 +589,32 @@ fn resources_json(
     Ok(any.value.clone())
 }
 
+/// Where pod `pod`'s VM (started for `spec`, a VM of `cfg`'s shape with
+/// `cpu` as its CPU limit) is accounted on the host: the spec's cgroup,
+/// bounded by the pod's CPU limit and by its guest RAM plus the host
+/// overhead; `oom_score_adj` 0 until a container gives its own.
+fn host_side(
+    cfg: &Config,
+    spec: &oci_spec::runtime::Spec,
+    namespace: &str,
+    pod: &str,
+    cpu: Option<(i64, u64)>,
+) -> TaskResult<HostSide> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .and_then(|p| p.to_str());
+    let placement =
+        husk_shim::jail::Placement::for_sandbox(path, &cfg.cgroup_parent, namespace, pod)
+            .map_err(|e| TaskError::Invalid(e.to_string()))?;
+    Ok(HostSide {
+        placement,
+        limits: husk_shim::jail::pod_limits(cpu, Some(cfg.mem_mib), cfg.host_overhead_mib),
+        oom_score_adj: 0,
+    })
+}
+
 impl HuskTask {
     /// Create: a sandbox container starts the pod VM; any other container
     /// starts it too if it is the first (`ctr run`), then is created in
@@ -601,8 +636,17 @@ impl HuskTask {
         }
         rootfs::check(&bundle, &req.rootfs, &spec).map_err(TaskError::Bundle)?;
         let pod = role.pod(&req.id);
+        let oom_score_adj = spec.process().as_ref().and_then(|p| p.oom_score_adj());
+        let cpu = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.cpu().as_ref())
+            .and_then(|c| c.quota().zip(c.period()));
+        let mut host = host_side(&cfg, &spec, &self.namespace, &pod, cpu)?;
+        host.oom_score_adj = oom_score_adj.unwrap_or(0);
         let vm = self
-            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod), None)
+            .ensure_vm(&cfg, &pod, &sandbox::hostname(&spec, &pod), None, &host)
             .await?;
         // Lets `delete` find the pod after a shim crash.
         let _ = std::fs::write(bundle.join("husk-pod"), vm.dir.display().to_string());
@@ -644,6 +688,9 @@ impl HuskTask {
             }
         };
         vm.step(&req.id, Step::Create, creating.elapsed()).await;
+        if let (Role::Member { .. }, Some(adj)) = (&role, oom_score_adj) {
+            vm.adopt_oom_score_adj(adj);
+        }
         proc.pid = pid;
         proc.io = Some(io);
         self.state.lock().await.containers.insert(
@@ -721,6 +768,15 @@ impl HuskTask {
             "pod VM shape"
         );
         sandbox::refuse_host_namespaces(spec).map_err(TaskError::Invalid)?;
+        let ask =
+            crate::sizing::Ask::from_spec(spec).map_err(|e| TaskError::Invalid(e.to_string()))?;
+        let host = host_side(
+            cfg,
+            spec,
+            &self.namespace,
+            &req.id,
+            ask.cpu_quota.zip(ask.cpu_period),
+        )?;
         let netns = crate::network::pod_netns(spec).map_err(TaskError::PodNetwork)?;
         let net = match netns {
             Some(ns) => Some(
@@ -732,7 +788,7 @@ impl HuskTask {
         };
         let netns = net.as_ref().map(|n| n.netns.clone());
         let vm = match self
-            .ensure_vm(cfg, &req.id, &sandbox::hostname(spec, &req.id), net)
+            .ensure_vm(cfg, &req.id, &sandbox::hostname(spec, &req.id), net, &host)
             .await
         {
             Ok(vm) => vm,

@@ -16,7 +16,12 @@
 //!   unmounts by path can be redirected by the guest (`docs/security.md`).
 //! * `fs.sock` (the daemon's vhost-user socket), `vsock.sock` (hybrid
 //!   vsock), `api.sock` (the VMM's control socket), `pids` (VMM and
-//!   daemon, for cleanup after a dead shim), and the two processes' logs.
+//!   daemon) and `cgroup` (where they are accounted), for cleanup after a
+//!   dead shim, and the two processes' logs.
+//!
+//! Both processes start through `husk-jailer` (`husk_shim::jail`), so they
+//! run in the pod's cgroup, under its limits, with its `oom_score_adj`
+//! ([`HostSide`]) from their first instruction.
 //!
 //! `work/` is a shared mount and `shared/` its peer, both made before the
 //! daemon starts: the daemon's sandbox holds a copy of the mount tree, and
@@ -42,7 +47,10 @@ use husk_protocols::{
     agent_ttrpc::AgentClient,
     connect_agent,
 };
-use husk_shim::steps::{self, Step};
+use husk_shim::{
+    jail::{self, Jail, Placement},
+    steps::{self, Step},
+};
 use nix::{
     mount::{mount, MsFlags},
     sys::signal::{kill, Signal},
@@ -113,6 +121,20 @@ pub struct Vm {
     /// Whether husk-vmm profiles the guest (`profile_dir`): each step
     /// then also ends a slice of the profile.
     profiled: bool,
+    /// The `oom_score_adj` the pod's containers asked for so far (the
+    /// highest: the VM goes as a whole), once one has.
+    containers_oom_score_adj: std::sync::Mutex<Option<i32>>,
+}
+
+/// Where and how a pod VM's host processes are accounted.
+#[derive(Debug, Clone)]
+pub struct HostSide {
+    /// The pod's cgroup.
+    pub placement: Placement,
+    /// Its limits (`jail::pod_limits`).
+    pub limits: oci_spec::runtime::LinuxResources,
+    /// The processes' `oom_score_adj` until a container says otherwise.
+    pub oom_score_adj: i32,
 }
 
 impl std::fmt::Debug for Vm {
@@ -208,6 +230,7 @@ impl Vm {
         id: &str,
         hostname: &str,
         net: Option<PodNetwork>,
+        host: &HostSide,
         exits: &Exits,
     ) -> Result<Self, VmError> {
         let dir = pod_dir(cfg, namespace, id);
@@ -216,7 +239,7 @@ impl Vm {
             // Left by a shim that died: take it down first.
             cleanup_pod_dir(&dir);
         }
-        let started = Self::start_in(cfg, namespace, id, hostname, net, exits, dir.clone()).await;
+        let started = Self::start_in(cfg, namespace, id, hostname, net, host, exits).await;
         if started.is_err() {
             // Nothing of a VM that did not start stays: its processes (from
             // the pid file), its mounts, its directory.
@@ -231,63 +254,103 @@ impl Vm {
         id: &str,
         hostname: &str,
         net: Option<PodNetwork>,
+        host: &HostSide,
         exits: &Exits,
-        dir: PathBuf,
     ) -> Result<Self, VmError> {
         let since = std::time::Instant::now();
+        let dir = pod_dir(cfg, namespace, id);
         let (work, shared) = make_share(&dir)?;
+        // Recorded before anything runs in the cgroup: cleanup after a
+        // dead shim removes it too.
+        write_placement(&dir, &host.placement)?;
+        let jailed = |program: PathBuf| {
+            let mut j = Jail::new(program);
+            j.cgroup = Some((host.placement.clone(), host.limits.clone()));
+            j.oom_score_adj = Some(host.oom_score_adj);
+            j
+        };
 
         let fs_sock = dir.join("fs.sock");
-        let daemon = std::process::Command::new(cfg.virtiofsd_binary())
-            .arg("--socket")
-            .arg(&fs_sock)
-            .arg("--shared-dir")
-            .arg(&shared)
-            .args(["--tag", FS_TAG, "--log", "warn"])
+        let mut daemon = jailed(cfg.virtiofsd_binary());
+        daemon.args.extend(os_args(&[
+            "--socket".as_ref(),
+            fs_sock.as_os_str(),
+            "--shared-dir".as_ref(),
+            shared.as_os_str(),
+            "--tag".as_ref(),
+            FS_TAG.as_ref(),
+            "--log".as_ref(),
+            "warn".as_ref(),
+        ]));
+        let daemon_log = dir.join("virtiofsd.log");
+        let daemon = std::process::Command::new(cfg.jailer_binary())
+            .args(daemon.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file(&dir.join("virtiofsd.log"))?)
+            .stderr(log_file(&daemon_log)?)
             .spawn()
-            .map_err(|e| VmError::Spawn(cfg.virtiofsd_binary().display().to_string(), e))?;
+            .map_err(|e| VmError::Spawn(cfg.jailer_binary().display().to_string(), e))?;
         let daemon_pid = i32::try_from(daemon.id()).unwrap_or(0);
         let daemon_exit = exits.watch(daemon_pid);
         write_pids(&dir, &[("virtiofsd", daemon_pid)])?;
-        wait_for_path(&fs_sock, &daemon_exit, "the virtio-fs daemon").await?;
+        if let Err(e) = wait_for_path(&fs_sock, &daemon_exit, "the virtio-fs daemon").await {
+            let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+            return Err(VmError::Boot(format!("{e}; its log: {}", log.trim())));
+        }
 
         let vsock = dir.join("vsock.sock");
-        let mut cmd = std::process::Command::new(cfg.vmm_binary());
+        let mut vmm = jailed(cfg.vmm_binary());
+        let args = &mut vmm.args;
         if let Some(k) = &cfg.kernel {
-            cmd.arg("--kernel").arg(k);
+            args.extend(os_args(&["--kernel".as_ref(), k.as_os_str()]));
         }
         if let Some(i) = &cfg.initramfs {
-            cmd.arg("--initramfs").arg(i);
+            args.extend(os_args(&["--initramfs".as_ref(), i.as_os_str()]));
         }
-        cmd.args(["--vcpus", &cfg.vcpus.to_string()])
-            .args(["--mem-mib", &cfg.mem_mib.to_string()])
-            .args(["--cmdline", &cfg.kernel_cmdline])
-            .arg("--vsock-uds")
-            .arg(&vsock)
-            .arg("--api-socket")
-            .arg(dir.join("api.sock"))
-            .arg("--fs-socket")
-            .arg(&fs_sock)
-            .args(["--fs-tag", FS_TAG, "--log", "info"]);
-        cmd.arg("--virtiofsd").arg(cfg.virtiofsd_binary());
+        let api_sock = dir.join("api.sock");
+        let virtiofsd = cfg.virtiofsd_binary();
+        args.extend(os_args(&[
+            "--vcpus".as_ref(),
+            cfg.vcpus.to_string().as_ref(),
+            "--mem-mib".as_ref(),
+            cfg.mem_mib.to_string().as_ref(),
+            "--cmdline".as_ref(),
+            cfg.kernel_cmdline.as_ref(),
+            "--vsock-uds".as_ref(),
+            vsock.as_os_str(),
+            "--api-socket".as_ref(),
+            api_sock.as_os_str(),
+            "--fs-socket".as_ref(),
+            fs_sock.as_os_str(),
+            "--fs-tag".as_ref(),
+            FS_TAG.as_ref(),
+            "--log".as_ref(),
+            "info".as_ref(),
+            "--virtiofsd".as_ref(),
+            virtiofsd.as_os_str(),
+        ]));
         // Every VM has a balloon: the host can always take memory back
         // through the VMM's API; free page reporting gives it back unasked.
-        cmd.args([
-            "--balloon",
-            &format!(
+        args.push("--balloon".into());
+        args.push(
+            format!(
                 "reporting={},stats={}",
                 if cfg.free_page_reporting { "on" } else { "off" },
                 cfg.balloon_stats_secs
-            ),
-        ]);
+            )
+            .into(),
+        );
         if cfg.template_start {
-            cmd.arg("--template-dir").arg(&cfg.template_dir);
+            args.extend(os_args(&[
+                "--template-dir".as_ref(),
+                cfg.template_dir.as_os_str(),
+            ]));
         }
         if cfg.serial_console {
-            cmd.arg("--serial-log").arg(dir.join("serial.log"));
+            args.extend(os_args(&[
+                "--serial-log".as_ref(),
+                dir.join("serial.log").as_os_str(),
+            ]));
         }
         if let Some(out) = &cfg.profile_dir {
             std::fs::create_dir_all(out).map_err(setup("creating the profile directory"))?;
@@ -297,37 +360,40 @@ impl Vm {
             let name = dir
                 .file_name()
                 .map_or_else(|| id.to_string(), |n| n.to_string_lossy().into_owned());
-            cmd.arg("--profile-guest")
-                .arg(out.join(format!("{namespace}-{name}-{secs}.folded")))
-                .args(["--profile-hz", &cfg.profile_hz.to_string()]);
+            args.extend(os_args(&[
+                "--profile-guest".as_ref(),
+                out.join(format!("{namespace}-{name}-{secs}.folded"))
+                    .as_os_str(),
+                "--profile-hz".as_ref(),
+                cfg.profile_hz.to_string().as_ref(),
+            ]));
         }
         // Every VM has a network card, so one template serves all; only a
-        // CRI pod's is cabled (its tap, as fd 3 of husk-vmm).
-        match &net {
-            Some(n) => {
-                cmd.args([
-                    "--net",
-                    &format!("mac={},mtu={},fd={TAP_FD}", format_mac(&n.mac), n.mtu),
-                ]);
-                let tap = n.tap.as_raw_fd();
-                // SAFETY: runs in the child between fork and exec and calls
-                // only dup2(2)/fcntl(2), which are async-signal-safe; `tap`
-                // is open in the parent across the fork.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        if tap == TAP_FD {
-                            if libc::fcntl(tap, libc::F_SETFD, 0) < 0 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                        } else if libc::dup2(tap, TAP_FD) < 0 {
+        // CRI pod's is cabled (its tap, as fd 3 of husk-vmm, kept open
+        // through the jailer's exec).
+        args.push("--net".into());
+        args.push(match &net {
+            Some(n) => format!("mac={},mtu={},fd={TAP_FD}", format_mac(&n.mac), n.mtu).into(),
+            None => format!("mac={UNCABLED_MAC},mtu=1500").into(),
+        });
+        let mut cmd = std::process::Command::new(cfg.jailer_binary());
+        cmd.args(vmm.to_args());
+        if let Some(n) = &net {
+            let tap = n.tap.as_raw_fd();
+            // SAFETY: runs in the child between fork and exec and calls
+            // only dup2(2)/fcntl(2), which are async-signal-safe; `tap`
+            // is open in the parent across the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if tap == TAP_FD {
+                        if libc::fcntl(tap, libc::F_SETFD, 0) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
-                        Ok(())
-                    });
-                }
-            }
-            None => {
-                cmd.args(["--net", &format!("mac={UNCABLED_MAC},mtu=1500")]);
+                    } else if libc::dup2(tap, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
             }
         }
         // A cold boot announces readiness; listen before the VM starts.
@@ -348,7 +414,7 @@ impl Vm {
             .stdout(Stdio::null())
             .stderr(log_file(&dir.join("vmm.log"))?)
             .spawn()
-            .map_err(|e| VmError::Spawn(cfg.vmm_binary().display().to_string(), e))?;
+            .map_err(|e| VmError::Spawn(cfg.jailer_binary().display().to_string(), e))?;
         let vmm_pid = i32::try_from(vmm.id()).unwrap_or(0);
         // husk-vmm holds the tap now; the shim's copy would keep it alive
         // after the VM is gone.
@@ -398,6 +464,7 @@ impl Vm {
             stopping: AtomicBool::new(false),
             netns,
             profiled: cfg.profile_dir.is_some(),
+            containers_oom_score_adj: std::sync::Mutex::new(None),
         };
         vm.prepare_guest(id, hostname, since).await?;
         if let Some(req) = net_config {
@@ -518,6 +585,26 @@ impl Vm {
         self.stopping.load(Ordering::Relaxed)
     }
 
+    /// Gives the VM's host processes the `oom_score_adj` a new container
+    /// asks for (kubelet's value for its QoS class): the first container's,
+    /// then the highest any asked for, as the VM is killed as a whole.
+    pub fn adopt_oom_score_adj(&self, adj: i32) {
+        let mut current = self
+            .containers_oom_score_adj
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = current.map_or(adj, |c| c.max(adj)).clamp(-1000, 1000);
+        if *current == Some(next) {
+            return;
+        }
+        *current = Some(next);
+        for pid in [self.vmm_pid, self.daemon_pid] {
+            if let Err(e) = jail::set_oom_score_adj(&pid.to_string(), next) {
+                tracing::warn!(pid, "{e}");
+            }
+        }
+    }
+
     /// Whether the VMM still runs.
     pub fn alive(&self) -> bool {
         self.vmm_exit.borrow().is_none()
@@ -574,6 +661,18 @@ impl Vm {
             network::detach(netns.clone()).await;
         }
     }
+}
+
+/// Owned copies of command-line words.
+fn os_args(words: &[&std::ffi::OsStr]) -> Vec<std::ffi::OsString> {
+    words.iter().map(|w| w.to_os_string()).collect()
+}
+
+/// Records the pod's cgroup (what `cleanup_pod_dir` removes).
+fn write_placement(dir: &Path, placement: &Placement) -> Result<(), VmError> {
+    let text = serde_json::to_vec(placement)
+        .map_err(|e| VmError::Config(format!("recording the pod's cgroup: {e}")))?;
+    std::fs::write(dir.join("cgroup"), text).map_err(setup("recording the pod's cgroup"))
 }
 
 /// Writes the pod's pid file (what `cleanup_pod_dir` kills), replacing it.
@@ -655,6 +754,18 @@ pub fn cleanup_pod_dir(dir: &Path) {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
+        }
+    }
+    // Whatever else runs in the pod's cgroup goes with it (children the
+    // VMM made, such as a template build's daemon), then the cgroup.
+    if let Ok(text) = std::fs::read(dir.join("cgroup")) {
+        match serde_json::from_slice::<Placement>(&text) {
+            Ok(place) => {
+                if let Err(e) = place.remove() {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(e) => tracing::warn!("{}/cgroup: {e}", dir.display()),
         }
     }
     let left = hostfs::unmount_below(dir);

@@ -104,6 +104,9 @@ pub struct PodSpec {
     /// The pod's summed resources, as kubelet computes them (containerd
     /// passes them to the runtime as sandbox annotations).
     pub resources: Option<k8s_cri::v1::LinuxContainerResources>,
+    /// kubelet's pod cgroup (`/kubepods/<qos>/pod<uid>` with the cgroupfs
+    /// driver); empty: none.
+    pub cgroup_parent: String,
 }
 
 impl PodSpec {
@@ -120,6 +123,7 @@ impl PodSpec {
             privileged: false,
             namespace_options: None,
             resources: None,
+            cgroup_parent: String::new(),
         }
     }
 }
@@ -247,6 +251,7 @@ impl Cri {
                     ..Default::default()
                 }),
                 resources: spec.resources.clone(),
+                cgroup_parent: spec.cgroup_parent.clone(),
                 ..Default::default()
             }),
             ..Default::default()

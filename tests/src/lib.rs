@@ -15,6 +15,7 @@ use std::{
 
 pub mod containerd;
 pub mod cri;
+pub mod hostcgroup;
 pub mod hostmem;
 pub mod netns;
 pub mod stream;

@@ -45,6 +45,7 @@ fn installer_places_and_removes_everything() {
         "usr/local/bin/containerd-shim-husk-v2",
         "usr/local/bin/husk-vmm",
         "usr/local/bin/husk-virtiofsd",
+        "usr/local/bin/husk-jailer",
         "var/lib/husk/guest/vmlinux",
         "var/lib/husk/guest/initramfs.cpio",
         "etc/husk/husk.toml",
