@@ -63,6 +63,10 @@ pub struct Config {
     pub template_start: bool,
     /// Where templates are kept.
     pub template_dir: PathBuf,
+    /// The most templates kept in `template_dir` (least recently used go).
+    pub template_max_count: u32,
+    /// The most MiB of templates kept in `template_dir`.
+    pub template_max_mib: u64,
     /// Per-pod runtime state (sockets, shared directory).
     pub state_dir: PathBuf,
     /// How long the agent of a new VM may take to answer, seconds (a cold
@@ -121,6 +125,8 @@ impl Default for Config {
             kernel_cmdline: String::new(),
             template_start: true,
             template_dir: PathBuf::from("/var/lib/husk/templates"),
+            template_max_count: 16,
+            template_max_mib: 4096,
             state_dir: PathBuf::from("/run/husk"),
             agent_timeout_secs: 300,
             log_level: "info".into(),
@@ -201,6 +207,10 @@ impl Config {
             || cfg.cgroup_parent.split('/').any(|c| c == "." || c == "..")
         {
             return invalid("cgroup_parent must be an absolute cgroup path without . or ..");
+        }
+        if cfg.template_max_count == 0 || cfg.template_max_count > 4096 || cfg.template_max_mib == 0
+        {
+            return invalid("template_max_count must be 1 to 4096, template_max_mib positive");
         }
         if cfg.host_overhead_mib < 16 || cfg.host_overhead_mib > 4096 {
             return invalid("host_overhead_mib must be 16 to 4096");

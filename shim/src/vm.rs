@@ -344,6 +344,10 @@ impl Vm {
             args.extend(os_args(&[
                 "--template-dir".as_ref(),
                 cfg.template_dir.as_os_str(),
+                "--template-max-count".as_ref(),
+                cfg.template_max_count.to_string().as_ref(),
+                "--template-max-mib".as_ref(),
+                cfg.template_max_mib.to_string().as_ref(),
             ]));
         }
         if cfg.serial_console {

@@ -84,6 +84,13 @@ struct Args {
     /// be used is removed and the VM boots cold.
     #[arg(long, conflicts_with_all = ["restore_from", "make_template"])]
     template_dir: Option<PathBuf>,
+    /// The most templates --template-dir keeps (the least recently used
+    /// go first).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    template_max_count: u32,
+    /// The most MiB of templates --template-dir keeps.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    template_max_mib: u64,
     /// The virtio-fs daemon a template VM gets when this VM has a virtio-fs
     /// device (--template-dir with --fs-socket) [default: husk-virtiofsd
     /// next to husk-vmm].
@@ -191,7 +198,12 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
                     .unwrap_or_else(|| exe.with_file_name("husk-virtiofsd")),
                 vmm: exe,
             };
-            let path = husk_vmm_core::template::start::ensure(&config, dir, &bins)?;
+            let keep = husk_vmm_core::template::start::Retention {
+                max_count: usize::try_from(args.template_max_count).unwrap_or(16),
+                max_bytes: args.template_max_mib.saturating_mul(1 << 20),
+                ..Default::default()
+            };
+            let path = husk_vmm_core::template::start::ensure(&config, dir, &bins, &keep)?;
             config.restore_from = Some(path.clone());
             Some(path)
         }

@@ -13,9 +13,12 @@
 //! version or VM shape names a new one, and the old one would stay on disk
 //! for ever (about 22 MB each). So every start marks its template as used
 //! (its modification time), and starts remove templates that no VM has
-//! started from for [`UNUSED_FOR`]. Removing one is safe at any time: a
-//! restore copies the template into the VM's own memory and keeps nothing
-//! of the file; a start that loses the race to a removal boots cold.
+//! started from for [`UNUSED_FOR`], then the least recently used beyond
+//! the [`Retention`] caps on their number and bytes (pods that vary their
+//! limits make new shapes; the directory must not grow with them).
+//! Removing one is safe at any time: a restore copies the template into
+//! the VM's own memory and keeps nothing of the file; a start that loses
+//! the race to a removal boots cold.
 
 use std::{
     os::fd::AsRawFd,
@@ -32,6 +35,27 @@ pub const TEMPLATE_MAC: &str = "02:68:75:73:6b:00";
 
 /// Templates no VM has started from for this long are removed.
 pub const UNUSED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What a template directory keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Templates unused this long go.
+    pub unused_for: Duration,
+    /// The most templates kept (the least recently used go first).
+    pub max_count: usize,
+    /// The most bytes of templates kept.
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            unused_for: UNUSED_FOR,
+            max_count: 16,
+            max_bytes: 4 << 30,
+        }
+    }
+}
 
 /// Errors finding or making a template.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +102,12 @@ pub struct Binaries {
 }
 
 /// The template for `config` in `dir`, made first if it does not exist.
-pub fn ensure(config: &VmConfig, dir: &Path, bins: &Binaries) -> Result<PathBuf, TemplateError> {
+pub fn ensure(
+    config: &VmConfig,
+    dir: &Path,
+    bins: &Binaries,
+    keep: &Retention,
+) -> Result<PathBuf, TemplateError> {
     let uds = config.vsock.as_ref().ok_or(TemplateError::NoVsock)?;
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let key = super::key(config, CpuProfile::detect()).map_err(io(
@@ -87,7 +116,7 @@ pub fn ensure(config: &VmConfig, dir: &Path, bins: &Binaries) -> Result<PathBuf,
     ))?;
     let path = dir.join(format!("{key}.snap"));
     if mark_used(&path) {
-        prune(dir, UNUSED_FOR);
+        prune(dir, keep, &path);
         return Ok(path);
     }
     let lock_path = dir.join(format!("{key}.lock"));
@@ -126,7 +155,7 @@ pub fn ensure(config: &VmConfig, dir: &Path, bins: &Binaries) -> Result<PathBuf,
             status: status.to_string(),
         });
     }
-    prune(dir, UNUSED_FOR);
+    prune(dir, keep, &path);
     Ok(path)
 }
 
@@ -145,34 +174,63 @@ fn mark_used(path: &Path) -> bool {
 }
 
 /// Removes the templates in `dir` that no VM has started from for
-/// `unused_for`; returns how many it removed. Failures are logged, not
+/// `keep.unused_for`, then the least recently used ones beyond
+/// `keep.max_count` and `keep.max_bytes`, never `current` (the one a VM
+/// starts from now); returns how many it removed. Failures are logged, not
 /// returned: a template left behind costs disk space, not a VM start.
-pub fn prune(dir: &Path, unused_for: Duration) -> usize {
+pub fn prune(dir: &Path, keep: &Retention, current: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let now = SystemTime::now();
+    // (last used, bytes, path), the current template first.
+    let mut templates: Vec<(SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            let used = if p == current {
+                now
+            } else {
+                m.modified().ok()?
+            };
+            Some((used, m.len(), p))
+        })
+        .collect();
+    templates.sort_by_key(|t| std::cmp::Reverse(t.0));
     let mut removed = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_none_or(|e| e != "snap") {
-            continue;
-        }
-        let idle = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| now.duration_since(t).ok());
-        if idle.is_some_and(|idle| idle > unused_for) {
-            match std::fs::remove_file(&path) {
+    let mut count = 0;
+    let mut bytes = 0u64;
+    for (used, len, path) in templates {
+        let idle = now.duration_since(used).unwrap_or_default();
+        let why = if path == current {
+            None
+        } else if idle > keep.unused_for {
+            Some(format!("unused for {} days", idle.as_secs() / 86_400))
+        } else if count >= keep.max_count || bytes.saturating_add(len) > keep.max_bytes {
+            Some(format!(
+                "least recently used beyond {} templates / {} MiB",
+                keep.max_count,
+                keep.max_bytes >> 20
+            ))
+        } else {
+            None
+        };
+        match why {
+            None => {
+                count += 1;
+                bytes = bytes.saturating_add(len);
+            }
+            Some(why) => match std::fs::remove_file(&path) {
                 Ok(()) => {
                     removed += 1;
-                    tracing::info!(template = %path.display(), "removed a template unused for {} days", unused_for.as_secs() / 86_400);
+                    tracing::info!(template = %path.display(), "removed a template: {why}");
                 }
                 Err(e) => {
-                    tracing::warn!(template = %path.display(), "removing an unused template: {e}")
+                    tracing::warn!(template = %path.display(), "removing a template ({why}): {e}")
                 }
-            }
+            },
         }
     }
     removed
@@ -364,7 +422,8 @@ mod tests {
         std::fs::write(&other, b"not a template").expect("write");
         set_mtime(&other, old);
 
-        assert_eq!(ensure(&c, &templates, &bins).expect("ensure"), snap);
+        let keep = Retention::default();
+        assert_eq!(ensure(&c, &templates, &bins, &keep).expect("ensure"), snap);
         // Used now: kept, and marked; the stale one is gone, other files stay.
         let used = std::fs::metadata(&snap)
             .expect("kept")
@@ -376,7 +435,7 @@ mod tests {
             "a template unused for two weeks is removed"
         );
         assert!(other.exists(), "only templates are removed");
-        assert_eq!(prune(&templates, UNUSED_FOR), 0);
+        assert_eq!(prune(&templates, &keep, &snap), 0);
         let failed = ensure(
             &VmConfig {
                 mem_mib: 256,
@@ -384,6 +443,7 @@ mod tests {
             },
             &templates,
             &bins,
+            &keep,
         )
         .expect_err("another shape has no template and the VMM cannot start");
         assert!(
@@ -391,8 +451,47 @@ mod tests {
             "{failed}"
         );
         assert!(matches!(
-            ensure(&VmConfig { vsock: None, ..c }, &templates, &bins),
+            ensure(&VmConfig { vsock: None, ..c }, &templates, &bins, &keep),
             Err(TemplateError::NoVsock)
         ));
+    }
+
+    #[test]
+    fn the_least_recently_used_templates_go_beyond_the_caps() {
+        let dir = tempfile::tempdir().expect("dir");
+        let now = SystemTime::now();
+        let make = |name: &str, len: usize, age_s: u64| {
+            let p = dir.path().join(format!("{name}.snap"));
+            std::fs::write(&p, vec![0u8; len]).expect("write");
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .expect("open")
+                .set_modified(now - Duration::from_secs(age_s))
+                .expect("mtime");
+            p
+        };
+        // Six templates, used 1..6 minutes ago; "f" (the oldest) is the
+        // one a VM starts from now.
+        let paths: Vec<PathBuf> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .zip(1u64..)
+            .map(|(n, i)| make(n, 1000, i * 60))
+            .collect();
+        let keep = Retention {
+            unused_for: UNUSED_FOR,
+            max_count: 3,
+            max_bytes: 1 << 20,
+        };
+        assert_eq!(prune(dir.path(), &keep, &paths[5]), 3);
+        let left: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [true, true, false, false, false, true]);
+        // The byte cap: 2,500 bytes keep two of 1,000.
+        let bytes = Retention {
+            max_bytes: 2500,
+            ..keep
+        };
+        assert_eq!(prune(dir.path(), &bytes, &paths[5]), 1);
+        assert!(paths[5].exists() && paths[0].exists() && !paths[1].exists());
     }
 }
