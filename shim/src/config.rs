@@ -105,6 +105,9 @@ pub struct Config {
     /// Memory a pod's cgroup may use beyond its guest RAM, MiB: husk-vmm,
     /// husk-virtiofsd, their page cache, the kernel's KVM structures.
     pub host_overhead_mib: u64,
+    /// The most KiB each of a pod VM's host processes (husk-vmm,
+    /// husk-virtiofsd) writes to its log in the pod directory.
+    pub log_max_kib: u64,
 }
 
 impl Default for Config {
@@ -141,6 +144,7 @@ impl Default for Config {
             volume_max_file_mib: 16,
             cgroup_parent: "/husk".into(),
             host_overhead_mib: 64,
+            log_max_kib: 4096,
         }
     }
 }
@@ -211,6 +215,9 @@ impl Config {
         if cfg.template_max_count == 0 || cfg.template_max_count > 4096 || cfg.template_max_mib == 0
         {
             return invalid("template_max_count must be 1 to 4096, template_max_mib positive");
+        }
+        if cfg.log_max_kib == 0 || cfg.log_max_kib > 1 << 20 {
+            return invalid("log_max_kib must be 1 to 1048576");
         }
         if cfg.host_overhead_mib < 16 || cfg.host_overhead_mib > 4096 {
             return invalid("host_overhead_mib must be 16 to 4096");

@@ -281,6 +281,8 @@ impl Vm {
             FS_TAG.as_ref(),
             "--log".as_ref(),
             "warn".as_ref(),
+            "--log-max-kib".as_ref(),
+            cfg.log_max_kib.to_string().as_ref(),
         ]));
         let daemon_log = dir.join("virtiofsd.log");
         let daemon = std::process::Command::new(cfg.jailer_binary())
@@ -308,6 +310,7 @@ impl Vm {
             args.extend(os_args(&["--initramfs".as_ref(), i.as_os_str()]));
         }
         let api_sock = dir.join("api.sock");
+        let log_max_kib = cfg.log_max_kib.to_string();
         let virtiofsd = cfg.virtiofsd_binary();
         args.extend(os_args(&[
             "--vcpus".as_ref(),
@@ -326,6 +329,8 @@ impl Vm {
             FS_TAG.as_ref(),
             "--log".as_ref(),
             "info".as_ref(),
+            "--log-max-kib".as_ref(),
+            log_max_kib.as_ref(),
             "--virtiofsd".as_ref(),
             virtiofsd.as_os_str(),
         ]));

@@ -82,6 +82,10 @@ struct Args {
     /// Log filter (tracing syntax).
     #[arg(long, default_value = "info")]
     log: String,
+    /// The most KiB this process writes to its log in all; further lines
+    /// are dropped and counted.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    log_max_kib: u64,
 }
 
 fn main() {
@@ -92,13 +96,19 @@ fn main() {
     // thread exists yet.
     unsafe { libc::umask(0o077) };
     let args = Args::parse();
+    // The log is a file on the host that a guest can make lines for: it
+    // gets a total budget (the husk-logbudget crate says why).
+    let budget = husk_logbudget::Budget::new(args.log_max_kib.saturating_mul(1024));
+    let log = budget.clone();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(move || log.writer(std::io::stderr()))
         .init();
-    if let Err(e) = run(args) {
+    let result = run(args);
+    budget.report(std::io::stderr());
+    if let Err(e) = result {
         eprintln!("husk-virtiofsd: error: {e}");
         for cause in e.chain().skip(1) {
             eprintln!("  caused by: {cause}");
