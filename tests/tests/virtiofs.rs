@@ -152,3 +152,68 @@ fn fuse_init_through_the_daemon_reaches_the_guest_queue() {
     }
     assert!(!socket.exists());
 }
+
+/// A capability set as /proc/<pid>/status shows it (`field` is CapEff,
+/// CapPrm, CapInh or CapBnd).
+fn caps(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// The serving daemon keeps only what a file server needs (CHOWN,
+/// DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP: no
+/// SYS_ADMIN, no DAC_READ_SEARCH for open_by_handle_at), none inheritable
+/// and an empty bounding set; the sandbox's waiting parent keeps none.
+#[test]
+fn the_serving_daemon_keeps_only_file_server_capabilities() {
+    const SERVING: u64 = 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4 | 1 << 6 | 1 << 7 | 1 << 27 | 1 << 31;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let a = Artifacts::locate().expect("artifacts");
+        let dir = TestDir::new("fs-caps").expect("dir");
+        let daemon = husk_e2e::FsDaemon::spawn(&a, dir.path())
+            .await
+            .expect("daemon");
+        let parent = daemon.pid().expect("pid");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (server, seen) = loop {
+            let server = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                .ok()
+                .and_then(|c| {
+                    c.split_whitespace()
+                        .next()
+                        .and_then(|p| p.parse::<u32>().ok())
+                });
+            let seen = server.map(|s| {
+                (
+                    caps(s, "CapEff"),
+                    caps(s, "CapPrm"),
+                    caps(s, "CapInh"),
+                    caps(s, "CapBnd"),
+                )
+            });
+            if seen.is_some_and(|c| c.0 == Some(SERVING)) || Instant::now() > deadline {
+                break (server, seen);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(server.is_some(), "no serving child of {parent}");
+        assert_eq!(
+            seen,
+            Some((Some(SERVING), Some(SERVING), Some(0), Some(0))),
+            "the serving daemon's CapEff, CapPrm, CapInh, CapBnd"
+        );
+        assert_eq!(caps(parent, "CapEff"), Some(0), "the waiting parent");
+        // The serving child outlives a killed parent (in husk, the pod's
+        // cgroup takes both): end it here.
+        if let Some(s) = server {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &s.to_string()])
+                .status();
+        }
+        drop(daemon);
+    });
+}

@@ -9,6 +9,11 @@
 //! * it enters a sandbox before serving: by default new mount, PID, IPC,
 //!   UTS and network namespaces with the shared directory as root, so a
 //!   compromised daemon sees nothing else of the host;
+//! * once the file system is open it keeps only the capabilities a file
+//!   server needs ([`SERVING_CAPS`], virtiofsd's own default set: no
+//!   `CAP_SYS_ADMIN`, no `CAP_DAC_READ_SEARCH`, so `open_by_handle_at`,
+//!   which its filter allows, cannot reach outside the shared directory),
+//!   with an empty bounding set; the sandbox's waiting parent keeps none;
 //! * a seccomp filter (virtiofsd's allow-list) kills it on any other
 //!   system call;
 //! * it serves exactly one VMM connection and exits when that VMM goes
@@ -167,6 +172,7 @@ fn run(args: Args) -> Result<()> {
     let fs = PassthroughFs::new(cfg)
         .map_err(|e| anyhow::anyhow!("opening the shared directory: {e}"))?;
     let fs = ImageCache::new(fs, matches!(args.cache, Cache::Images));
+    keep_only_serving_caps()?;
     enable_seccomp(SeccompAction::Kill, false)
         .map_err(|e| anyhow::anyhow!("installing the seccomp filter: {e}"))?;
 
@@ -200,6 +206,33 @@ fn run(args: Args) -> Result<()> {
     tracing::info!("VMM disconnected; exiting");
     socket_dir.remove_socket();
     Ok(())
+}
+
+/// The capabilities the serving daemon keeps: what passing through a guest's
+/// file operations needs (ownership, modes, set-id bits, device nodes,
+/// file capabilities, acting as the guest's uid/gid), nothing more.
+pub const SERVING_CAPS: [&str; 8] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "SETGID",
+    "SETUID",
+    "MKNOD",
+    "SETFCAP",
+];
+
+/// Drops every capability but [`SERVING_CAPS`] (permitted and effective;
+/// none inheritable, an empty bounding set).
+fn keep_only_serving_caps() -> Result<()> {
+    capng::clear(capng::Set::BOTH);
+    capng::updatev(
+        capng::Action::ADD,
+        capng::Type::PERMITTED | capng::Type::EFFECTIVE,
+        SERVING_CAPS.to_vec(),
+    )
+    .map_err(|e| anyhow::anyhow!("choosing the capabilities to keep: {e}"))?;
+    capng::apply(capng::Set::BOTH).map_err(|e| anyhow::anyhow!("dropping capabilities: {e}"))
 }
 
 /// The directory of the vhost-user socket, held open across the sandbox.
