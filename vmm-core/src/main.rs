@@ -219,6 +219,13 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         }
         None => None,
     };
+    // Nothing from here on needs a capability (KVM, the memfd, the tap
+    // and the daemons' sockets are reached as their owner or through
+    // descriptors), and no thread exists yet, so every thread the VM
+    // starts has none: a device-model bug cannot mount, trace, load
+    // modules or pass file permissions. (Template builds, above, start a
+    // virtio-fs daemon that needs them to enter its sandbox.)
+    drop_capabilities()?;
     // A snapshot is refused before any guest state exists, so falling back
     // to a cold boot with the same devices (and the same daemon
     // connections) is safe.
@@ -255,6 +262,18 @@ fn run(args: Args, signals: Option<nix::sys::signalfd::SignalFd>) -> Result<i32>
         eprintln!("husk-vmm: {reason}");
     }
     Ok(reason.exit_code())
+}
+
+/// Drops every capability of the calling thread, and the bounding set so
+/// none can come back through an `execve` (an unprivileged caller, which
+/// cannot change its bounding set, only empties the others).
+fn drop_capabilities() -> Result<()> {
+    capng::clear(capng::Set::BOTH);
+    if capng::apply(capng::Set::BOTH).is_err() {
+        capng::apply(capng::Set::CAPS)
+            .map_err(|e| anyhow::anyhow!("dropping capabilities: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What `--profile-guest` needs before the VM runs.
