@@ -243,6 +243,16 @@ pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
         .and_then(kib_value)
 }
 
+/// A capability set of process `pid` as /proc/<pid>/status shows it
+/// (`field`: CapEff, CapPrm, CapInh, CapBnd or CapAmb).
+pub fn proc_caps(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 /// Bytes a program wrote, as text (invalid UTF-8 replaced).
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

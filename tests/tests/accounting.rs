@@ -65,7 +65,12 @@ fn pod_vm_is_accounted_in_the_pods_cgroup() {
     // husk-vmm runs its VM with no capabilities at all (the daemon's
     // serving child keeps the file server's: virtiofs.rs).
     for field in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
-        assert_eq!(cap_set(vmm, field), 0, "husk-vmm's {field}");
+        let pid = u32::try_from(vmm).expect("pid");
+        assert_eq!(
+            husk_e2e::proc_caps(pid, field),
+            Some(0),
+            "husk-vmm's {field}"
+        );
     }
     // The pod's CPU limit, and its guest RAM (256 + 64 MiB of guest
     // overhead) plus husk.toml's host_overhead_mib (64).
@@ -156,16 +161,6 @@ fn wait_for_log(log: &std::path::Path, text: &str) {
         );
         std::thread::sleep(Duration::from_secs(1));
     }
-}
-
-/// A capability set of process `pid` (/proc/<pid>/status).
-fn cap_set(pid: i32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .expect("field");
-    u64::from_str_radix(hex.trim(), 16).expect("hex")
 }
 
 fn oom_score_adj(pid: i32) -> i32 {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use husk_e2e::{Artifacts, TestDir};
+use husk_e2e::{proc_caps as caps, Artifacts, TestDir};
 use husk_vmm_core::{
     devices::virtio::{fs::VhostUserFs, Interrupt, InterruptLine, VirtioDevice},
     memory::create_guest_memory,
@@ -151,16 +151,6 @@ fn fuse_init_through_the_daemon_reaches_the_guest_queue() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!socket.exists());
-}
-
-/// A capability set as /proc/<pid>/status shows it (`field` is CapEff,
-/// CapPrm, CapInh or CapBnd).
-fn caps(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 /// The serving daemon keeps only what a file server needs (CHOWN,
